@@ -51,3 +51,41 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
     cls = AutoModelForSeq2SeqLM if model_type in SEQ2SEQ else AutoModelForCausalLM
     model = cls.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def char_tokenizer():
+    """A character-level tokenizer over VOCAB ids (0 pad, 1 eos, 2 bos, 3 unk), built in memory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = " abcdefghijklmnopqrstuvwxyz0123456789.,:;!?-=+>|'()"
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+    for c in chars:
+        vocab[c] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+def write_task(path, kind: str, n: int = 60, seed: int = 0):
+    """A small JSONL task with one right answer per row: 'reverse', 'double' or 'next'."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            if kind == "reverse":
+                word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+                row = {"input": f"rev {word}=", "target": word[::-1]}
+            elif kind == "double":
+                x = rng.randint(1, 400)
+                row = {"input": f"dbl {x}=", "target": str(2 * x)}
+            else:
+                word = "".join(rng.choice("abcdefghijklmnopqrstuvwxy") for _ in range(rng.randint(1, 8)))
+                row = {"input": f"next {word}:", "target": "".join(chr(ord(c) + 1) for c in word)}
+            f.write(json.dumps(row) + "\n")
+    return str(path)

@@ -1,0 +1,109 @@
+"""Write the example tasks' JSON-lines data beside this script, deterministically (fixed seeds, inline tables).
+
+    python jobs/examples/make_data.py
+
+Four small tasks with one right answer each, a few hundred rows or fewer, sized so that a 60-step prefix
+trains on a 2-core CPU in about a minute. Targets start with a space: the prompt and target are joined
+as is (workers/data.py), and " Paris" is how the word follows "is" in running text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WORDS = """
+apple river stone cloud garden window bread candle forest mirror silver honey bottle ladder pencil
+rabbit castle orange button pillow meadow lantern basket feather marble thunder island rocket violin
+tiger carpet bridge shadow copper blanket harbor jacket kettle lemon market needle ocean pepper puzzle
+saddle temple tunnel valley wagon yellow anchor beacon cabin dragon engine falcon ginger hammer insect
+jungle kitten lizard magnet napkin oyster parrot quartz ribbon sailor turtle velvet walnut zebra acorn
+bamboo cactus dolphin eagle fossil glacier helmet iron jigsaw koala lobster mango nickel olive panda
+quiver raven salmon tomato umbrella vessel willow badge circus desert elbow fabric goblet hazel ivory
+jelly kayak lotus maple noodle orbit pebble quilt radish spider tulip unicorn vapor wheat yogurt canvas
+dinner ember fiddle gravel hollow iceberg jasmine kernel ledger muffin nectar oatmeal paddle riddle
+summit timber velcro wizard cobalt denim frost grape harp inkwell jewel knot lilac mortar nutmeg
+onion plume quill rattle sponge thistle vinegar whistle almond beetle cherry daisy elm fern gull
+heron igloo juniper kiwi llama moss nest otter pine quail reef seal thorn urchin vine wasp yarn
+""".split()
+
+# country -> capital; unambiguous, uncontested capitals only, ASCII spellings
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Netherlands": "Amsterdam", "Belgium": "Brussels", "Austria": "Vienna", "Switzerland": "Bern",
+    "Poland": "Warsaw", "Czechia": "Prague", "Hungary": "Budapest", "Greece": "Athens", "Sweden": "Stockholm",
+    "Norway": "Oslo", "Denmark": "Copenhagen", "Finland": "Helsinki", "Iceland": "Reykjavik",
+    "Ireland": "Dublin", "United Kingdom": "London", "Russia": "Moscow", "Ukraine": "Kyiv",
+    "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb",
+    "Slovenia": "Ljubljana", "Slovakia": "Bratislava", "Estonia": "Tallinn", "Latvia": "Riga",
+    "Lithuania": "Vilnius", "Belarus": "Minsk", "Turkey": "Ankara", "Egypt": "Cairo", "Morocco": "Rabat",
+    "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli", "Nigeria": "Abuja", "Ghana": "Accra",
+    "Kenya": "Nairobi", "Ethiopia": "Addis Ababa", "Uganda": "Kampala", "Senegal": "Dakar",
+    "Angola": "Luanda", "Zambia": "Lusaka", "Zimbabwe": "Harare", "Mozambique": "Maputo",
+    "Madagascar": "Antananarivo", "Sudan": "Khartoum", "Somalia": "Mogadishu", "Mali": "Bamako",
+    "Cameroon": "Yaounde", "China": "Beijing", "Japan": "Tokyo", "South Korea": "Seoul",
+    "North Korea": "Pyongyang", "India": "New Delhi", "Pakistan": "Islamabad", "Bangladesh": "Dhaka",
+    "Nepal": "Kathmandu", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane", "Malaysia": "Kuala Lumpur", "Indonesia": "Jakarta", "Philippines": "Manila",
+    "Mongolia": "Ulaanbaatar", "Iran": "Tehran", "Iraq": "Baghdad", "Syria": "Damascus", "Jordan": "Amman",
+    "Lebanon": "Beirut", "Saudi Arabia": "Riyadh", "Oman": "Muscat", "Qatar": "Doha",
+    "Afghanistan": "Kabul", "Uzbekistan": "Tashkent", "Georgia": "Tbilisi", "Armenia": "Yerevan",
+    "Azerbaijan": "Baku", "Canada": "Ottawa", "Mexico": "Mexico City", "Cuba": "Havana",
+    "Jamaica": "Kingston", "Honduras": "Tegucigalpa", "Nicaragua": "Managua", "Colombia": "Bogota",
+    "Venezuela": "Caracas", "Ecuador": "Quito", "Peru": "Lima", "Chile": "Santiago",
+    "Argentina": "Buenos Aires", "Uruguay": "Montevideo", "Paraguay": "Asuncion", "Brazil": "Brasilia",
+    "Australia": "Canberra", "New Zealand": "Wellington", "Fiji": "Suva",
+}
+
+ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+       "sixteen seventeen eighteen nineteen".split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English words for 1 <= n <= 99: 42 -> 'forty-two'."""
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+
+
+def uppercase_rows() -> list[dict]:
+    return [{"prompt": f"Uppercase: {w}\nAnswer:", "target": f" {w.upper()}"} for w in WORDS]
+
+
+def reverse_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 3)
+        rows.append({"words": ", ".join(words), "reversed": " " + ", ".join(reversed(words))})
+    return rows
+
+
+def capital_rows() -> list[dict]:
+    return [{"country": c, "capital": f" {cap}"} for c, cap in CAPITALS.items()]
+
+
+def number_rows() -> list[dict]:
+    return [{"number": str(n), "words": f" {number_words(n)}"} for n in range(1, 100)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def main(out_dir: Path = HERE) -> None:
+    """Write every example's data file into out_dir."""
+    write_jsonl(out_dir / "uppercase.jsonl", uppercase_rows())
+    write_jsonl(out_dir / "reverse_words.train.jsonl", reverse_rows(300, seed=1))
+    write_jsonl(out_dir / "reverse_words.valid.jsonl", reverse_rows(40, seed=2))
+    write_jsonl(out_dir / "capitals.jsonl", capital_rows())
+    write_jsonl(out_dir / "number_words.jsonl", number_rows())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The multi-task trainer on a tiny Llama: co-tenant independence, PEFT equivalence, join/leave, resume."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from tests.tiny import char_tokenizer, tiny_model, write_task
+from workers.data import DataSettings, ExampleStream, collate_causal, load_task_data
+from workers.formats import load_prefix
+from workers.trainer import MultiTaskTrainer, TaskConfig
+
+TASKS = {  # name: (kind, prefix length, extra settings)
+    "rev": ("reverse", 5, dict(learning_rate=3e-2, schedule="cosine", warmup_steps=3)),
+    "dbl": ("double", 10, dict(learning_rate=1e-2, projection=True, projection_hidden_size=24, examples_per_step=3)),
+    "nxt": ("next", 20, dict(learning_rate=2e-2, schedule="linear", weight_decay=0.1, max_grad_norm=0.5)),
+}
+
+
+def task_config(tmp_path, name, steps=30, out=None, **over):
+    kind, p, extra = TASKS[name]
+    data = DataSettings(train=write_task(tmp_path / f"{name}.jsonl", kind, seed=len(name)), input_column="input",
+                        target_column="target", max_length=40)
+    settings = dict(task_id=f"job-{name}", name=name, data=data, out_dir=str(out or tmp_path / "out" / name),
+                    num_virtual_tokens=p, steps=steps, examples_per_step=4, seed=7, eval_every=10,
+                    checkpoint_every=5) | extra | over
+    return TaskConfig(**settings)
+
+
+def trainer(micro_batch_size=5, **kw):
+    return MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), micro_batch_size=micro_batch_size, **kw)
+
+
+def run(tr, until_empty=True, steps=None):
+    results = {}
+    n = 0
+    while tr.active and (steps is None or n < steps):
+        for r in tr.step().finished:
+            results[r.task_id] = r
+        n += 1
+    return results
+
+
+def prefix_tensor(result):
+    return load_prefix(result.prefix_dir)[1].prompt_embeddings().detach()
+
+
+def test_cotenants_train_as_if_alone(tmp_path):
+    together = trainer()
+    base_before = {k: v.clone() for k, v in together.model.state_dict().items()}
+    for name in TASKS:
+        together.add_task(task_config(tmp_path, name, out=tmp_path / "together" / name))
+    joint = run(together)
+    for k, v in together.model.state_dict().items():
+        assert torch.equal(v, base_before[k]), f"base weight {k} changed"
+    for name in TASKS:
+        alone = trainer()
+        alone.add_task(task_config(tmp_path, name, out=tmp_path / "alone" / name))
+        solo = run(alone)[f"job-{name}"]
+        diff = (prefix_tensor(joint[f"job-{name}"]) - prefix_tensor(solo)).abs().max().item()
+        assert diff < 1e-5, (name, diff)
+        assert solo.steps == 30
+        assert abs(joint[f"job-{name}"].metrics["eval_loss"] - solo.metrics["eval_loss"]) < 1e-5
+
+
+def test_single_task_matches_plain_peft_loop(tmp_path):
+    cfg = task_config(tmp_path, "rev", steps=20, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
+    tr = trainer(micro_batch_size=2)  # micro-batching must not change the result
+    tr.add_task(cfg)
+    init = copy.deepcopy(tr.tasks[cfg.task_id].encoder.state_dict())
+    ours = prefix_tensor(run(tr)[cfg.task_id])
+
+    tok = char_tokenizer()
+    data = load_task_data(cfg.data, tok)
+    model = peft.get_peft_model(tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=cfg.num_virtual_tokens))
+    encoder = model.prompt_encoder["default"]
+    encoder.load_state_dict(init)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    stream = ExampleStream(len(data.train), seed=cfg.seed)
+    for _ in range(cfg.steps):
+        batch = collate_causal([data.train[i] for i in stream.next_indices(cfg.examples_per_step)], tok.pad_token_id)
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    ref = encoder.embedding.weight.detach()
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_task_joining_at_step_10_trains_as_alone(tmp_path):
+    tr = trainer()
+    tr.add_task(task_config(tmp_path, "rev", out=tmp_path / "a" / "rev"))
+    results = run(tr, steps=10)
+    tr.add_task(task_config(tmp_path, "nxt", out=tmp_path / "a" / "nxt"))
+    results |= run(tr)
+    assert set(results) == {"job-rev", "job-nxt"}
+    for name in ("rev", "nxt"):
+        alone = trainer()
+        alone.add_task(task_config(tmp_path, name, out=tmp_path / "b" / name))
+        solo = run(alone)[f"job-{name}"]
+        assert (prefix_tensor(results[f"job-{name}"]) - prefix_tensor(solo)).abs().max() < 1e-5
+
+
+def test_leaving_task_does_not_disturb_the_others(tmp_path):
+    tr = trainer()
+    tr.add_task(task_config(tmp_path, "rev", out=tmp_path / "a" / "rev", steps=12))
+    tr.add_task(task_config(tmp_path, "dbl", out=tmp_path / "a" / "dbl", steps=12))
+    run(tr, steps=6)
+    tr.remove_task("job-dbl")  # cancelled at a step boundary
+    rev = run(tr)["job-rev"]
+    alone = trainer()
+    alone.add_task(task_config(tmp_path, "rev", out=tmp_path / "b" / "rev", steps=12))
+    assert (prefix_tensor(rev) - prefix_tensor(run(alone)["job-rev"])).abs().max() < 1e-5
+
+
+def test_resume_in_process_is_exact(tmp_path):
+    uninterrupted = trainer()
+    for name in ("rev", "dbl"):
+        uninterrupted.add_task(task_config(tmp_path, name, out=tmp_path / "u" / name))
+    expected = run(uninterrupted)
+
+    first = trainer()
+    for name in ("rev", "dbl"):
+        first.add_task(task_config(tmp_path, name, out=tmp_path / "r" / name))
+    run(first, steps=15)  # checkpoint_every=5: a checkpoint at step 15
+    del first
+    second = trainer()
+    for name in ("rev", "dbl"):
+        progress = second.add_task(task_config(tmp_path, name, out=tmp_path / "r" / name))
+        assert progress.step == 15
+    resumed = run(second)
+    for tid in expected:
+        assert (prefix_tensor(resumed[tid]) - prefix_tensor(expected[tid])).abs().max() < 1e-6
+
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from tests.test_trainer import task_config, trainer
+    from pathlib import Path
+    tmp = Path({tmp!r})
+    tr = trainer()
+    for name in ("rev", "nxt"):
+        tr.add_task(task_config(tmp, name, out=tmp / "k" / name))
+    while tr.active:
+        report = tr.step()
+        step = next(iter(report.progress.values())).step
+        print("step", step, flush=True)
+        if {stop_after} and step >= {stop_after}:
+            time.sleep(60)  # wait to be killed
+""")
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=root, tmp=str(tmp_path), stop_after=15))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "step 15":
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "k" / "rev" / "checkpoint" / "state.json").is_file()
+
+    resumed = trainer()
+    for name in ("rev", "nxt"):
+        assert resumed.add_task(task_config(tmp_path, name, out=tmp_path / "k" / name)).step == 15
+    got = run(resumed)
+    ref = trainer()
+    for name in ("rev", "nxt"):
+        ref.add_task(task_config(tmp_path, name, out=tmp_path / "ref" / name))
+    expected = run(ref)
+    for tid in expected:
+        assert (prefix_tensor(got[tid]) - prefix_tensor(expected[tid])).abs().max() < 1e-6
+
+
+def test_results_on_disk_and_generation_eval(tmp_path):
+    tr = trainer()
+    tr.add_task(task_config(tmp_path, "rev", steps=6, eval_generation=True, eval_samples=4, eval_max_new_tokens=8))
+    result = run(tr)["job-rev"]
+    out = Path(result.prefix_dir).parent
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "prefix/prefix_config.json",
+                 "history.jsonl", "metrics.json", "data_report.txt"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint").exists()
+    assert set(result.metrics) >= {"eval_loss", "eval_perplexity", "exact_match", "bleu", "rouge_l"}
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+
+
+def test_epoch_budget_and_checkpointing_option(tmp_path):
+    tr = trainer(checkpointing=True)
+    cfg = task_config(tmp_path, "rev", steps=None, epochs=0.5)
+    progress = tr.add_task(cfg)
+    n_train = len(tr.tasks[cfg.task_id].data.train)
+    assert progress.total_steps == -(-n_train // 8)  # ceil(0.5 epochs * n / 4 examples per step)
+    assert run(tr)[cfg.task_id].steps == progress.total_steps

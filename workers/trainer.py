@@ -1,0 +1,479 @@
+"""Many task prefixes trained at once over one frozen base model, in mixed-task batches.
+
+One step, top to bottom (`MultiTaskTrainer.step`):
+  1. every active task contributes its next `examples_per_step` rows (its own resumable order);
+  2. the rows are sorted by length and cut into micro-batches of at most `micro_batch_size` rows;
+  3. each micro-batch runs one forward with every row's own prefix; its loss is
+        sum over tasks j of (target-token loss of j's rows in this micro-batch) / (j's target tokens in
+        the whole step),
+     so the accumulated gradient is that of  sum_j mean-loss_j : task j's gradient depends only on its
+     own rows and equals what it gets training alone (co-tenant independence);
+  4. per task: gradient clipping, its own AdamW step and learning-rate schedule;
+  5. per task, at its cadence: validation loss / perplexity (and generation metrics on request), a
+     checkpoint, and at the end of its budget the exported prefix; its slot is then freed.
+Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
+model exists once; a task costs its prefix encoder and optimizer state.
+
+Data-parallel groups (`dist` given): each rank takes rows rank::world of every task's step rows, target
+token counts and prefix gradients are summed across ranks, so every rank applies the same update and
+the result equals one process's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.data import (
+    DataSettings,
+    ExampleStream,
+    TaskData,
+    collate_causal,
+    collate_prompts_left,
+    collate_prompts_right,
+    collate_seq2seq,
+    load_task_data,
+)
+from workers.formats import load_prefix, load_tree, save_peft_adapter, save_prefix, save_tree
+from workers.inject import PrefixedModel
+from workers.metrics import generation_metrics
+from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """Everything one task's training needs (built from a job spec by the orchestrator)."""
+
+    task_id: str
+    """Unique id of this training (the job id)."""
+    name: str
+    """Task name (for logs and exported configs)."""
+    data: DataSettings
+    out_dir: str
+    """Folder for checkpoints and results; a checkpoint found there is resumed."""
+    num_virtual_tokens: int = 10
+    projection: bool = False
+    projection_hidden_size: int = 512
+    init: str = "random"
+    """'random' (PEFT's default init) or 'zero'."""
+    learning_rate: float = 5e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    examples_per_step: int = 8
+    steps: int | None = None
+    epochs: float | None = None
+    """Budget: exactly one of steps and epochs (epochs = passes over the training rows)."""
+    seed: int = 0
+    """Seeds the prefix init, the example order and sampling."""
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    eval_generation: bool = False
+    eval_samples: int = 32
+    eval_max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"task {self.name}: give exactly one of steps and epochs")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"task {self.name}: schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        if self.init not in ("random", "zero"):
+            raise ValueError(f"task {self.name}: init {self.init!r}; accepted: random, zero")
+
+
+@dataclass
+class TaskProgress:
+    """What the orchestrator shows for a task after a step."""
+
+    task_id: str
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    tokens: int
+    tokens_per_s: float
+    examples_per_s: float
+    eval: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A finished task: where its prefix is and how it scored."""
+
+    task_id: str
+    name: str
+    steps: int
+    adapter_dir: str
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    prefix_dir: str
+    """prefixd prefix folder (the whole encoder, projection included)."""
+    metrics: dict[str, float]
+    """Final evaluation: eval_loss, eval_perplexity, and generation metrics when asked for."""
+    history_file: str
+    """JSON lines of per-step metrics."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step_time_s: float
+    tokens: int
+    examples: int
+    progress: dict[str, TaskProgress]
+    finished: list[TaskResult]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+@dataclass
+class _Task:
+    config: TaskConfig
+    prefix_config: PrefixTuningConfig
+    encoder: PrefixEncoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: TaskData
+    stream: ExampleStream
+    total_steps: int
+    generator: torch.Generator
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MultiTaskTrainer:
+    """Holds one frozen base model and a set of task slots; trains every active task each step."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        micro_batch_size: int = 16,
+        checkpointing: bool = False,
+        data_cache_dir: str | None = None,
+        dist: Any = None,
+    ):
+        self.prefixed = PrefixedModel(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.micro_batch_size = micro_batch_size
+        self.data_cache_dir = data_cache_dir
+        self.dist = dist  # torch.distributed (initialised) for data-parallel groups, else None
+        self.rank = dist.get_rank() if dist else 0
+        self.world = dist.get_world_size() if dist else 1
+        self.tasks: dict[str, _Task] = {}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if checkpointing:
+            model.train()  # activation checkpointing acts in training mode; the base has no dropout left on
+            _disable_dropout(model)
+            self.prefixed.enable_checkpointing()
+        else:
+            model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefixed.device
+
+    @property
+    def active(self) -> list[str]:
+        return list(self.tasks)
+
+    # ------------------------------------------------------------------ joining and leaving
+    def add_task(self, config: TaskConfig) -> TaskProgress:
+        """Admit a task at the next step; resumes from a checkpoint in config.out_dir if one exists."""
+        if config.task_id in self.tasks:
+            raise ValueError(f"task {config.task_id} is already training")
+        data = load_task_data(
+            _with_seq2seq(config.data, self.prefixed.seq2seq), self.tokenizer, cache_dir=self.data_cache_dir
+        )
+        prefix_config = configure_for_model(
+            PrefixTuningConfig(
+                task_type=self.prefixed.shape.task_type,
+                num_virtual_tokens=config.num_virtual_tokens,
+                prefix_projection=config.projection,
+                encoder_hidden_size=config.projection_hidden_size if config.projection else None,
+                init_weights="zero" if config.init == "zero" else None,
+                base_model_name_or_path=getattr(self.model.config, "_name_or_path", None) or None,
+            ),
+            self.model.config,
+            max_new_tokens=config.data.max_length,
+        )
+        torch.manual_seed(config.seed)  # the prefix's init depends on the task's seed only
+        encoder = PrefixEncoder(prefix_config).to(self.device)
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.steps is not None:
+            total = config.steps
+        else:
+            total = max(1, math.ceil(config.epochs * len(data.train) / config.examples_per_step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.warmup_steps, total))
+        generator = torch.Generator().manual_seed(config.seed)
+        task = _Task(config, prefix_config, encoder, optimizer, scheduler, data,
+                     ExampleStream(len(data.train), seed=config.seed), total, generator)
+        if (Path(config.out_dir) / "checkpoint" / "state.json").is_file():
+            self._restore(task)
+        self.tasks[config.task_id] = task
+        return self._progress(task, loss=float("nan"), tokens=0, seconds=0.0)
+
+    def remove_task(self, task_id: str) -> None:
+        """Drop a task at a step boundary (cancel); its last checkpoint stays on disk."""
+        self.tasks.pop(task_id)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> StepReport:
+        """Train every active task by one step; returns progress and the tasks that finished."""
+        if not self.tasks:
+            return StepReport(0.0, 0, 0, {}, [])
+        start = time.perf_counter()
+        tasks = list(self.tasks.values())
+        rows, owners = [], []
+        for j, task in enumerate(tasks):
+            indices = task.stream.next_indices(task.config.examples_per_step)[self.rank::self.world]
+            rows.extend(task.data.train[i] for i in indices)
+            owners.extend([j] * len(indices))
+        target_tokens = torch.zeros(len(tasks), dtype=torch.float64)
+        for row, j in zip(rows, owners):
+            target_tokens[j] += sum(1 for t in _targets(row, self.prefixed.seq2seq) if t != -100)
+        if self.dist:
+            self.dist.all_reduce(target_tokens)
+        loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
+        real_tokens = torch.zeros(len(tasks), dtype=torch.float64)
+
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
+        for lo in range(0, len(order), self.micro_batch_size):
+            idx = order[lo:lo + self.micro_batch_size]
+            batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in idx], self.pad_id).items()}
+            row_tasks = torch.tensor([owners[i] for i in idx], device=self.device)
+            used = sorted(set(row_tasks.tolist()))
+            local = torch.full((len(tasks),), -1, dtype=torch.long, device=self.device)
+            local[used] = torch.arange(len(used), device=self.device)
+            prefixes = [tasks[j].encoder.prompt_embeddings() for j in used]
+            out = self.prefixed.forward(prefixes, local[row_tasks], batch["input_ids"], batch["attention_mask"],
+                                        batch["labels"])
+            per_row = out.row_loss_sums()
+            objective = 0.0
+            for j in used:
+                sel = row_tasks == j
+                task_sum = per_row[sel].sum()
+                objective = objective + task_sum / target_tokens[j].item()
+                loss_sums[j] += task_sum.item()
+                real_tokens[j] += batch["attention_mask"][sel].sum().item()
+            objective.backward()
+
+        if self.dist:
+            self.dist.all_reduce(loss_sums)
+            self.dist.all_reduce(real_tokens)
+        seconds = time.perf_counter() - start
+        total_tokens = int(real_tokens.sum())
+        progress, finished = {}, []
+        for j, task in enumerate(tasks):
+            params = [p for p in task.encoder.parameters()]
+            if self.dist:
+                for p in params:
+                    self.dist.all_reduce(p.grad)
+            if task.config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, task.config.max_grad_norm)
+            lr = task.optimizer.param_groups[0]["lr"]
+            task.optimizer.step()
+            task.scheduler.step()
+            task.optimizer.zero_grad(set_to_none=True)
+            task.step += 1
+            loss = loss_sums[j].item() / max(target_tokens[j].item(), 1.0)
+            share = seconds * (real_tokens[j].item() / max(total_tokens, 1))
+            record = {"step": task.step, "loss": loss, "learning_rate": lr, "tokens": int(real_tokens[j]),
+                      "tokens_per_s": total_tokens / seconds if seconds else 0.0,
+                      "task_tokens_per_s": real_tokens[j].item() / share if share else 0.0,
+                      "epoch": task.stream.epochs_completed, "time": time.time()}
+            done = task.step >= task.total_steps
+            evaluation = None
+            if done or task.step % task.config.eval_every == 0:
+                evaluation = self.evaluate(task.config.task_id)
+                record.update(evaluation)
+            task.history.append(record)
+            if done:
+                finished.append(self._finish(task))
+            elif task.step % task.config.checkpoint_every == 0:
+                self._checkpoint(task)
+            progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
+        return StepReport(seconds, total_tokens, len(rows) * self.world, progress, finished)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, task_id: str, batch_size: int = 16) -> dict[str, float]:
+        """Validation loss (mean over target tokens) and perplexity; generation metrics when configured."""
+        task = self.tasks[task_id]
+        prefix = [task.encoder.prompt_embeddings().detach()]
+        val = task.data.validation
+        collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
+        loss_sum, count = 0.0, 0
+        for lo in range(self.rank * batch_size, len(val), batch_size * self.world):
+            batch = {k: v.to(self.device) for k, v in collate(val[lo:lo + batch_size], self.pad_id).items()}
+            rows = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=self.device)
+            out = self.prefixed.forward(prefix, rows, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum += out.token_loss.sum().item()
+            count += int(out.target_mask.sum())
+        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
+        if self.dist:
+            self.dist.all_reduce(totals)
+        loss = totals[0].item() / max(totals[1].item(), 1.0)
+        result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        if task.config.eval_generation:
+            result.update(self.generation_eval([task_id])[task_id])
+        task.last_eval = result
+        return result
+
+    @torch.no_grad()
+    def generation_eval(self, task_ids: list[str]) -> dict[str, dict[str, float]]:
+        """Greedy generations for a sample of each task's validation rows, all tasks in mixed batches."""
+        prompts, refs, owners = [], [], []
+        for j, tid in enumerate(task_ids):
+            task = self.tasks[tid]
+            n = min(task.config.eval_samples, len(task.data.validation))
+            sample = task.data.validation[:n]
+            prompts.extend(sample["prompt_ids"])
+            refs.extend(sample["target_text"])
+            owners.extend([j] * n)
+        max_new = max(self.tasks[t].config.eval_max_new_tokens for t in task_ids)
+        texts = self.generate_texts([self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
+                                    owners, prompts, max_new_tokens=max_new)
+        out = {}
+        for j, tid in enumerate(task_ids):
+            preds = [t for t, o in zip(texts, owners) if o == j]
+            gold = [r for r, o in zip(refs, owners) if o == j]
+            out[tid] = generation_metrics(preds, gold)
+        return out
+
+    def generate_texts(self, prefixes, owners, prompt_ids, *, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """Greedy decode `prompt_ids` (lists of token ids) with prefix prefixes[owners[i]]; returns texts."""
+        collate = collate_prompts_right if self.prefixed.seq2seq else collate_prompts_left
+        texts: list[str] = []
+        eos = self.tokenizer.eos_token_id
+        for lo in range(0, len(prompt_ids), batch_size):
+            batch = {k: v.to(self.device) for k, v in collate(prompt_ids[lo:lo + batch_size], self.pad_id).items()}
+            rows = torch.tensor(owners[lo:lo + batch_size], device=self.device)
+            new = self.prefixed.generate(prefixes, rows, batch["input_ids"], batch["attention_mask"],
+                                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                         eos_token_id=eos)
+            texts.extend(self.tokenizer.decode(_until_eos(seq.tolist(), eos), skip_special_tokens=True).strip()
+                         for seq in new)
+        return texts
+
+    # ------------------------------------------------------------------ checkpoints and results
+    def _checkpoint(self, task: _Task) -> None:
+        if self.rank != 0:
+            return
+        final = Path(task.config.out_dir) / "checkpoint"
+        tmp = Path(task.config.out_dir) / f".checkpoint-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
+        save_tree(tmp / "optimizer", {"optimizer": task.optimizer.state_dict(),
+                                      "scheduler": task.scheduler.state_dict(),
+                                      "generator": task.generator.get_state()})
+        (tmp / "state.json").write_text(json.dumps({
+            "step": task.step, "stream": task.stream.state_dict(), "history": task.history,
+            "total_steps": task.total_steps, "task_id": task.config.task_id,
+        }), encoding="utf-8")
+        old = Path(task.config.out_dir) / ".checkpoint-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)  # a crash leaves either the old or the new checkpoint whole
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, task: _Task) -> None:
+        folder = Path(task.config.out_dir) / "checkpoint"
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        _, encoder = load_prefix(folder / "prefix", self.model.config)
+        task.encoder.load_state_dict(encoder.state_dict())
+        tree = load_tree(folder / "optimizer")
+        task.optimizer.load_state_dict(tree["optimizer"])
+        task.scheduler.load_state_dict(tree["scheduler"])
+        task.generator.set_state(tree["generator"])
+        task.stream.load_state_dict(state["stream"])
+        task.step = state["step"]
+        task.history = state["history"]
+
+    def _finish(self, task: _Task) -> TaskResult:
+        del self.tasks[task.config.task_id]
+        out = Path(task.config.out_dir)
+        result = TaskResult(
+            task_id=task.config.task_id, name=task.config.name, steps=task.step,
+            adapter_dir=str(out / "adapter"), prefix_dir=str(out / "prefix"),
+            metrics=dict(task.last_eval), history_file=str(out / "history.jsonl"),
+        )
+        if self.rank == 0:
+            save_peft_adapter(out / "adapter", task.encoder, task.prefix_config)
+            save_prefix(out / "prefix", task.encoder, task.prefix_config)
+            with open(out / "history.jsonl", "w", encoding="utf-8") as f:
+                for record in task.history:
+                    f.write(json.dumps(record) + "\n")
+            (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
+            (out / "data_report.txt").write_text(str(task.data.report) + "\n", encoding="utf-8")
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        return result
+
+    def _progress(self, task: _Task, loss: float, tokens: int, seconds: float, evaluation=None) -> TaskProgress:
+        rate = tokens / seconds if seconds else 0.0
+        examples = task.config.examples_per_step / seconds if seconds else 0.0
+        return TaskProgress(task.config.task_id, task.step, task.total_steps, loss,
+                            task.optimizer.param_groups[0]["lr"], tokens, rate, examples, evaluation)
+
+    def prefix_of(self, task_id: str) -> torch.Tensor:
+        """The task's current encoded prefix, [P, 2L*H*D] fp32 (detached)."""
+        return self.tasks[task_id].encoder.prompt_embeddings().detach()
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (CPU) or peak device memory (CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _with_seq2seq(settings: DataSettings, seq2seq: bool) -> DataSettings:
+    from dataclasses import replace
+
+    return settings if settings.is_seq2seq == seq2seq else replace(settings, is_seq2seq=seq2seq)
+
+
+def _targets(row, seq2seq: bool):
+    labels = row["labels"]
+    return labels if seq2seq else labels[1:]
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
