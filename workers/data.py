@@ -394,7 +394,7 @@ class _Tokenize:
 
     def __init__(self, path: str, settings: DataSettings, tokenizer: Any, fields: list[str]):
         self.path, self.s, self.tok, self.fields = path, settings, tokenizer, fields
-        self.bos = _leading_bos(tokenizer) if not settings.is_seq2seq else []
+        self.bos = leading_bos(tokenizer) if not settings.is_seq2seq else []
         self.special = set(tokenizer.all_special_ids)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -501,7 +501,7 @@ class _Tokenize:
         )
 
 
-def _leading_bos(tokenizer: Any) -> list[int]:
+def leading_bos(tokenizer: Any) -> list[int]:
     """[bos_token_id] when the tokenizer puts BOS before a text by itself (Llama-style), else [].
 
     Read off its behaviour, not a flag: `add_bos_token` is not set by every tokenizer that adds one.

@@ -44,11 +44,6 @@ class BaseModelRef:
     revision: str | None = None
     dtype: str = "float32"
 
-    @property
-    def key(self) -> str:
-        """Identifies one resident copy: jobs with equal keys share a worker group."""
-        return f"{self.kind}:{self.location}@{self.revision or '-'}:{self.dtype}"
-
 
 def default_model_cache() -> Path:
     return Path(os.environ.get("PREFIXD_MODEL_CACHE") or Path.home() / ".cache" / "prefixd" / "models")

@@ -38,12 +38,11 @@ from workers.data import (
     ExampleStream,
     TaskData,
     collate_causal,
-    collate_prompts_left,
-    collate_prompts_right,
     collate_seq2seq,
     load_task_data,
 )
 from workers.formats import load_prefix, load_tree, save_peft_adapter, save_prefix, save_tree
+from workers.generate import generate_texts
 from workers.inject import PrefixedModel
 from workers.metrics import generation_metrics
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
@@ -362,29 +361,15 @@ class MultiTaskTrainer:
             refs.extend(sample["target_text"])
             owners.extend([j] * n)
         max_new = max(self.tasks[t].config.eval_max_new_tokens for t in task_ids)
-        texts = self.generate_texts([self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
-                                    owners, prompts, max_new_tokens=max_new)
+        texts = generate_texts(self.prefixed, self.tokenizer,
+                               [self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
+                               owners, prompts, max_new_tokens=max_new)
         out = {}
         for j, tid in enumerate(task_ids):
             preds = [t for t, o in zip(texts, owners) if o == j]
             gold = [r for r, o in zip(refs, owners) if o == j]
             out[tid] = generation_metrics(preds, gold)
         return out
-
-    def generate_texts(self, prefixes, owners, prompt_ids, *, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-        """Greedy decode `prompt_ids` (lists of token ids) with prefix prefixes[owners[i]]; returns texts."""
-        collate = collate_prompts_right if self.prefixed.seq2seq else collate_prompts_left
-        texts: list[str] = []
-        eos = self.tokenizer.eos_token_id
-        for lo in range(0, len(prompt_ids), batch_size):
-            batch = {k: v.to(self.device) for k, v in collate(prompt_ids[lo:lo + batch_size], self.pad_id).items()}
-            rows = torch.tensor(owners[lo:lo + batch_size], device=self.device)
-            new = self.prefixed.generate(prefixes, rows, batch["input_ids"], batch["attention_mask"],
-                                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                         eos_token_id=eos)
-            texts.extend(self.tokenizer.decode(_until_eos(seq.tolist(), eos), skip_special_tokens=True).strip()
-                         for seq in new)
-        return texts
 
     # ------------------------------------------------------------------ checkpoints and results
     def _checkpoint(self, task: _Task) -> None:
@@ -473,7 +458,3 @@ def _with_seq2seq(settings: DataSettings, seq2seq: bool) -> DataSettings:
 def _targets(row, seq2seq: bool):
     labels = row["labels"]
     return labels if seq2seq else labels[1:]
-
-
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
