@@ -14,9 +14,9 @@ One step, top to bottom (`MultiTaskTrainer.step`):
 Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
 model exists once; a task costs its prefix encoder and optimizer state.
 
-Data-parallel groups (`dist` given): each rank takes rows rank::world of every task's step rows, target
-token counts and prefix gradients are summed across ranks, so every rank applies the same update and
-the result equals one process's.
+Data-parallel groups (`dist` given, e.g. a ZeRO-3 group): every rank draws the same rows and takes its
+share of each micro-batch; losses, token counts and prefix gradients are summed across ranks, so every
+rank applies the same update and the result equals one process's (up to float summation order).
 """
 
 from __future__ import annotations
@@ -252,23 +252,21 @@ class MultiTaskTrainer:
             return StepReport(0.0, 0, 0, {}, [])
         start = time.perf_counter()
         tasks = list(self.tasks.values())
+        # Every rank draws the same rows (same streams); each then works on its share of each micro-batch.
         rows, owners = [], []
         for j, task in enumerate(tasks):
-            indices = task.stream.next_indices(task.config.examples_per_step)[self.rank::self.world]
+            indices = task.stream.next_indices(task.config.examples_per_step)
             rows.extend(task.data.train[i] for i in indices)
             owners.extend([j] * len(indices))
         target_tokens = torch.zeros(len(tasks), dtype=torch.float64)
         for row, j in zip(rows, owners):
             target_tokens[j] += sum(1 for t in _targets(row, self.prefixed.seq2seq) if t != -100)
-        if self.dist:
-            self.dist.all_reduce(target_tokens)
         loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
         real_tokens = torch.zeros(len(tasks), dtype=torch.float64)
 
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
-        for lo in range(0, len(order), self.micro_batch_size):
-            idx = order[lo:lo + self.micro_batch_size]
+        for idx, weight in self._micro_batches(order):
             batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in idx], self.pad_id).items()}
             row_tasks = torch.tensor([owners[i] for i in idx], device=self.device)
             used = sorted(set(row_tasks.tolist()))
@@ -283,9 +281,9 @@ class MultiTaskTrainer:
                 sel = row_tasks == j
                 task_sum = per_row[sel].sum()
                 objective = objective + task_sum / target_tokens[j].item()
-                loss_sums[j] += task_sum.item()
-                real_tokens[j] += batch["attention_mask"][sel].sum().item()
-            objective.backward()
+                loss_sums[j] += weight * task_sum.item()
+                real_tokens[j] += weight * batch["attention_mask"][sel].sum().item()
+            (objective * weight).backward()
 
         if self.dist:
             self.dist.all_reduce(loss_sums)
@@ -322,7 +320,20 @@ class MultiTaskTrainer:
             elif task.step % task.config.checkpoint_every == 0:
                 self._checkpoint(task)
             progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
-        return StepReport(seconds, total_tokens, len(rows) * self.world, progress, finished)
+        return StepReport(seconds, total_tokens, len(rows), progress, finished)
+
+    def _micro_batches(self, order: list[int], size: int | None = None):
+        """This rank's share of each micro-batch of `order`, with weight 1; (a row, weight 0) when the
+        share is empty.
+
+        Every rank yields the same number of micro-batches: under ZeRO-3 each forward and backward
+        gathers the base weights collectively, so ranks must run in lockstep. A zero-weight row keeps
+        a rank in step without changing any gradient or count.
+        """
+        size = size or self.micro_batch_size
+        for lo in range(0, len(order), size * self.world):
+            share = order[lo:lo + size * self.world][self.rank::self.world]
+            yield (share, 1.0) if share else ([order[lo]], 0.0)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -333,12 +344,12 @@ class MultiTaskTrainer:
         val = task.data.validation
         collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
         loss_sum, count = 0.0, 0
-        for lo in range(self.rank * batch_size, len(val), batch_size * self.world):
-            batch = {k: v.to(self.device) for k, v in collate(val[lo:lo + batch_size], self.pad_id).items()}
+        for idx, weight in self._micro_batches(list(range(len(val))), batch_size):
+            batch = {k: v.to(self.device) for k, v in collate(val[idx], self.pad_id).items()}
             rows = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=self.device)
             out = self.prefixed.forward(prefix, rows, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            loss_sum += out.token_loss.sum().item()
-            count += int(out.target_mask.sum())
+            loss_sum += weight * out.token_loss.sum().item()
+            count += int(weight * out.target_mask.sum())
         totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
         if self.dist:
             self.dist.all_reduce(totals)
