@@ -1,0 +1,485 @@
+"""The `prefixd` command line: one plain function per command, all listed in COMMANDS.
+
+    prefixd validate jobs/examples/*.yaml        check specs; every problem of every file, exit 1 if any
+    prefixd submit jobs/examples/*.yaml          queue them (all or none); prints the job ids
+    prefixd run                                  train every queued job, live progress; exit when done
+    prefixd serve                                keep scheduling jobs as they are submitted
+    prefixd status [JOB] [--json]                the queue, or one job
+    prefixd cancel JOB                           a queued job at once, a running one at its next step
+    prefixd logs JOB                             a job's log (state changes, resumes, evaluations, errors)
+    prefixd schema                               the job spec's JSON Schema
+    prefixd lookup | models | generate           the trained-prefix registry (orchestrator/registry.py)
+
+Global flags (before or after the command): --home (PREFIXD_HOME, default ~/.prefixd), --store-url
+(PREFIXD_STORE_URL), --ray-address (PREFIXD_RAY_ADDRESS; default: a private local Ray on 127.0.0.1).
+User errors print one clear message on stderr and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from jobs.spec import SpecError, load_spec, spec_json_schema
+from orchestrator.config import OrchestratorConfig
+from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
+
+
+class CommandError(Exception):
+    """A user error: printed as `prefixd <command>: error: <message>`, exit status 1."""
+
+
+# ---- shared helpers -----------------------------------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace, **settings: Any) -> OrchestratorConfig:
+    """The orchestrator config from the global flags (and the environment); for every command, the
+    registry's included."""
+    try:
+        return OrchestratorConfig.from_env(home=getattr(args, "home", None),
+                                           store_url=getattr(args, "store_url", None),
+                                           ray_address=getattr(args, "ray_address", None), **settings)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def open_store(args: argparse.Namespace) -> JobStore:
+    url = config_from_args(args).store_url
+    try:
+        return JobStore(url)
+    except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
+        raise CommandError(f"cannot open the job store {url!r}: {e}") from None
+
+
+def _load_specs(paths: list[str]) -> tuple[list[tuple[str, Any]], list[SpecError]]:
+    good, bad = [], []
+    for path in paths:
+        try:
+            good.append((path, load_spec(path)))
+        except SpecError as e:
+            bad.append(e)
+    return good, bad
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    return dataclasses.asdict(job)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, allow_nan=False))
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    good, bad = _load_specs(args.specs)
+    if args.json:
+        _print_json([{"spec": p, "valid": True, "name": s.name, "base_key": s.base_model.base_key,
+                      "problems": []} for p, s in good]
+                    + [{"spec": e.source, "valid": False, "problems": [str(p) for p in e.problems]} for e in bad])
+    else:
+        for path, spec in good:
+            print(f"{path}: ok ({spec.name}, base {spec.base_model.base_key})")
+        for e in bad:
+            print(e, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def add_validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="job spec files (YAML or JSON)")
+    p.add_argument("--json", action="store_true", help="one JSON object per spec: valid, problems")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    good, bad = _load_specs(args.specs)
+    if bad:
+        for e in bad:
+            print(e, file=sys.stderr)
+        n = len(bad)
+        raise CommandError(f"{n} of {len(args.specs)} spec{'s' if len(args.specs) != 1 else ''} invalid; "
+                           "nothing was submitted")
+    max_attempts = args.max_attempts or config_from_args(args).max_attempts
+    store = open_store(args)
+    try:
+        ids = store.submit_many([
+            NewJob(spec=spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
+                   priority=spec.priority, max_attempts=max_attempts)
+            for _, spec in good
+        ])
+    finally:
+        store.close()
+    if args.json:
+        _print_json([{"id": job_id, "name": spec.name, "spec": path, "base_key": spec.base_model.base_key,
+                      "priority": spec.priority} for job_id, (path, spec) in zip(ids, good)])
+    else:
+        for job_id, (path, spec) in zip(ids, good):
+            print(f"{job_id}\t{spec.name}\t{path}")
+    return 0
+
+
+def add_submit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="job spec files; all are validated before any is queued")
+    p.add_argument("--json", action="store_true", help="print the queued jobs as JSON")
+    p.add_argument("--max-attempts", type=_positive_int, default=None,
+                   help="attempts per job before it fails for good (default 3)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.progress import ProgressView
+    from orchestrator.scheduler import Orchestrator
+
+    config = config_from_args(args, **_scheduler_settings(args))
+    store = open_store(args)
+    try:
+        queued, running = store.queued_base_keys(), store.list(state="running")
+    finally:
+        store.close()
+    if not queued and not running:
+        print("nothing to run: no job is queued or running (prefixd submit SPEC queues one)")
+        return 0
+    view = ProgressView(sys.stdout)
+    with Orchestrator(config) as orchestrator:
+        summary = orchestrator.run_until_empty(progress_callback=view)
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in FINAL_STATES if summary.count(s))
+    print(f"done: {counts or 'no jobs'}; results under {config.jobs_dir}")
+    for job in summary.jobs.values():
+        if job.state == "failed":
+            print(f"{job.id} ({job.task}) failed: {job.error}", file=sys.stderr)
+    return 1 if summary.count("failed") else 0
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    _add_scheduler_arguments(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.scheduler import Orchestrator
+
+    config = config_from_args(args, **_scheduler_settings(args))
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    api = _start_api(config, args) if args.api else None
+    store_url = make_url(config.store_url).render_as_string(hide_password=True)
+    print(f"prefixd serving jobs from {store_url} (Ctrl-C to stop)", flush=True)
+    try:
+        with Orchestrator(config) as orchestrator:
+            orchestrator.serve(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if api is not None:
+            api.stop()
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    _add_scheduler_arguments(p)
+    p.add_argument("--api", action="store_true", help="also serve the HTTP API (orchestrator.api)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP API address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP API port (default 8000)")
+
+
+def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
+    """The HTTP API lives in orchestrator.api as `start_api(config, host=, port=)` returning a handle with
+    `stop()`; until that module exists, serve runs without it."""
+    try:
+        api = importlib.import_module("orchestrator.api")
+    except ModuleNotFoundError as e:
+        if e.name != "orchestrator.api":
+            raise
+        print("the HTTP API is not available yet (orchestrator.api is not installed); serving without it",
+              file=sys.stderr)
+        return None
+    if not hasattr(api, "start_api"):
+        print("the HTTP API is not available yet (orchestrator.api has no start_api); serving without it",
+              file=sys.stderr)
+        return None
+    return api.start_api(config, host=args.host, port=args.port)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    try:
+        if args.job:
+            job = store.get(args.job)
+            if args.json:
+                _print_json(_job_dict(job))
+            else:
+                _print_job(job)
+            return 0
+        jobs = store.list(state=args.state, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([_job_dict(j) for j in jobs])
+    elif not jobs:
+        print("no jobs" + (f" {args.state}" if args.state else ""))
+    else:
+        _print_table(jobs)
+    return 0
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", metavar="JOB", help="a job id (default: every job)")
+    p.add_argument("--json", action="store_true", help="print the job row(s) as JSON")
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, help="only the newest this many jobs")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    args.job = None
+    return cmd_status(args)
+
+
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the job rows as JSON")
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, help="only the newest this many jobs")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    try:
+        job = store.request_cancel(args.job)
+    finally:
+        store.close()
+    if job.state == "cancelled":
+        print(f"{job.id}: cancelled")
+    else:
+        print(f"{job.id}: cancel requested; it stops at its next step")
+    return 0
+
+
+def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB", help="the job id")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    try:
+        lines = store.logs(args.job)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([{"time": t, "level": level, "message": m} for t, level, m in lines])
+    else:
+        for t, level, message in lines:
+            print(f"{_clock(t)}  {level:<7}  {message}")
+    return 0
+
+
+def add_logs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB", help="the job id")
+    p.add_argument("--json", action="store_true", help="print the log as JSON")
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    _print_json(spec_json_schema())
+    return 0
+
+
+def add_schema_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+# ---- registry commands: written in orchestrator/registry.py, loaded only when present ------------------
+
+
+def _registry():
+    """The orchestrator.registry module, or the reason it cannot be used."""
+    try:
+        return importlib.import_module("orchestrator.registry"), None
+    except ModuleNotFoundError as e:
+        if e.name == "orchestrator.registry":
+            return None, "orchestrator.registry is not installed yet"
+        return None, f"orchestrator.registry cannot be imported: {e}"
+    except Exception as e:  # noqa: BLE001 - keep the other commands usable
+        return None, f"orchestrator.registry cannot be imported: {type(e).__name__}: {e}"
+
+
+def _registry_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        module, why = _registry()
+        if module is None:
+            raise CommandError(f"`prefixd {name}` is not available: {why}")
+        return getattr(module, f"cmd_{name}")(args) or 0
+
+    command.__name__ = f"cmd_{name}"
+    return command
+
+
+def _registry_arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        module, _ = _registry()
+        if module is not None:  # else `main` lets any arguments through and the command says why it can't run
+            getattr(module, f"add_{name}_arguments")(p)
+
+    return add
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
+    "validate": (cmd_validate, "check job specs and print every problem", add_validate_arguments),
+    "submit": (cmd_submit, "validate job specs and queue them (all or none)", add_submit_arguments),
+    "run": (cmd_run, "train every queued job on Ray, with live progress; exit when none is left",
+            add_run_arguments),
+    "serve": (cmd_serve, "keep scheduling jobs as they are submitted", add_serve_arguments),
+    "status": (cmd_status, "show every job, or one", add_status_arguments),
+    "list": (cmd_list, "list jobs (status without a job id)", add_list_arguments),
+    "cancel": (cmd_cancel, "cancel a job (a running one stops at its next step)", add_cancel_arguments),
+    "logs": (cmd_logs, "show a job's log", add_logs_arguments),
+    "schema": (cmd_schema, "print the job spec JSON Schema", add_schema_arguments),
+    "lookup": (_registry_command("lookup"), "find trained prefixes in the registry", _registry_arguments("lookup")),
+    "models": (_registry_command("models"), "list registered models", _registry_arguments("models")),
+    "generate": (_registry_command("generate"), "generate text with a registered prefix",
+                 _registry_arguments("generate")),
+}
+
+
+REGISTRY_COMMANDS = ("lookup", "models", "generate")
+
+
+def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
+    # On the subcommands the defaults are suppressed, so a flag given before the command is not reset.
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--home", default=default, help="state folder (PREFIXD_HOME, default ~/.prefixd)")
+    p.add_argument("--store-url", default=default,
+                   help="SQLAlchemy URL of the job store (PREFIXD_STORE_URL; default sqlite in --home)")
+    p.add_argument("--ray-address", default=default,
+                   help="Ray cluster to join (PREFIXD_RAY_ADDRESS; a token-auth cluster needs RAY_AUTH_MODE=token); "
+                        "default: start a private Ray on 127.0.0.1")
+
+
+def build_parser(*, registry_arguments: bool = True) -> argparse.ArgumentParser:
+    """The argparse parser with one subcommand per COMMANDS entry. Without registry_arguments the registry
+    commands take no arguments of their own (and no --help), so orchestrator.registry (which imports
+    MLflow) is imported only when one of its commands runs."""
+    parser = argparse.ArgumentParser(prog="prefixd", description="Multi-task prefix tuning on Ray.")
+    _global_arguments(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text, add_arguments) in COMMANDS.items():
+        deferred = name in REGISTRY_COMMANDS and not registry_arguments
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=not deferred)
+        _global_arguments(p, suppress=True)
+        if not deferred:
+            add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(registry_arguments=False)
+        args, extra = parser.parse_known_args(argv)
+        if args.command in REGISTRY_COMMANDS:
+            if _registry()[0] is not None:
+                args = build_parser().parse_args(argv)
+            # else: the command itself says why it cannot run, whatever its arguments
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    function = COMMANDS[args.command][0]
+    try:
+        return function(args) or 0
+    except (CommandError, SpecError, UnknownJob, InvalidTransition) as e:
+        print(f"prefixd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"prefixd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- scheduler flags and output helpers -----------------------------------------------------------------
+
+_SCHEDULER_FLAGS = (  # flag, config field, type, help
+    ("--num-cpus", "num_cpus", int, "CPUs of the local Ray (default: all)"),
+    ("--cpus-per-group", "cpus_per_group", float, "Ray CPUs per worker group (default 1)"),
+    ("--max-groups", "max_groups", int, "most worker groups (base models) at once (default 2)"),
+    ("--group-capacity", "group_capacity", int, "most tasks per group (default 8)"),
+    ("--micro-batch-size", "micro_batch_size", int, "rows per forward pass (default 16)"),
+    ("--idle-timeout", "idle_timeout_s", float, "seconds before an idle group is released (default 30)"),
+    ("--heartbeat", "heartbeat_s", float, "seconds between heartbeats (default 5)"),
+    ("--stale-after", "stale_after_s", float,
+     "seconds without heartbeats before a running job is taken back (default 60)"),
+    ("--poll", "poll_s", float, "seconds between scheduling passes (default 1)"),
+)
+
+
+def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
+    for flag, dest, type_, help_text in _SCHEDULER_FLAGS:
+        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_text)
+
+
+def _scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {dest: getattr(args, dest) for _, dest, _, _ in _SCHEDULER_FLAGS if getattr(args, dest) is not None}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _step(job: Job) -> str:
+    return f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
+
+
+def _print_table(jobs: list[Job]) -> None:
+    rows = [("ID", "NAME", "STATE", "STEP", "LOSS", "ATTEMPTS", "UPDATED")]
+    for j in jobs:
+        state = j.state + ("*" if j.cancel_requested and j.state == "running" else "")
+        rows.append((j.id, j.task, state, _step(j), f"{j.loss:.4f}" if j.loss is not None else "-",
+                     f"{j.attempts}/{j.max_attempts}", _clock(j.updated_at)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if any(j.cancel_requested and j.state == "running" for j in jobs):
+        print("* cancel requested; stops at its next step")
+
+
+def _print_job(job: Job) -> None:
+    fields = [
+        ("id", job.id), ("name", job.task), ("state", job.state + (" (cancel requested)" if job.cancel_requested
+                                                                    and job.state == "running" else "")),
+        ("base model", job.base_key), ("priority", job.priority), ("step", _step(job)),
+        ("loss", f"{job.loss:.4f}" if job.loss is not None else None),
+        ("tokens/s", f"{job.tokens_per_s:,.0f}" if job.tokens_per_s else None),
+        ("attempts", f"{job.attempts} of {job.max_attempts}"), ("submitted", _clock(job.created_at)),
+        ("started", _clock(job.started_at) if job.started_at else None),
+        ("finished", _clock(job.finished_at) if job.finished_at else None),
+        ("result", job.result_dir), ("error", job.error),
+        ("registered", f"{job.registry_model} v{job.registry_version}" if job.registered else None),
+    ]
+    for name, value in fields:
+        if value is not None:
+            print(f"{name + ':':<12} {value}")
+    if job.result_dir and (Path(job.result_dir) / "metrics.json").is_file():
+        metrics = json.loads((Path(job.result_dir) / "metrics.json").read_text(encoding="utf-8"))
+        print(f"{'metrics:':<12} " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

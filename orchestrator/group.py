@@ -1,0 +1,343 @@
+"""A worker group: one Ray actor per base model, training every job of that model it can hold at once.
+
+The group loads its base model once, on its first job, and keeps it while jobs stream in and out between
+steps. Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
+
+    claim queued jobs of its base_key (up to capacity - active)
+      -> add_task each (a job that cannot start is released with its error; the others are untouched)
+    step()                                      one optimizer step of every active task
+      -> update_progress per task               True = cancel asked: remove_task + finish 'cancelled'
+      -> finished tasks: result.json, finish 'succeeded'
+    repeat; stop when the scheduler asks and nothing is active.
+
+A heartbeat thread keeps the held jobs' heartbeats fresh every `heartbeat_s`, even through a long step,
+and notes jobs the store took back (requeued as stale); those are dropped at the next step boundary.
+The scheduler calls `status()` (a ping; also reports idleness and the model-load count) and `stop()`
+concurrently with `run()`, hence the actor's max_concurrency.
+
+A job's folder (`jobs/<job_id>/`) is the same on every attempt: `add_task` resumes the checkpoint found
+there, and a `result.json` left by an attempt that died between writing its result and recording it makes
+the next attempt record it without training again, so every job completes exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from orchestrator.store import InvalidTransition, JobStore, UnknownJob
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupSettings:
+    """Everything a group needs, as plain values (it opens its own store from the URL)."""
+
+    base_key: str
+    owner: str
+    """Name the group claims jobs under (unique per group incarnation)."""
+    store_url: str
+    jobs_dir: str
+    data_cache: str
+    model_cache: str
+    capacity: int
+    micro_batch_size: int
+    heartbeat_s: float
+    poll_s: float
+
+
+class WorkerGroup:
+    """The actor's body (see the module docstring). Use `start_group` to run it as a Ray actor."""
+
+    def __init__(self, settings: GroupSettings):
+        self.s = settings
+        self.loads = 0
+        """Base-model loads in this actor: 1 after the first job, and it stays 1."""
+        self.steps = 0
+        self.state = "starting"  # starting | loading | training | idle | stopped | failed
+        self.trainer = None
+        self.store = None
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # job id -> attempt number of our claim
+        self._lost: set[tuple[str, int]] = set()  # (job id, attempt) the store no longer gives us
+        self._stopping = False
+        self._idle_since: float | None = None
+        self._done = threading.Event()
+
+    # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A ping: what the group holds and whether it is idle (idle_s > 0: no task, nothing to claim)."""
+        with self._lock:
+            idle = 0.0
+            if self._idle_since is not None and not self._held:
+                idle = time.monotonic() - self._idle_since
+            return dict(base_key=self.s.base_key, owner=self.s.owner, pid=os.getpid(), state=self.state,
+                        loads=self.loads, steps=self.steps, held=sorted(self._held), idle_s=idle,
+                        stopping=self._stopping)
+
+    def stop(self, only_if_idle: bool = True) -> bool:
+        """Ask the loop to end. With only_if_idle, refused (False) while the group holds any job; else it
+        stops claiming and ends once its active tasks are done."""
+        with self._lock:
+            if only_if_idle and self._held:
+                return False
+            self._stopping = True
+            return True
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train until stopped; returns a summary. Raises (after releasing every held job) on a failure
+        of the group itself, such as a step that raises."""
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()  # tokenizing bars would flood the driver's terminal
+        except ImportError:
+            pass
+        self.store = JobStore(self.s.store_url)
+        beat = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
+        beat.start()
+        last_claim = -math.inf
+        try:
+            while True:
+                with self._lock:
+                    active = len(self.trainer.active) if self.trainer else 0
+                    if self._stopping and not self._held:
+                        break
+                    jobs = []
+                    free = self.s.capacity - len(self._held)
+                    due = not active or time.monotonic() - last_claim >= self.s.poll_s
+                    if free > 0 and due and not self._stopping:
+                        jobs = self.store.claim(self.s.owner, base_key=self.s.base_key, limit=free)
+                        last_claim = time.monotonic()
+                        self._held.update((j.id, j.attempts) for j in jobs)
+                for job in jobs:
+                    self._admit(job)
+                self._drop_lost()
+                if not (self.trainer and self.trainer.active):
+                    with self._lock:
+                        if self._idle_since is None:
+                            self._idle_since = time.monotonic()
+                        self.state = "idle"
+                    time.sleep(self.s.poll_s)
+                    continue
+                with self._lock:
+                    self._idle_since = None
+                    self.state = "training"
+                report = self.trainer.step()
+                self.steps += 1
+                self._record(report)
+        except BaseException as e:
+            self.state = "failed"
+            self._release_all(f"worker group {self.s.owner} failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self._done.set()
+            beat.join(timeout=self.s.heartbeat_s + 5)
+            self.store.close()
+        self.state = "stopped"
+        return dict(owner=self.s.owner, base_key=self.s.base_key, loads=self.loads, steps=self.steps)
+
+    # ---- admitting a job --------------------------------------------------------------------------
+
+    def _admit(self, job) -> None:
+        """Start training a claimed job, or record a result an earlier attempt left, or release it."""
+        # Imported here, in the actor: they pull in torch and transformers, which the scheduler never needs.
+        from jobs.spec import JobSpec
+        from orchestrator.plan import base_model_ref, task_config
+
+        job_dir = Path(self.s.jobs_dir) / job.id
+        previous = read_result(job_dir, job.id)
+        if previous is not None:
+            self.store.log(job.id, f"the result of an earlier attempt is complete in {job_dir}; recorded "
+                                   "without training again")
+            self._finish(job.id, "succeeded", result_dir=str(job_dir))
+            return
+        try:
+            spec = JobSpec.from_dict(job.spec)
+            if self.trainer is None:
+                self._load_model(base_model_ref(spec))
+            progress = self.trainer.add_task(task_config(spec, job.id, job_dir))
+        except _ModelLoadFailed as e:
+            # Every held job waits on this model: release them all; the scheduler starts a new group.
+            self._release_all(str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - any error here belongs to this job alone
+            self._release(job.id, f"cannot start training: {type(e).__name__}: {e}")
+            return
+        where = (f"resumed from the checkpoint at step {progress.step} of {progress.total_steps}"
+                 if progress.step > 0 else f"started at step 0 of {progress.total_steps}")
+        self.store.log(job.id, f"{where} in worker group {self.s.owner} (pid {os.getpid()})")
+        if self._progress(job.id, progress):  # cancelled while it was being set up
+            self.trainer.remove_task(job.id)
+            self.store.log(job.id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
+            self._finish(job.id, "cancelled")
+
+    def _load_model(self, ref) -> None:
+        from workers.models import load_base_model
+        from workers.trainer import MultiTaskTrainer
+
+        with self._lock:
+            self.state = "loading"
+        try:
+            model, tokenizer = load_base_model(ref, cache_dir=self.s.model_cache)
+        except Exception as e:  # noqa: BLE001
+            raise _ModelLoadFailed(f"cannot load base model {self.s.base_key}: {type(e).__name__}: {e}") from e
+        self.loads += 1
+        self.trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
+                                        data_cache_dir=self.s.data_cache)
+
+    # ---- after a step -----------------------------------------------------------------------------
+
+    def _record(self, report) -> None:
+        finished = {r.task_id: r for r in report.finished}
+        for job_id, progress in report.progress.items():
+            cancel = self._progress(job_id, progress)
+            if cancel is None:
+                continue
+            if job_id in finished:
+                result = finished[job_id]
+                write_result(Path(self.s.jobs_dir) / job_id, result)
+                self._finish(job_id, "succeeded", result_dir=str(Path(self.s.jobs_dir) / job_id))
+            elif cancel:
+                self.trainer.remove_task(job_id)
+                self.store.log(job_id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
+                self._finish(job_id, "cancelled")
+
+    def _progress(self, job_id: str, progress) -> bool | None:
+        """Store a task's progress; True if a cancel was asked, None if the job is no longer ours."""
+        if progress.eval:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(progress.eval.items()))
+            self.store.log(job_id, f"step {progress.step}: {metrics}")
+        try:
+            return self.store.update_progress(
+                job_id, step=progress.step, total_steps=progress.total_steps, loss=_finite(progress.loss),
+                tokens_per_s=_finite(progress.tokens_per_s), examples_per_s=_finite(progress.examples_per_s),
+            )
+        except (InvalidTransition, UnknownJob) as e:
+            self._forget(job_id, f"no longer this group's job ({e}); stopped training it")
+            return None
+
+    def _drop_lost(self) -> None:
+        with self._lock:
+            lost = [job_id for job_id, attempt in self._lost if self._held.get(job_id) == attempt]
+            self._lost.clear()
+        for job_id in lost:
+            self._forget(job_id, "the store gave this job to another worker (heartbeats were late); "
+                                 "stopped training it here")
+
+    def _forget(self, job_id: str, message: str) -> None:
+        if self.trainer and job_id in self.trainer.active:
+            self.trainer.remove_task(job_id)
+        with self._lock:
+            self._held.pop(job_id, None)
+        try:
+            self.store.log(job_id, message, "warning")
+        except Exception:  # noqa: BLE001 - the job may be gone; nothing else to tell
+            pass
+
+    def _finish(self, job_id: str, state: str, **kw) -> None:
+        try:
+            self.store.finish(job_id, state, **kw)
+        except InvalidTransition as e:
+            self.store.log(job_id, f"could not record {state}: {e}", "warning")
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def _release(self, job_id: str, error: str) -> None:
+        if self.trainer and job_id in self.trainer.active:
+            self.trainer.remove_task(job_id)
+        try:
+            self.store.log(job_id, f"worker group {self.s.owner}: {error}", "error")
+            self.store.release(job_id, error)
+        except (InvalidTransition, UnknownJob):
+            pass
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def _release_all(self, error: str) -> None:
+        with self._lock:
+            held = list(self._held)
+        for job_id in held:
+            try:
+                self._release(job_id, error)
+            except Exception:  # noqa: BLE001 - the store may be what failed; stale requeue covers it
+                pass
+
+    # ---- heartbeats -------------------------------------------------------------------------------
+
+    def _heartbeats(self) -> None:
+        while not self._done.wait(self.s.heartbeat_s):
+            with self._lock:
+                held = dict(self._held)
+            if not held:
+                continue
+            try:
+                still = set(self.store.heartbeat(self.s.owner, held))
+            except Exception:  # noqa: BLE001 - a store hiccup; the next beat retries
+                continue
+            with self._lock:
+                self._lost.update((j, a) for j, a in held.items() if j not in still)
+
+
+class _ModelLoadFailed(RuntimeError):
+    pass
+
+
+_RemoteWorkerGroup = ray.remote(WorkerGroup)
+
+
+def start_group(settings: GroupSettings, *, num_cpus: float, runtime_env: dict | None = None):
+    """Create the group's actor and start its loop; returns (actor handle, the loop's ObjectRef).
+
+    The loop's ref resolves with a summary when the group stops, and raises RayActorError when the
+    actor's process dies (or RayTaskError when the loop itself failed).
+    """
+    # max_concurrency: status() and stop() answer while run() occupies one thread. No Ray restarts: a dead
+    # group's jobs must be released (an attempt counted) before a new group takes them.
+    options: dict[str, Any] = dict(num_cpus=num_cpus, max_concurrency=4, max_restarts=0)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    actor = _RemoteWorkerGroup.options(**options).remote(settings)
+    return actor, actor.run.remote()
+
+
+# ---- result.json -----------------------------------------------------------------------------------
+
+
+def write_result(job_dir: Path, result) -> Path:
+    """Write the TaskResult's fields as job_dir/result.json, atomically."""
+    path = Path(job_dir) / RESULT_FILE
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    data = asdict(result) | {"job_id": result.task_id, "finished_at": time.time()}
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(job_dir: Path, job_id: str) -> dict | None:
+    """The job's complete result.json, or None if there is none (or it is not this job's, or its adapter
+    folder is missing)."""
+    path = Path(job_dir) / RESULT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("job_id") != job_id or not (Path(data.get("adapter_dir", "")) / "adapter_config.json").is_file():
+        return None
+    return data
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

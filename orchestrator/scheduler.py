@@ -1,0 +1,348 @@
+"""The orchestrator: turns the queue in the job store into worker groups on Ray, and watches them.
+
+One scheduling pass (`Orchestrator.tick`), every `poll_s`:
+
+    requeue_stale        running jobs whose heartbeats stopped (a dead orchestrator) go back to the queue
+    watch groups         a group whose actor died -> its jobs released (one attempt counted; out of attempts
+                         they fail with the error); the next pass starts a new group, which resumes them
+                         from their checkpoints. A group idle for idle_timeout_s is asked to stop.
+    start groups         for each base model with queued work, highest priority first: a group if it has
+                         none and fewer than max_groups run (else its jobs wait in the queue)
+
+`run_until_empty` repeats that until no job is queued or running (batch mode: `prefixd run`); `serve`
+repeats it until stopped (`prefixd serve`). Jobs reach the groups only through the store: a group claims
+them itself, so jobs submitted while a group trains join it between steps.
+
+Ray: with `ray_address` None the orchestrator starts a private Ray bound to 127.0.0.1 and shuts it down on
+`close`; inside a process where Ray is already initialised it uses that one and leaves it running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.group import GroupSettings, start_group
+from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
+
+log = logging.getLogger("prefixd.orchestrator")
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a private single-machine Ray whose every address is 127.0.0.1.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the machine's external address unless it believes it
+    is on a laptop (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That variable is read when Ray is imported, so
+    the constant is set as well; child processes (raylet, workers) inherit the variable.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(
+        address="local",  # never join a cluster named by RAY_ADDRESS by accident
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,  # workers' output would garble the progress view; it is in Ray's log files
+        # Workers import prefixd from the source tree even when it is not installed.
+        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+    )
+
+
+def _pythonpath() -> str:
+    existing = os.environ.get("PYTHONPATH")
+    return _PROJECT_ROOT + (os.pathsep + existing if existing else "")
+
+
+@dataclass
+class _Group:
+    base_key: str
+    owner: str
+    actor: Any
+    run_ref: Any
+    started_at: float
+    ping_ref: Any = None
+    status: dict[str, Any] | None = None
+    stopping: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """What a batch run did: the final row of every job it saw, and the groups it started."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    groups_started: int = 0
+    group_failures: int = 0
+    model_loads: int = 0
+
+    def count(self, state: str) -> int:
+        return sum(1 for j in self.jobs.values() if j.state == state)
+
+
+class Orchestrator:
+    """Schedules the store's queued jobs onto worker groups (see the module docstring).
+
+    Use as a context manager, or call `close()`: it stops the groups (their jobs go back to the queue)
+    and shuts down a Ray it started.
+    """
+
+    def __init__(self, config: OrchestratorConfig):
+        self.config = config
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.store = JobStore(config.store_url)
+        self.groups: dict[str, _Group] = {}
+        self.groups_started = 0
+        self.group_failures = 0
+        self._loads: dict[str, int] = {}  # group owner -> model loads it reported
+        self._owns_ray = False
+        self._waiting_logged: set[str] = set()
+        self._seen: set[str] = set()
+        self._ended_jobs: dict[str, Job] = {}  # final rows of jobs seen this run (they do not change)
+        self._log_handler = _file_handler(config.logs_dir / "orchestrator.log")
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Start or join Ray (idempotent)."""
+        if ray.is_initialized():
+            return
+        if self.config.ray_address:
+            ray.init(address=self.config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            start_local_ray(self.config.num_cpus)
+        self._owns_ray = True
+        log.info("orchestrator %s on Ray %s", self.id, ray.get_runtime_context().gcs_address)
+
+    def close(self) -> None:
+        """Stop every group; jobs they held go back to the queue (resumable from their checkpoints)."""
+        for group in list(self.groups.values()):
+            self._remove(group, "the orchestrator stopped", kill=True)
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+        self.store.close()
+        logging.getLogger("prefixd").removeHandler(self._log_handler)
+        self._log_handler.close()
+
+    def group_statuses(self) -> dict[str, dict[str, Any]]:
+        """base_key -> the last status each live group reported (pid, state, loads, held jobs, idle_s)."""
+        return {key: dict(g.status) for key, g in list(self.groups.items()) if g.status is not None}
+
+    @property
+    def model_loads(self) -> int:
+        """Base-model loads reported by every group this orchestrator started."""
+        return sum(self._loads.values())
+
+    # ---- the two modes ----------------------------------------------------------------------------
+
+    def run_until_empty(self, progress_callback: Callable[[list[Job]], None] | None = None) -> RunSummary:
+        """Schedule until no job is queued or running; returns every job seen, in its final state.
+
+        progress_callback(jobs) is called after each pass with the current rows of the jobs seen so far
+        (queued, running, and those that ended during this run).
+        """
+        self.connect()
+        while True:
+            self.tick()
+            jobs = self._watched_jobs()
+            if progress_callback is not None:
+                progress_callback(jobs)
+            if not self.store.queued_base_keys() and not self.store.list(state="running"):
+                break
+            time.sleep(self.config.poll_s)
+        for group in list(self.groups.values()):
+            self._remove(group, "the batch is done", kill=True)
+        jobs = self._watched_jobs()
+        if progress_callback is not None:
+            progress_callback(jobs)
+        return RunSummary(jobs={j.id: j for j in jobs}, groups_started=self.groups_started,
+                          group_failures=self.group_failures, model_loads=self.model_loads)
+
+    def serve(self, stop_event: threading.Event | None = None) -> None:
+        """Schedule until `stop_event` is set (or KeyboardInterrupt); groups are stopped on the way out."""
+        stop_event = stop_event or threading.Event()
+        self.connect()
+        log.info("orchestrator %s serving", self.id)
+        try:
+            while not stop_event.is_set():
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - e.g. the store briefly unreachable: a service keeps going
+                    log.exception("scheduling pass failed; retrying")
+                stop_event.wait(self.config.poll_s)
+        finally:
+            for group in list(self.groups.values()):
+                self._remove(group, "the orchestrator stopped", kill=True)
+
+    # ---- one pass ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One scheduling pass (see the module docstring)."""
+        for job_id in self.store.requeue_stale(self.config.stale_after_s):
+            log.warning("job %s: heartbeats stopped; taken back from its dead orchestrator", job_id)
+        self._watch_groups()
+        self._start_groups()
+
+    def _watch_groups(self) -> None:
+        for group in list(self.groups.values()):
+            done, _ = ray.wait([group.run_ref], timeout=0)
+            if done:
+                self._ended(group)
+            elif group.ping_ref is None:
+                group.ping_ref = group.actor.status.remote()
+        pending = [g.ping_ref for g in self.groups.values() if g.ping_ref is not None]
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=min(1.0, self.config.poll_s))
+        for group in list(self.groups.values()):
+            if group.ping_ref is None or not ray.wait([group.ping_ref], timeout=0)[0]:
+                continue
+            try:
+                group.status = ray.get(group.ping_ref)
+            except RayActorError as e:
+                self._died(group, e)
+                continue
+            finally:
+                group.ping_ref = None
+            self._loads[group.owner] = group.status["loads"]
+            if (not group.stopping and group.status["idle_s"] >= self.config.idle_timeout_s
+                    and self._ask_stop(group)):
+                log.info("group %s for %s: idle for %.0f s, released", group.owner, group.base_key,
+                         group.status["idle_s"])
+
+    def _start_groups(self) -> None:
+        for base_key, queued in self.store.queued_base_keys():
+            if base_key in self.groups:
+                continue  # its group claims them (or, if stopping, a new one starts when it has gone)
+            if len(self.groups) >= self.config.max_groups:
+                if base_key not in self._waiting_logged:
+                    log.info("%d job(s) for %s wait: all %d group slots are busy", queued, base_key,
+                             self.config.max_groups)
+                    self._waiting_logged.add(base_key)
+                self._free_an_idle_slot()
+                continue
+            self._waiting_logged.discard(base_key)
+            self._start(base_key)
+
+    def _start(self, base_key: str) -> None:
+        self.groups_started += 1
+        owner = f"{self.id}/g{self.groups_started}"
+        cfg = self.config
+        settings = GroupSettings(
+            base_key=base_key, owner=owner, store_url=cfg.store_url, jobs_dir=str(cfg.jobs_dir),
+            data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
+            micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
+        )
+        actor, run_ref = start_group(settings, num_cpus=cfg.cpus_per_group)
+        self.groups[base_key] = _Group(base_key, owner, actor, run_ref, time.time())
+        log.info("group %s started for %s", owner, base_key)
+
+    def _free_an_idle_slot(self) -> None:
+        """Another base model waits: stop one group that has nothing to do, without waiting for its idle
+        timeout."""
+        for group in self.groups.values():
+            if not group.stopping and group.status and group.status["idle_s"] > 0 and self._ask_stop(group):
+                log.info("group %s for %s: idle, released for a waiting base model", group.owner, group.base_key)
+                return
+
+    def _ask_stop(self, group: _Group) -> bool:
+        try:
+            group.stopping = ray.get(group.actor.stop.remote(only_if_idle=True), timeout=30)
+        except (RayError, GetTimeoutError):
+            return False
+        return group.stopping
+
+    # ---- groups ending ----------------------------------------------------------------------------
+
+    def _ended(self, group: _Group) -> None:
+        try:
+            summary = ray.get(group.run_ref)
+        except RayActorError as e:
+            self._died(group, e)
+            return
+        except RayError as e:  # the loop raised: it has released its jobs itself
+            self.group_failures += 1
+            log.error("group %s for %s failed: %s", group.owner, group.base_key, _first_line(e))
+            self._remove(group, f"its worker group failed: {_first_line(e)}", kill=True)
+            return
+        self._loads[group.owner] = summary["loads"]
+        self._remove(group, "its worker group stopped", kill=True)
+
+    def _died(self, group: _Group, error: Exception) -> None:
+        self.group_failures += 1
+        log.error("group %s for %s died: %s", group.owner, group.base_key, _first_line(error))
+        self._remove(group, f"its worker group died ({_first_line(error)})", kill=False)
+
+    def _remove(self, group: _Group, reason: str, *, kill: bool) -> None:
+        """Forget a group; kill its actor; release any job it still held (an attempt is counted, and a job
+        out of attempts fails with `reason`)."""
+        if kill:
+            try:
+                ray.kill(group.actor, no_restart=True)
+            except RayError:
+                pass
+        self.groups.pop(group.base_key, None)
+        for job in self.store.list(state="running"):
+            if job.owner != group.owner:
+                continue
+            try:
+                self.store.release(job.id, reason)
+            except InvalidTransition:
+                continue
+            log.warning("job %s: released (%s)", job.id, reason)
+
+    # ---- progress ---------------------------------------------------------------------------------
+
+    def _watched_jobs(self) -> list[Job]:
+        """Rows of every job queued or running now or at an earlier pass of this run, in submission order."""
+        live = {j.id: j for j in self.store.list(state="queued") + self.store.list(state="running")}
+        self._seen.update(live)
+        for job_id in self._seen - set(live) - set(self._ended_jobs):
+            job = self.store.get(job_id)
+            if job.state in FINAL_STATES:
+                self._ended_jobs[job_id] = job
+            else:  # moved between the two reads above
+                live[job_id] = job
+        rows = list(live.values()) + list(self._ended_jobs.values())
+        return sorted(rows, key=lambda j: (j.created_at, j.id))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # RayTaskError's text is a traceback; its last line names the exception.
+    return (lines[-1] if isinstance(error, RayError) and not isinstance(error, RayActorError) and lines
+            else (lines[0] if lines else type(error).__name__))
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("prefixd")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+

@@ -1,0 +1,192 @@
+"""The `prefixd` CLI in-process (`main([...])`): exit codes, output, --json, and what reaches the store.
+
+Uses the example specs (built-in SmolLM2: validating them loads no model) and a fresh home per test.
+Training commands (`run`, killed and restarted) are tested in test_orchestrator.py.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import spec_json_schema
+from orchestrator import cli
+from orchestrator.cli import COMMANDS, build_parser, main
+from orchestrator.store import JobStore
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
+UPPERCASE, REVERSE = str(EXAMPLES / "uppercase.yaml"), str(EXAMPLES / "reverse_words.yaml")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    for name in ("PREFIXD_HOME", "PREFIXD_STORE_URL", "PREFIXD_RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `prefixd ARGV`."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def bad_spec(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: Bad Name\nbase_model: {builtin: smollm2-135m}\n"
+                    "data: {train: missing.jsonl, input_column: q, target_column: a}\n"
+                    "training: {steps: 0}\nextra_key: 1\n")
+    return str(path)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(action.choices)
+
+
+def test_command_table_matches_the_parser():
+    assert _subcommands(build_parser()) == set(COMMANDS)
+    assert _subcommands(build_parser(registry_arguments=False)) == set(COMMANDS)
+    for name, (function, help_text, add_arguments) in COMMANDS.items():
+        assert callable(function) and callable(add_arguments) and help_text, name
+    assert {"validate", "submit", "run", "serve", "status", "cancel", "logs", "schema",
+            "lookup", "models", "generate"} <= set(COMMANDS)
+
+
+def test_validate(home, capsys, bad_spec):
+    code, out, err = run(capsys, "--home", str(home), "validate", UPPERCASE, REVERSE)
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"{UPPERCASE}: ok (uppercase, base builtin:smollm2-135m:float32)",
+                                f"{REVERSE}: ok (reverse-words, base builtin:smollm2-135m:float32)"]
+
+    code, out, err = run(capsys, "validate", UPPERCASE, bad_spec)
+    assert code == 1
+    for problem in ("name:", "data.train: no such file 'missing.jsonl'", "training.steps: must be >= 1",
+                    "extra_key: unknown key"):
+        assert problem in err, (problem, err)
+    assert "Traceback" not in err
+
+    code, out, _ = run(capsys, "validate", "--json", UPPERCASE, bad_spec)
+    rows = json.loads(out)
+    assert code == 1 and [r["valid"] for r in rows] == [True, False]
+    assert len(rows[1]["problems"]) >= 4 and rows[0]["name"] == "uppercase"
+    assert not home.exists()  # validating touches no state
+
+
+def test_submit_status_cancel_logs(home, capsys):
+    code, out, err = run(capsys, "--home", str(home), "submit", UPPERCASE, REVERSE)
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [(name, path) for _, name, path in lines] == [("uppercase", UPPERCASE), ("reverse-words", REVERSE)]
+    upper, reverse = [job_id for job_id, _, _ in lines]
+
+    code, out, _ = run(capsys, "--home", str(home), "status", "--json")
+    jobs = json.loads(out)
+    assert code == 0 and [(j["id"], j["task"], j["state"]) for j in jobs] == [
+        (upper, "uppercase", "queued"), (reverse, "reverse-words", "queued")]
+    assert jobs[1]["priority"] == 10 and jobs[0]["spec"]["training"]["steps"] == 60
+    assert jobs[0]["base_key"] == "builtin:smollm2-135m:float32"
+
+    code, out, _ = run(capsys, "status", reverse, "--json", "--home", str(home))  # global flags after the command
+    assert code == 0 and json.loads(out)["id"] == reverse
+
+    code, out, _ = run(capsys, "--home", str(home), "status")
+    assert code == 0 and out.splitlines()[0].split() == ["ID", "NAME", "STATE", "STEP", "LOSS", "ATTEMPTS", "UPDATED"]
+    assert upper in out and "queued" in out
+
+    code, out, _ = run(capsys, "--home", str(home), "status", upper)
+    assert code == 0 and "state:" in out and "uppercase" in out
+
+    code, out, _ = run(capsys, "--home", str(home), "cancel", upper)
+    assert code == 0 and out.strip() == f"{upper}: cancelled"
+    code, out, _ = run(capsys, "--home", str(home), "status", upper, "--json")
+    assert json.loads(out)["state"] == "cancelled"
+    code, out, _ = run(capsys, "--home", str(home), "list", "--state", "queued", "--json")
+    assert [j["id"] for j in json.loads(out)] == [reverse]
+
+    code, out, _ = run(capsys, "--home", str(home), "logs", upper)
+    assert code == 0 and "submitted: task uppercase" in out and out.rstrip().endswith("cancelled")
+    code, out, _ = run(capsys, "--home", str(home), "logs", upper, "--json")
+    assert [e["message"] for e in json.loads(out)][-1] == "cancelled"
+
+    code, out, err = run(capsys, "--home", str(home), "submit", "--json", UPPERCASE)
+    assert code == 0 and [j["name"] for j in json.loads(out)] == ["uppercase"]
+
+
+def test_user_errors_are_one_line_without_traceback(home, capsys):
+    for argv in (["cancel", "j-nope"], ["logs", "j-nope"], ["status", "j-nope"]):
+        code, out, err = run(capsys, "--home", str(home), *argv)
+        assert code == 1 and out == ""
+        assert err.startswith(f"prefixd {argv[0]}: error: no job with id 'j-nope'") and "Traceback" not in err
+
+    code, out, _ = run(capsys, "--home", str(home), "submit", UPPERCASE)
+    [job_id] = [line.split("\t")[0] for line in out.splitlines()]
+    run(capsys, "--home", str(home), "cancel", job_id)
+    assert run(capsys, "--home", str(home), "cancel", job_id)[0] == 0  # asking again changes nothing
+    run(capsys, "--home", str(home), "submit", REVERSE)
+    with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
+        [done] = store.claim("test")
+        store.finish(done.id, "succeeded")
+    code, _, err = run(capsys, "--home", str(home), "cancel", done.id)
+    assert code == 1 and f"cannot cancel job {done.id}: it is succeeded" in err
+
+    code, _, err = run(capsys, "--home", str(home), "status", "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+    code, _, err = run(capsys, "--home", str(home), "frobnicate")
+    assert code == 2 and "invalid choice" in err
+    code, _, err = run(capsys, "--store-url", "nosuchdb://x", "status")
+    assert code == 1 and "cannot open the job store" in err and "Traceback" not in err
+
+
+def test_invalid_submit_stores_nothing(home, capsys, bad_spec):
+    code, out, err = run(capsys, "--home", str(home), "submit", UPPERCASE, bad_spec)
+    assert code == 1 and out == ""
+    assert "training.steps: must be >= 1" in err and "nothing was submitted" in err
+    code, out, _ = run(capsys, "--home", str(home), "status", "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_home_and_store_url_from_flags_and_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PREFIXD_HOME", str(tmp_path / "env-home"))
+    monkeypatch.delenv("PREFIXD_STORE_URL", raising=False)
+    assert run(capsys, "submit", UPPERCASE)[0] == 0
+    assert (tmp_path / "env-home" / "jobs.db").is_file()
+
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert run(capsys, "--store-url", url, "submit", REVERSE)[0] == 0
+    code, out, _ = run(capsys, "--store-url", url, "status", "--json")
+    assert [j["task"] for j in json.loads(out)] == ["reverse-words"]
+    code, out, _ = run(capsys, "status", "--json")
+    assert [j["task"] for j in json.loads(out)] == ["uppercase"]
+
+
+def test_schema(capsys):
+    code, out, _ = run(capsys, "schema")
+    assert code == 0 and json.loads(out) == spec_json_schema()
+
+
+def test_run_with_an_empty_queue_starts_nothing(home, capsys):
+    code, out, _ = run(capsys, "--home", str(home), "run")
+    assert code == 0 and out.startswith("nothing to run")
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_registry_commands_without_the_registry_module(home, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_registry", lambda: (None, "orchestrator.registry is not installed yet"))
+    code, out, err = run(capsys, "--home", str(home), "lookup", "some-model", "--alias", "best")
+    assert code == 1 and out == ""
+    assert err.strip() == ("prefixd lookup: error: `prefixd lookup` is not available: "
+                           "orchestrator.registry is not installed yet")
+    assert _subcommands(build_parser()) == set(COMMANDS)  # the parser still builds
+
+
+def test_serve_api_flag_without_the_api_module(home, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "orchestrator.api", None)  # as if the module did not exist
+    config = cli.config_from_args(argparse.Namespace(home=str(home)))
+    args = build_parser().parse_args(["serve", "--api", "--host", "127.0.0.1", "--port", "8123"])
+    assert cli._start_api(config, args) is None
+    assert "the HTTP API is not available yet" in capsys.readouterr().err

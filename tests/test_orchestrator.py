@@ -1,0 +1,411 @@
+"""The orchestrator on a real local Ray (127.0.0.1, 2 CPUs) with a tiny Llama saved as a local model folder.
+
+One Ray for the module. `served` is one orchestrator serving in a thread for several tests: its single
+worker group (one base model) stays up between them, which is itself the point of a resident model.
+`prefixd run` is also run as a real subprocess (its own private Ray) and killed with SIGKILL.
+"""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from jobs.spec import JobSpec
+from orchestrator.cli import main
+from orchestrator.config import OrchestratorConfig
+from orchestrator.plan import base_model_ref, task_config
+from orchestrator.progress import ProgressView
+from orchestrator.scheduler import Orchestrator, start_local_ray
+from orchestrator.store import JobStore
+from tests.tiny import char_tokenizer, tiny_model, write_task
+from workers.formats import load_prefix
+from workers.models import load_base_model
+from workers.trainer import MultiTaskTrainer
+
+pytestmark = pytest.mark.slow  # starts Ray
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("reverse", "double", "next")
+
+
+# ---- fixtures and helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    start_local_ray(num_cpus=2)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a model folder (safetensors), usable as base_model.path."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_spec(folder: Path, name: str, kind: str, base: Path, **training) -> Path:
+    """A job spec (and its data) for a tiny task on `base`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_task(folder / f"{name}.jsonl", kind, seed=len(name))
+    training = dict(steps=10, examples_per_step=4, eval_every=5, checkpoint_every=5, learning_rate=0.02) | training
+    spec = {
+        "name": name,
+        "base_model": {"path": str(base)},
+        "data": {"train": Path(data).name, "input_column": "input", "target_column": "target", "max_length": 40},
+        "prefix": {"num_virtual_tokens": 5},
+        "training": training,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(spec), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def submit(home: Path, *specs: Path) -> list[str]:
+    """`prefixd submit --json` in-process; returns the job ids."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["--home", str(home), "submit", "--json", *map(str, specs)]) == 0
+    return [j["id"] for j in json.loads(buf.getvalue())]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def prefix_of(folder) -> torch.Tensor:
+    return load_prefix(folder)[1].prompt_embeddings().detach()
+
+
+def events(store: JobStore, job_id: str) -> list[str]:
+    return [message for _, _, message in store.logs(job_id)]
+
+
+def test_config_model_cache_default_matches_workers(monkeypatch):
+    from orchestrator.config import default_model_cache
+    from workers.models import default_model_cache as workers_default
+
+    monkeypatch.delenv("PREFIXD_MODEL_CACHE", raising=False)
+    assert default_model_cache() == workers_default()
+    monkeypatch.setenv("PREFIXD_MODEL_CACHE", "/tmp/x")
+    assert default_model_cache() == workers_default() == Path("/tmp/x")
+
+
+def test_config_reports_every_bad_setting(tmp_path):
+    with pytest.raises(ValueError) as e:
+        OrchestratorConfig.from_env(home=tmp_path, max_groups=0, poll_s=-1)
+    assert "max_groups" in str(e.value) and "poll_s" in str(e.value)
+    with pytest.raises(ValueError, match="stale_after_s"):
+        OrchestratorConfig.from_env(home=tmp_path, heartbeat_s=5, stale_after_s=6)
+    c = OrchestratorConfig.from_env(home=tmp_path)
+    assert c.store_url == f"sqlite:///{tmp_path.resolve() / 'jobs.db'}"
+    assert c.job_dir("j-1") == tmp_path.resolve() / "jobs" / "j-1"
+
+
+def test_progress_view_plain_and_terminal():
+    from orchestrator.store import Job
+
+    def job(**kw):
+        base = dict(id="j-1", task="rev", base_key="b", priority=0, state="running", spec={}, attempts=1,
+                    max_attempts=3, created_at=0.0, started_at=0.0, finished_at=None, updated_at=0.0, error=None,
+                    step=10, total_steps=110, loss=1.5, tokens_per_s=1234.0, examples_per_s=5.0, result_dir=None,
+                    cancel_requested=False, owner="o", heartbeat_at=0.0, registered=False, registry_model=None,
+                    registry_version=None, registration_attempts=0, registration_error=None,
+                    next_registration_at=None)
+        return Job(**(base | kw))
+
+    now = [100.0]
+    out = io.StringIO()
+    view = ProgressView(out, tty=False, every_s=5, clock=lambda: now[0])
+    view([job()])
+    now[0] += 2
+    view([job(step=20)])  # within every_s: no line
+    now[0] += 8
+    view([job(step=30)])  # 20 steps in 10 s -> 80 steps left = 40 s
+    view([job(state="succeeded", step=110, result_dir="/r")])
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert "step 10/110" in lines[0] and "loss 1.5000" in lines[0] and "1,234 tok/s" in lines[0]
+    assert "step 30/110" in lines[1] and "ETA 40s" in lines[1]
+    assert "succeeded" in lines[2] and "-> /r" in lines[2] and "ETA" not in lines[2]
+
+    term = io.StringIO()
+    view = ProgressView(term, tty=True)
+    view([job(), job(id="j-2", state="queued", step=None, total_steps=None, loss=None)])
+    view([job(step=11), job(id="j-2")])
+    assert term.getvalue().count("\x1b[2F\x1b[J") == 1  # redrawn in place
+
+
+# ---- batch mode in-process ----------------------------------------------------------------------------
+
+
+def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
+    home = tmp_path / "home"
+    specs = [write_spec(tmp_path / "specs", f"e2e-{k}", k, tiny_base) for k in KINDS]
+    ids = submit(home, *specs)
+    capsys.readouterr()
+
+    code = main(["--home", str(home), "run", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "done: 3 succeeded" in out
+    assert all(i in out for i in ids) and "step 10/10" in out  # the plain progress lines
+
+    with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
+        for job_id in ids:
+            job = store.get(job_id)
+            assert (job.state, job.step, job.total_steps, job.attempts, job.error) == ("succeeded", 10, 10, 1, None)
+            assert job.loss is not None and job.tokens_per_s > 0
+            result_dir = Path(job.result_dir)
+            assert result_dir == home / "jobs" / job_id
+            assert (result_dir / "adapter" / "adapter_config.json").is_file()
+            result = json.loads((result_dir / "result.json").read_text())
+            assert result["job_id"] == job_id and result["steps"] == 10 and "eval_loss" in result["metrics"]
+            assert not (result_dir / "checkpoint").exists()
+            log = events(store, job_id)
+            assert any("started at step 0 of 10" in m for m in log)
+            assert sum("succeeded" in m for m in log) == 1
+    assert (home / "logs" / "orchestrator.log").is_file()
+
+
+# ---- `prefixd run` killed and started again ---------------------------------------------------------------
+
+
+def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
+    home = tmp_path / "home"
+    specs = [
+        write_spec(tmp_path / "specs", "short", "reverse", tiny_base, steps=8),
+        write_spec(tmp_path / "specs", "long-a", "double", tiny_base, steps=60),
+        write_spec(tmp_path / "specs", "long-b", "next", tiny_base, steps=60),
+    ]
+    short, long_a, long_b = submit(home, *specs)
+    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "run", "--num-cpus", "2",
+               "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
+    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
+
+    def start(log_name):
+        log = open(tmp_path / log_name, "w")
+        # A session of its own: the kill below reaches everything this `prefixd run` started.
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    first = start("run1.log")
+    try:
+        def mid_batch():
+            jobs = {j.id: j for j in store.list()}
+            return (jobs[short].state == "succeeded"
+                    and all((jobs[i].step or 0) >= 6 and jobs[i].state == "running" for i in (long_a, long_b)))
+
+        wait_for(mid_batch, 150, "the short job done and the long ones past a checkpoint")
+    finally:
+        # SIGKILL the run and, at once, its Ray: its worker would otherwise train on for the few seconds
+        # Ray takes to notice that the driver died.
+        _kill_session(first)
+    at_kill = {j.id: j for j in store.list()}
+    assert [at_kill[i].state for i in (short, long_a, long_b)] == ["succeeded", "running", "running"]
+    assert all(at_kill[i].step < 60 for i in (long_a, long_b))
+
+    second = start("run2.log")
+    try:
+        code = second.wait(240)
+    finally:
+        _kill_session(second)
+    output = (tmp_path / "run2.log").read_text()
+    assert code == 0, output
+    assert "done: 2 succeeded" in output  # the short job was not run again
+
+    jobs = {j.id: j for j in store.list()}
+    assert set(jobs) == {short, long_a, long_b}  # nothing lost, nothing added
+    assert all(j.state == "succeeded" for j in jobs.values())
+    assert jobs[short].attempts == 1 and jobs[long_a].attempts == jobs[long_b].attempts == 2
+    for job_id, job in jobs.items():
+        log = events(store, job_id)
+        assert sum(m.startswith("succeeded") for m in log) == 1, log
+        assert (Path(job.result_dir) / "adapter").is_dir()
+    for job_id in (long_a, long_b):
+        log = events(store, job_id)
+        assert any("stopped sending heartbeats" in m for m in log), log
+        resumed = [m for m in log if m.startswith("resumed from the checkpoint at step")]
+        assert len(resumed) == 1, log
+        assert int(resumed[0].split("step ")[1].split(" ")[0]) >= 5  # not from scratch
+        assert json.loads((home / "jobs" / job_id / "result.json").read_text())["steps"] == 60
+    store.close()
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the process, then every process of the session it leads (it was started with
+    start_new_session: its Ray and Ray's workers), by pid; then reap it."""
+    process.kill()
+    process.wait(30)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        session = int(stat.rsplit(")", 1)[1].split()[3])  # fields after the name: state ppid pgrp session
+        if session == process.pid:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---- one serving orchestrator, one resident group --------------------------------------------------------
+
+
+class Served:
+    def __init__(self, home: Path, base: Path, specs: Path):
+        self.home, self.base, self.specs = home, base, specs
+        self.config = OrchestratorConfig.from_env(home=home, cpus_per_group=1, max_groups=1, poll_s=0.2,
+                                                  heartbeat_s=0.5, stale_after_s=5, idle_timeout_s=600)
+        self.orchestrator = Orchestrator(self.config)
+        self.store = JobStore(self.config.store_url)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.orchestrator.serve, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def submit(self, name, kind, **training) -> str:
+        return submit(self.home, write_spec(self.specs, name, kind, self.base, **training))[0]
+
+    def wait_state(self, job_id, states, timeout=120):
+        return wait_for(lambda: (j := self.store.get(job_id)).state in states and j, timeout,
+                        f"job {job_id} to be {states}")
+
+    def wait_step(self, job_id, step, timeout=120):
+        return wait_for(lambda: (self.store.get(job_id).step or 0) >= step, timeout, f"job {job_id} at step {step}")
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    s = Served(root / "home", tiny_base, root / "specs")
+    yield s
+    s.stop.set()
+    s.thread.join(60)
+    s.orchestrator.close()
+    s.store.close()
+
+
+def test_job_joins_a_training_group_without_reloading(served):
+    long = served.submit("join-long", "reverse", steps=100_000, eval_every=100_000, checkpoint_every=100_000)
+    served.wait_step(long, 3, timeout=150)  # the group is up and training
+    [status] = served.orchestrator.group_statuses().values()
+    assert status["loads"] == 1
+
+    submitted = time.monotonic()
+    short = served.submit("join-short", "double")
+    served.wait_step(short, 1, timeout=30)
+    first_step_s = time.monotonic() - submitted
+    assert first_step_s < 15, first_step_s  # joined between two steps of the running group
+
+    assert served.store.get(long).state == "running"  # the long job was not interrupted
+    served.wait_state(short, {"succeeded"}, timeout=60)
+    [status_after] = served.orchestrator.group_statuses().values()
+    assert status_after["pid"] == status["pid"] and status_after["loads"] == 1
+    assert served.orchestrator.groups_started == 1 and served.orchestrator.model_loads == 1
+    assert any(m.startswith("started at step 0") for m in events(served.store, short))
+
+    served.store.request_cancel(long)
+    served.wait_state(long, {"cancelled"}, timeout=30)
+
+
+def test_cancel_stops_at_the_next_step_and_others_carry_on(served):
+    victim = served.submit("cancel-me", "next", steps=100_000, eval_every=100_000, checkpoint_every=100_000)
+    other = served.submit("carry-on", "reverse", steps=40)
+    served.wait_step(victim, 3)
+    step_at_request = served.store.get(victim).step
+    served.store.request_cancel(victim)
+    cancelled = served.wait_state(victim, {"cancelled"}, timeout=30)
+    assert cancelled.step <= step_at_request + 2  # the step in flight, at most
+    assert cancelled.result_dir is None
+    other_then = served.store.get(other)
+    assert other_then.state == "running" and other_then.step < 40
+    done = served.wait_state(other, {"succeeded", "failed"}, timeout=60)
+    assert (done.state, done.step) == ("succeeded", 40)
+    assert any(m.startswith(f"stopped at step {cancelled.step}") for m in events(served.store, victim))
+
+
+def test_broken_data_fails_after_its_attempts_without_holding_up_others(served):
+    good = served.submit("good", "reverse", steps=20)
+    broken = served.submit("broken", "double")
+    (served.specs / "broken.jsonl").unlink()  # gone after submit: every attempt fails at add_task
+    failed = served.wait_state(broken, {"failed", "succeeded"}, timeout=60)
+    assert failed.state == "failed"
+    assert failed.attempts == failed.max_attempts == 3
+    assert "broken.jsonl" in failed.error
+    own_lines = [m for m in events(served.store, broken) if m.startswith("worker group ")]
+    assert len(own_lines) == 3 and all("cannot start training: DataError" in m for m in own_lines), own_lines
+    done = served.wait_state(good, {"succeeded", "failed"}, timeout=60)
+    assert done.state == "succeeded" and done.attempts == 1
+
+
+def test_killed_worker_comes_back_and_resumes_to_the_same_result(served, tmp_path):
+    victim = served.submit("kill-a", "next", steps=60, checkpoint_every=5, eval_every=20)
+    other = served.submit("kill-b", "reverse", steps=60, checkpoint_every=5, eval_every=20)
+    served.wait_step(victim, 12)
+    [status] = served.orchestrator.group_statuses().values()
+    os.kill(status["pid"], signal.SIGKILL)  # the worker process dies mid-training
+
+    for job_id in (victim, other):
+        job = served.wait_state(job_id, {"succeeded", "failed"}, timeout=180)
+        assert job.state == "succeeded", job.error
+        assert job.attempts == 2
+        log = events(served.store, job_id)
+        assert any("its worker group died" in m for m in log), log
+        resumed = [m for m in log if m.startswith("resumed from the checkpoint at step")]
+        assert len(resumed) == 1 and int(resumed[0].split("step ")[1].split(" ")[0]) >= 10, log
+    assert served.orchestrator.group_failures >= 1 and served.orchestrator.groups_started == 2
+    [status_after] = served.orchestrator.group_statuses().values()
+    assert status_after["pid"] != status["pid"]
+
+    # The uninterrupted result: the same task trained alone, in this process, start to end.
+    for job_id in (victim, other):
+        job = served.store.get(job_id)
+        spec = JobSpec.from_dict(job.spec)
+        model, tokenizer = load_base_model(base_model_ref(spec))
+        trainer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
+        trainer.add_task(task_config(spec, job_id, tmp_path / job_id))
+        results = []
+        while trainer.active:
+            results += trainer.step().finished
+        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_of(results[0].prefix_dir)).abs().max().item()
+        assert diff < 1e-5, (job.task, diff)
+
+
+def test_idle_group_is_released(served):
+    [status] = served.orchestrator.group_statuses().values()
+    assert status["held"] == [] and status["idle_s"] > 0
+    served.orchestrator.config = served.config.with_(idle_timeout_s=0.5)
+    wait_for(lambda: not served.orchestrator.groups, 30, "the idle group to be released")
+    wait_for(lambda: not _alive(status["pid"]), 30, "its worker process to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
