@@ -35,6 +35,14 @@ def default_model_cache() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "prefixd" / "models")
 
 
+def default_tracking_uri(home: str | Path) -> str:
+    """The embedded MLflow store: `sqlite:///<home>/mlflow/mlflow.db` (absolute); its experiments keep
+    artifacts in `<home>/mlflow/artifacts/<experiment>`."""
+    db = Path(home).expanduser().resolve() / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
     """How one orchestrator runs. Build it with `from_env` (fills home, store URL and model cache from the
@@ -52,7 +60,7 @@ class OrchestratorConfig:
     num_cpus: int | None = None
     """CPUs of the local Ray started when ray_address is None; None lets Ray count the machine's."""
     cpus_per_group: float = 1.0
-    """Ray CPUs reserved by each worker group (its torch thread count on CPU)."""
+    """Ray CPUs reserved by each rank of a worker group (its torch thread count on CPU)."""
     max_groups: int = 2
     """Most worker groups (resident base models) at once; further base models wait in the queue."""
     group_capacity: int = 8
@@ -70,6 +78,23 @@ class OrchestratorConfig:
     """Rows per forward pass inside a group's step (memory knob; the result does not depend on it)."""
     poll_s: float = 1.0
     """Seconds between scheduler passes, and between an idle group's looks at the queue."""
+    workers_per_group: int = 1
+    """Ranks (processes) in each worker group; the base model is partitioned across them with ZeRO-3."""
+    gpus_per_worker: float = 0.0
+    """GPUs each rank of a group reserves from Ray (0 on CPU machines; NCCL is used when GPUs are there)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage of each group's base model: 3 partitions it across the group's ranks; 0 and 2
+    keep a full copy on each rank (a frozen base has nothing else for them to partition)."""
+    zero_offload: bool = False
+    """Stage 3: keep the base-weight partitions in CPU memory (bases larger than device memory)."""
+    zero_persistence_threshold: int | None = None
+    """Stage 3: parameters up to this many elements stay whole on every rank (DeepSpeed's default 1e5
+    when None; 0 partitions every parameter, which tiny test models need)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI that finished jobs are logged and registered to; None: the embedded default,
+    a sqlite store under <home>/mlflow (MLFLOW_TRACKING_URI overrides)."""
+    register: bool = True
+    """Log and register finished jobs in MLflow (retried with backoff while MLflow is unreachable)."""
 
     @classmethod
     def from_env(
@@ -99,10 +124,16 @@ class OrchestratorConfig:
     def check(self) -> None:
         """Raise ValueError listing every setting out of range."""
         problems = []
-        for name in ("max_groups", "group_capacity", "max_attempts", "micro_batch_size"):
+        if self.zero_stage not in (0, 2, 3):
+            problems.append(f"zero_stage: must be 0, 2 or 3, got {self.zero_stage!r}")
+        if self.zero_offload and self.zero_stage != 3:
+            problems.append("zero_offload: needs zero_stage 3")
+        for name in ("max_groups", "group_capacity", "max_attempts", "micro_batch_size", "workers_per_group"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}: must be an int >= 1, got {value!r}")
+        if not isinstance(self.gpus_per_worker, (int, float)) or self.gpus_per_worker < 0:
+            problems.append(f"gpus_per_worker: must be a number >= 0, got {self.gpus_per_worker!r}")
         for name in ("cpus_per_group", "idle_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -132,6 +163,15 @@ class OrchestratorConfig:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def tracking_uri(self) -> str:
+        """Where finished jobs are logged: mlflow_uri, else MLFLOW_TRACKING_URI, else <home>/mlflow (sqlite)."""
+        if self.mlflow_uri:
+            return self.mlflow_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return default_tracking_uri(self.home)
 
     def job_dir(self, job_id: str) -> Path:
         """The job's out_dir; the same for every attempt, so a new worker resumes the last checkpoint."""

@@ -53,6 +53,17 @@ class GroupSettings:
     micro_batch_size: int
     heartbeat_s: float
     poll_s: float
+    world: int = 1
+    """Ranks in the group: this actor is rank 0; ranks 1.. are `GroupFollower` actors."""
+    zero_stage: int = 3
+    zero_offload: bool = False
+    zero_persistence_threshold: int | None = None
+
+    def zero(self):
+        from workers.zero import ZeroSettings
+
+        return ZeroSettings(stage=self.zero_stage, offload_params=self.zero_offload,
+                            persistence_threshold=self.zero_persistence_threshold)
 
 
 class WorkerGroup:
@@ -72,8 +83,18 @@ class WorkerGroup:
         self._stopping = False
         self._idle_since: float | None = None
         self._done = threading.Event()
+        self.channel: GroupChannel | None = None
+        self._rendezvous: tuple[str, int] | None = None
 
     # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Choose where the group's process group meets: this node's address and a free port on it
+        (rank 0 hosts it). Called once, before `run`; the followers are given the answer."""
+        if self._rendezvous is None:
+            addr = ray.util.get_node_ip_address()
+            self._rendezvous = (addr, _free_port(addr))
+        return self._rendezvous
 
     def status(self) -> dict[str, Any]:
         """A ping: what the group holds and whether it is idle (idle_s > 0: no task, nothing to claim)."""
@@ -110,6 +131,7 @@ class WorkerGroup:
         beat.start()
         last_claim = -math.inf
         try:
+            self.channel = GroupChannel.join(0, self.s, self.rendezvous())  # waits for the followers
             while True:
                 with self._lock:
                     active = len(self.trainer.active) if self.trainer else 0
@@ -131,6 +153,7 @@ class WorkerGroup:
                             self._idle_since = time.monotonic()
                         self.state = "idle"
                     time.sleep(self.s.poll_s)
+                    self.channel.keepalive()
                     continue
                 with self._lock:
                     self._idle_since = None
@@ -140,8 +163,12 @@ class WorkerGroup:
                 self._record(report)
         except BaseException as e:
             self.state = "failed"
+            if self.channel is not None:
+                self.channel.broken = True
             self._release_all(f"worker group {self.s.owner} failed: {type(e).__name__}: {e}")
             raise
+        else:
+            self.channel.send(("stop",))
         finally:
             self._done.set()
             beat.join(timeout=self.s.heartbeat_s + 5)
@@ -185,18 +212,14 @@ class WorkerGroup:
             self._finish(job.id, "cancelled")
 
     def _load_model(self, ref) -> None:
-        from workers.models import load_base_model
-        from workers.trainer import MultiTaskTrainer
-
         with self._lock:
             self.state = "loading"
+        self.channel.send(("load", ref))
         try:
-            model, tokenizer = load_base_model(ref, cache_dir=self.s.model_cache)
+            self.trainer = self.channel.load(ref)
         except Exception as e:  # noqa: BLE001
             raise _ModelLoadFailed(f"cannot load base model {self.s.base_key}: {type(e).__name__}: {e}") from e
         self.loads += 1
-        self.trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
-                                        data_cache_dir=self.s.data_cache)
 
     # ---- after a step -----------------------------------------------------------------------------
 
@@ -295,22 +318,182 @@ class _ModelLoadFailed(RuntimeError):
     pass
 
 
+# ---- the group's ranks ------------------------------------------------------------------------------
+
+
+class GroupChannel:
+    """Rank 0 tells the other ranks what to do, one operation at a time, over the group's process group.
+
+    Every rank runs the same trainer operations in the same order (ZeRO-3 gathers weights collectively,
+    so the ranks must stay in lockstep): ("load", ref), ("add", TaskConfig), ("remove", task_id),
+    ("step",), ("noop",) while idle (keeps the collective from timing out), ("stop",).
+    With one rank nothing is sent: a group of one runs the same path.
+    """
+
+    KEEPALIVE_S = 60.0
+
+    def __init__(self, rank: int, settings: GroupSettings):
+        self.rank, self.s = rank, settings
+        self.broken = False
+        self._last_sent = time.monotonic()
+
+    @classmethod
+    def join(cls, rank: int, settings: GroupSettings, rendezvous: tuple[str, int]) -> "GroupChannel":
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from workers.zero import init_group
+
+        init_group(rank, settings.world, *rendezvous, timeout=timedelta(seconds=10 * cls.KEEPALIVE_S))
+        dist.barrier()
+        return cls(rank, settings)
+
+    def send(self, op: tuple) -> None:
+        if self.s.world == 1 or self.broken:
+            return
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([op], src=0)
+        self._last_sent = time.monotonic()
+
+    def receive(self) -> tuple:
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def keepalive(self) -> None:
+        if time.monotonic() - self._last_sent >= self.KEEPALIVE_S:
+            self.send(("noop",))
+
+    def load(self, ref) -> "ReplicatedTrainer":
+        """Every rank: load its share of the base model; returns this rank's trainer."""
+        import torch.distributed as dist
+
+        from workers.trainer import MultiTaskTrainer
+        from workers.zero import load_group_model
+
+        model, tokenizer, shard = load_group_model(ref, self.s.zero(), cache_dir=self.s.model_cache)
+        trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
+                                   data_cache_dir=self.s.data_cache, dist=dist if self.s.world > 1 else None)
+        self.shard = shard
+        return ReplicatedTrainer(trainer, self)
+
+
+class ReplicatedTrainer:
+    """The trainer as rank 0 uses it: each call is sent to the other ranks, then run here."""
+
+    def __init__(self, trainer, channel: GroupChannel):
+        self.trainer, self.channel = trainer, channel
+
+    @property
+    def active(self) -> list[str]:
+        return self.trainer.active
+
+    def add_task(self, config):
+        self.channel.send(("add", config))
+        return _add_everywhere(self.trainer, config, self.channel)
+
+    def remove_task(self, task_id: str) -> None:
+        self.channel.send(("remove", task_id))
+        self.trainer.remove_task(task_id)
+
+    def step(self):
+        self.channel.send(("step",))
+        return self.trainer.step()
+
+
+def _add_everywhere(trainer, config, channel: GroupChannel):
+    """add_task on this rank, kept only if it worked on every rank (data must load alike everywhere)."""
+    error, progress = None, None
+    try:
+        progress = trainer.add_task(config)
+    except Exception as e:  # noqa: BLE001 - reported by rank 0 as the job's error
+        error = e
+    if channel.s.world > 1:
+        import torch
+        import torch.distributed as dist
+
+        ok = torch.tensor([0 if error else 1])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item() and error is None:
+            trainer.remove_task(config.task_id)
+            error = RuntimeError("the task could not start on another rank of the group")
+    if error is not None:
+        raise error
+    return progress
+
+
+class GroupFollower:
+    """Ranks 1.. of a group: join rank 0's process group and do what it sends until it says stop."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, settings: GroupSettings, rank: int, rendezvous: tuple[str, int]) -> dict[str, Any]:
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+        channel = GroupChannel.join(rank, settings, rendezvous)
+        trainer, steps = None, 0
+        while True:
+            op = channel.receive()
+            if op[0] == "stop":
+                break
+            if op[0] == "load":
+                trainer = channel.load(op[1]).trainer
+            elif op[0] == "add":
+                try:
+                    _add_everywhere(trainer, op[1], channel)
+                except Exception:  # noqa: BLE001 - rank 0 reports it
+                    pass
+            elif op[0] == "remove":
+                trainer.remove_task(op[1])
+            elif op[0] == "step":
+                trainer.step()
+                steps += 1
+        return dict(rank=rank, steps=steps)
+
+
+def _free_port(addr: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
+
+
 _RemoteWorkerGroup = ray.remote(WorkerGroup)
+_RemoteFollower = ray.remote(GroupFollower)
 
 
-def start_group(settings: GroupSettings, *, num_cpus: float, runtime_env: dict | None = None):
-    """Create the group's actor and start its loop; returns (actor handle, the loop's ObjectRef).
+def start_group(settings: GroupSettings, *, num_cpus: float, num_gpus: float = 0, runtime_env: dict | None = None):
+    """Create the group's actors and start their loops; returns (rank-0 actor, its loop's ObjectRef,
+    [follower actors]).
 
     The loop's ref resolves with a summary when the group stops, and raises RayActorError when the
-    actor's process dies (or RayTaskError when the loop itself failed).
+    actor's process dies (or RayTaskError when the loop itself failed, e.g. because a follower died and
+    the group's collectives broke). Followers are killed with the group by the scheduler.
     """
     # max_concurrency: status() and stop() answer while run() occupies one thread. No Ray restarts: a dead
     # group's jobs must be released (an attempt counted) before a new group takes them.
-    options: dict[str, Any] = dict(num_cpus=num_cpus, max_concurrency=4, max_restarts=0)
+    options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=4, max_restarts=0)
     if runtime_env:
         options["runtime_env"] = runtime_env
     actor = _RemoteWorkerGroup.options(**options).remote(settings)
-    return actor, actor.run.remote()
+    rendezvous = ray.get(actor.rendezvous.remote())
+    followers = []
+    for rank in range(1, settings.world):
+        follower = _RemoteFollower.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=2,
+                                           **({"runtime_env": runtime_env} if runtime_env else {})).remote()
+        follower.run.remote(settings, rank, rendezvous)
+        followers.append(follower)
+    return actor, actor.run.remote(), followers
 
 
 # ---- result.json -----------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ from orchestrator.pyfunc_model import (
     describe_base,
     read_base_model_record,
 )
+from orchestrator.config import default_tracking_uri  # noqa: F401 - part of this module's API
 from workers.models import BaseModelRef, ModelLoadError, default_model_cache
 
 TAG = "prefixd."
@@ -109,14 +110,6 @@ class RegistryError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------
 # Tracking URIs and the MLflow client
-
-
-def default_tracking_uri(home: str | Path) -> str:
-    """`sqlite:///<home>/mlflow/mlflow.db` (absolute); its experiments keep artifacts in
-    `<home>/mlflow/artifacts/<experiment>`."""
-    db = Path(home).expanduser().resolve() / "mlflow" / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
 
 
 def tracking_uri_from_args(args: argparse.Namespace) -> str:

@@ -8,6 +8,11 @@ One scheduling pass (`Orchestrator.tick`), every `poll_s`:
                          from their checkpoints. A group idle for idle_timeout_s is asked to stop.
     start groups         for each base model with queued work, highest priority first: a group if it has
                          none and fewer than max_groups run (else its jobs wait in the queue)
+    register             succeeded jobs are logged and registered in MLflow (orchestrator/registry.py),
+                         retried with backoff while MLflow is unreachable
+
+A group has `workers_per_group` ranks holding one ZeRO-partitioned copy of its base model
+(orchestrator/group.py, workers/zero.py); one rank is just the smallest group.
 
 `run_until_empty` repeats that until no job is queued or running (batch mode: `prefixd run`); `serve`
 repeats it until stopped (`prefixd serve`). Jobs reach the groups only through the store: a group claims
@@ -38,6 +43,7 @@ from orchestrator.group import GroupSettings, start_group
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
 
 log = logging.getLogger("prefixd.orchestrator")
+REGISTRATION_EVERY_S = 2.0
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
 
@@ -77,6 +83,7 @@ class _Group:
     actor: Any
     run_ref: Any
     started_at: float
+    followers: list[Any] = field(default_factory=list)
     ping_ref: Any = None
     status: dict[str, Any] | None = None
     stopping: bool = False
@@ -115,6 +122,10 @@ class Orchestrator:
         self._seen: set[str] = set()
         self._ended_jobs: dict[str, Job] = {}  # final rows of jobs seen this run (they do not change)
         self._log_handler = _file_handler(config.logs_dir / "orchestrator.log")
+        self._next_registration = 0.0
+        # An unreachable MLflow should fail fast: register_pending retries with its own backoff.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -174,6 +185,7 @@ class Orchestrator:
             time.sleep(self.config.poll_s)
         for group in list(self.groups.values()):
             self._remove(group, "the batch is done", kill=True)
+        self._register_finished(now=True)
         jobs = self._watched_jobs()
         if progress_callback is not None:
             progress_callback(jobs)
@@ -204,6 +216,21 @@ class Orchestrator:
             log.warning("job %s: heartbeats stopped; taken back from its dead orchestrator", job_id)
         self._watch_groups()
         self._start_groups()
+        self._register_finished()
+
+    def _register_finished(self, *, now: bool = False) -> None:
+        """Log and register succeeded jobs in MLflow (one process, this one, logs each job). While MLflow
+        is unreachable a job stays succeeded-but-unregistered and is retried with backoff."""
+        if not self.config.register or (not now and time.monotonic() < self._next_registration):
+            return
+        self._next_registration = time.monotonic() + REGISTRATION_EVERY_S
+        if not self.store.pending_registrations():
+            return
+        from orchestrator import registry  # MLflow: imported only once there is something to register
+
+        for job_id in registry.register_pending(self.store, self.config.tracking_uri):
+            job = self.store.get(job_id)
+            log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)
 
     def _watch_groups(self) -> None:
         for group in list(self.groups.values()):
@@ -253,10 +280,13 @@ class Orchestrator:
             base_key=base_key, owner=owner, store_url=cfg.store_url, jobs_dir=str(cfg.jobs_dir),
             data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
             micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
+            world=cfg.workers_per_group, zero_stage=cfg.zero_stage, zero_offload=cfg.zero_offload,
+            zero_persistence_threshold=cfg.zero_persistence_threshold,
         )
-        actor, run_ref = start_group(settings, num_cpus=cfg.cpus_per_group)
-        self.groups[base_key] = _Group(base_key, owner, actor, run_ref, time.time())
-        log.info("group %s started for %s", owner, base_key)
+        actor, run_ref, followers = start_group(settings, num_cpus=cfg.cpus_per_group, num_gpus=cfg.gpus_per_worker)
+        self.groups[base_key] = _Group(base_key, owner, actor, run_ref, time.time(), followers)
+        log.info("group %s started for %s (%d rank(s), ZeRO stage %d)", owner, base_key, cfg.workers_per_group,
+                 cfg.zero_stage)
 
     def _free_an_idle_slot(self) -> None:
         """Another base model waits: stop one group that has nothing to do, without waiting for its idle
@@ -297,9 +327,10 @@ class Orchestrator:
     def _remove(self, group: _Group, reason: str, *, kill: bool) -> None:
         """Forget a group; kill its actor; release any job it still held (an attempt is counted, and a job
         out of attempts fails with `reason`)."""
-        if kill:
+        # Followers always go: with rank 0 gone they would wait in a collective until it times out.
+        for actor in ([group.actor] if kill else []) + group.followers:
             try:
-                ray.kill(group.actor, no_restart=True)
+                ray.kill(actor, no_restart=True)
             except RayError:
                 pass
         self.groups.pop(group.base_key, None)

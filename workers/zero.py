@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,15 +63,23 @@ class ShardInfo:
     total_elements: int
 
 
-def init_group(rank: int, world: int, addr: str, port: int, *, backend: str | None = None) -> None:
-    """Join (or create) the worker group's process group; DeepSpeed reuses it."""
+def init_group(rank: int, world: int, addr: str, port: int, *, backend: str | None = None,
+               timeout: timedelta | None = None) -> None:
+    """Join (or create) the worker group's process group; DeepSpeed reuses it.
+
+    Each rank is its own process with its own devices (Ray gives every actor its GPUs as device 0), so
+    LOCAL_RANK is 0. `timeout` bounds every collective (a rank that died breaks the others out of it).
+    """
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0" if not torch.cuda.is_available() else str(rank % torch.cuda.device_count()))
+                      LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                                timeout=timeout or timedelta(minutes=30))
     deepspeed.init_distributed(dist_backend=backend)
 
 
