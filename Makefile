@@ -1,4 +1,5 @@
 # prefixd: `make test` runs the suite, `make demo` runs the main job. Both create .venv when missing.
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,8 +22,26 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The main job: the example specs through the whole service (queue -> Ray -> trainer -> MLflow -> generate).
+DEMO_HOME ?= .prefixd/demo
+PREFIXD = $(BIN)/prefixd --home $(DEMO_HOME)
+
 demo: $(STAMP)
-	$(BIN)/python -m workers.demo
+	rm -rf $(DEMO_HOME)
+	$(PREFIXD) submit jobs/examples/capitals.yaml jobs/examples/number_words.yaml \
+		jobs/examples/reverse_words.yaml jobs/examples/uppercase.yaml
+	$(PREFIXD) run
+	$(PREFIXD) status
+	$(PREFIXD) models
+	$(PREFIXD) lookup capitals
+	@echo; echo "== each task with its own prompts, and without a prefix for comparison"
+	$(PREFIXD) generate --with-base --task capitals "The capital of Peru is" "The capital of Kenya is"
+	$(PREFIXD) generate --with-base --task number-words "42 in words:" "17 in words:"
+	$(PREFIXD) generate --with-base --task uppercase $$'Uppercase: window\nAnswer:' $$'Uppercase: garden\nAnswer:'
+	$(PREFIXD) generate --with-base --task reverse-words $$'Reverse the list: apple, river, stone\nReversed:'
+	@echo; echo "== all four prefixes in one mixed batch"
+	$(PREFIXD) generate --with-base --task capitals --task number-words --task uppercase --task reverse-words \
+		"The capital of Chile is" "63 in words:"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefix_overhead.py

@@ -846,9 +846,11 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
 
 
 def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *, alias: str | None = None,
-             version: str | int | None = None, max_new_tokens: int = 32) -> list[dict[str, Any]]:
+             version: str | int | None = None, max_new_tokens: int = 32,
+             with_base: bool = False) -> list[dict[str, Any]]:
     """Every prompt with every task's prefix, all rows in ONE mixed-prefix batch; per task (in the order
-    given): {task, name, version, outputs: [text per prompt]}."""
+    given): {task, name, version, outputs: [text per prompt]}. with_base adds a last entry (task None)
+    with the base model's own outputs, for comparison."""
     from workers.generate import generate_texts
 
     prompts = list(prompts)
@@ -859,8 +861,13 @@ def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *,
     texts = generate_texts(gs.prefixed, gs.tokenizer, gs.prefixes, owners, prompts * len(tasks),
                            max_new_tokens=max_new_tokens, batch_size=len(owners))
     n = len(prompts)
-    return [{"task": task, "name": v["name"], "version": v["version"], "outputs": texts[j * n:(j + 1) * n]}
-            for j, (task, v) in enumerate(zip(tasks, gs.versions))]
+    results = [{"task": task, "name": v["name"], "version": v["version"], "outputs": texts[j * n:(j + 1) * n]}
+               for j, (task, v) in enumerate(zip(tasks, gs.versions))]
+    if with_base:
+        bare = generate_texts(gs.prefixed, gs.tokenizer, None, None, prompts, max_new_tokens=max_new_tokens,
+                              batch_size=n)
+        results.append({"task": None, "name": "base model, no prefix", "version": None, "outputs": bare})
+    return results
 
 
 def load_pyfunc(tracking_uri: str, task_or_model: str, alias: str | None = None, version: str | int | None = None):
@@ -920,6 +927,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     _add_version_arguments(p, CHAMPION)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    p.add_argument("--with-base", action="store_true", help="also show the base model's outputs without a prefix")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="each prompt is run with every task")
     _add_uri_argument(p)
 
@@ -991,14 +999,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail("generate", RegistryError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1"))
     try:
         results = generate(tracking_uri_from_args(args), args.tasks, args.prompts, alias=args.alias,
-                           version=args.version, max_new_tokens=args.max_new_tokens)
+                           version=args.version, max_new_tokens=args.max_new_tokens,
+                           with_base=getattr(args, "with_base", False))
     except _errors() as e:
         return _fail("generate", e)
     if args.json:
         print(json.dumps([{**r, "prompts": args.prompts} for r in results], indent=2))
         return 0
     for r in results:
-        print(f"== {r['task']} ({r['name']} v{r['version']})")
+        print(f"== {r['task']} ({r['name']} v{r['version']})" if r["task"] else f"== ({r['name']})")
         for prompt, output in zip(args.prompts, r["outputs"]):
             print(f"{prompt}\t{output}")
     return 0
