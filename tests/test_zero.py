@@ -31,6 +31,7 @@ def setup(tmp_path_factory):
     char_tokenizer().save_pretrained(folder)
     write_task(work / "rev.jsonl", "reverse")
     write_task(work / "nxt.jsonl", "next")
+    write_task(work / "one.jsonl", "double")
     return folder, work
 
 
@@ -70,7 +71,7 @@ def test_two_ranks_hold_half_and_train_like_one_process(setup):
     assert shards1[0][0] == total
     for local, t in shards2:
         assert t == total and abs(local - total / 2) <= 0.02 * total
-    for name in ("rev", "nxt"):
+    for name in ("rev", "nxt", "one"):
         w2, w1 = prefix(work / "together-w2" / name), prefix(work / "together-w1" / name)
         assert (w2 - w1).abs().max() < 1e-5
         # co-tenant independence inside the sharded group: each equals its run alone, unsharded

@@ -15,14 +15,16 @@ from workers.models import BaseModelRef  # noqa: E402
 from workers.trainer import MultiTaskTrainer, TaskConfig  # noqa: E402
 from workers.zero import ZeroSettings, init_group, load_group_model  # noqa: E402
 
-TASKS = {"rev": (5, 2e-2), "nxt": (8, 3e-2)}
+# name: (prefix length, learning rate, examples per step); "one" has a single row per step, so on two
+# ranks one of them has none of its rows in a step.
+TASKS = {"rev": (5, 2e-2, 5), "nxt": (8, 3e-2, 5), "one": (3, 1e-2, 1)}
 
 
 def config(work, mode, world, name, steps=8):
-    p, lr = TASKS[name]
+    p, lr, examples = TASKS[name]
     data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target", max_length=40)
     return TaskConfig(task_id=name, name=name, data=data, out_dir=str(work / f"{mode}-w{world}" / name),
-                      num_virtual_tokens=p, steps=steps, examples_per_step=5, learning_rate=lr, eval_every=4,
+                      num_virtual_tokens=p, steps=steps, examples_per_step=examples, learning_rate=lr, eval_every=4,
                       checkpoint_every=100, seed=3)
 
 
@@ -36,9 +38,7 @@ def main():
                                         ZeroSettings(stage=3, persistence_threshold=0))
     print(f"SHARD {info.local_elements} {info.total_elements}", flush=True)
     trainer = MultiTaskTrainer(model, tok, micro_batch_size=3, dist=dist)
-    names = list(TASKS) if mode == "together" else [mode]
-    if mode == "join":
-        names = ["rev"]
+    names = list(TASKS) if mode == "together" else ["rev"]
     for name in names:
         trainer.add_task(config(work, mode, world, name))
     step = 0

@@ -295,6 +295,8 @@ class MultiTaskTrainer:
             params = [p for p in task.encoder.parameters()]
             if self.dist:
                 for p in params:
+                    if p.grad is None:  # none of this task's rows fell to this rank in this step
+                        p.grad = torch.zeros_like(p)
                     self.dist.all_reduce(p.grad)
             if task.config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, task.config.max_grad_norm)
