@@ -85,6 +85,7 @@ class WorkerGroup:
         self._done = threading.Event()
         self.channel: GroupChannel | None = None
         self._rendezvous: tuple[str, int] | None = None
+        self.last_step: dict[str, float] = {}  # tokens/s, tasks and peak memory of the latest step
 
     # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
 
@@ -104,7 +105,7 @@ class WorkerGroup:
                 idle = time.monotonic() - self._idle_since
             return dict(base_key=self.s.base_key, owner=self.s.owner, pid=os.getpid(), state=self.state,
                         loads=self.loads, steps=self.steps, held=sorted(self._held), idle_s=idle,
-                        stopping=self._stopping)
+                        stopping=self._stopping, last_step=dict(self.last_step))
 
     def stop(self, only_if_idle: bool = True) -> bool:
         """Ask the loop to end. With only_if_idle, refused (False) while the group holds any job; else it
@@ -224,6 +225,9 @@ class WorkerGroup:
     # ---- after a step -----------------------------------------------------------------------------
 
     def _record(self, report) -> None:
+        with self._lock:
+            self.last_step = dict(tokens_per_s=report.tokens_per_s, tasks=len(report.progress),
+                                  peak_memory_mib=report.peak_memory_bytes / 2**20)
         finished = {r.task_id: r for r in report.finished}
         for job_id, progress in report.progress.items():
             cancel = self._progress(job_id, progress)
@@ -232,6 +236,9 @@ class WorkerGroup:
             if job_id in finished:
                 result = finished[job_id]
                 write_result(Path(self.s.jobs_dir) / job_id, result)
+                self.store.log(job_id, f"finished at step {progress.step}; the group was at "
+                                       f"{report.tokens_per_s:.0f} tokens/s over {len(report.progress)} task(s), "
+                                       f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
                 self._finish(job_id, "succeeded", result_dir=str(Path(self.s.jobs_dir) / job_id))
             elif cancel:
                 self.trainer.remove_task(job_id)

@@ -13,6 +13,7 @@ from workers.prefix import PrefixConfigError, PrefixEncoder, PrefixTuningConfig,
 EXPECTED = {
     "gpt2": (2, 4, 8, 32, 1, 128),
     "llama": (2, 2, 8, 16, 1, 128),
+    "mistral": (2, 2, 8, 16, 1, 128),
     "qwen2": (2, 2, 8, 16, 1, 128),
     "bart": (2, 4, 8, 32, 2, 128),
     "t5": (2, 4, 8, 32, 2, None),

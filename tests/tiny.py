@@ -9,6 +9,7 @@ from transformers import (
     BartConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     Qwen2Config,
     T5Config,
 )
@@ -24,6 +25,10 @@ def tiny_config(model_type: str):
         return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                            pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if model_type == "mistral":  # grouped-query, sliding-window attention (window wider than the tests)
+        return MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if model_type == "qwen2":
         return Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -40,7 +45,7 @@ def tiny_config(model_type: str):
     raise ValueError(model_type)
 
 
-CAUSAL = ("gpt2", "llama", "qwen2")
+CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
 SEQ2SEQ = ("bart", "t5")
 ALL = CAUSAL + SEQ2SEQ
 

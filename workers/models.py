@@ -62,8 +62,21 @@ def resolve_folder(ref: BaseModelRef, cache_dir: str | Path | None = None) -> Pa
     raise ModelLoadError(f"base_model kind {ref.kind!r}; accepted: builtin, path, hub")
 
 
-def load_base_model(ref: BaseModelRef, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False):
-    """Load (model, tokenizer), the model in eval mode with every parameter frozen."""
+REMOTE_CODE_ENV = "PREFIXD_ALLOW_REMOTE_CODE"
+
+
+def remote_code_allowed() -> bool:
+    """Whether the operator allows model folders' own Python code (PREFIXD_ALLOW_REMOTE_CODE=1). A job spec
+    cannot ask for it; even then only architectures in workers/arch.py are accepted."""
+    return os.environ.get(REMOTE_CODE_ENV) == "1"
+
+
+def load_base_model(ref: BaseModelRef, *, cache_dir: str | Path | None = None, trust_remote_code: bool | None = None):
+    """Load (model, tokenizer), the model in eval mode with every parameter frozen.
+
+    trust_remote_code: None follows the operator's setting (`remote_code_allowed()`)."""
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_allowed()
     if ref.dtype not in DTYPES:
         raise ModelLoadError(f"dtype {ref.dtype!r}; accepted: {', '.join(DTYPES)}")
     folder = resolve_folder(ref, cache_dir)

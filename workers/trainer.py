@@ -128,9 +128,12 @@ class TaskResult:
 class StepReport:
     step_time_s: float
     tokens: int
+    """Real (unpadded) tokens of every task in the step, all ranks together."""
     examples: int
     progress: dict[str, TaskProgress]
     finished: list[TaskResult]
+    peak_memory_bytes: int = 0
+    """Peak resident memory of this process (CPU) or peak device memory (CUDA) so far."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -322,7 +325,7 @@ class MultiTaskTrainer:
             elif task.step % task.config.checkpoint_every == 0:
                 self._checkpoint(task)
             progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
-        return StepReport(seconds, total_tokens, len(rows), progress, finished)
+        return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes())
 
     def _micro_batches(self, order: list[int], size: int | None = None):
         """This rank's share of each micro-batch of `order`, with weight 1; (a row, weight 0) when the

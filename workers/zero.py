@@ -99,7 +99,8 @@ def deepspeed_config(settings: ZeroSettings, dtype: str) -> dict[str, Any]:
     }
 
 
-def load_group_model(ref: BaseModelRef, settings: ZeroSettings, *, cache_dir=None, trust_remote_code: bool = False):
+def load_group_model(ref: BaseModelRef, settings: ZeroSettings, *, cache_dir=None,
+                     trust_remote_code: bool | None = None):
     """Load the frozen base on this rank, partitioned when stage 3; returns (model, tokenizer, ShardInfo).
 
     Needs the process group (`init_group`). The returned model is used like any transformers model; the
