@@ -1,39 +1,59 @@
 """prefixd's HTTP API: submit, list, status, cancel, logs, lookup, models, behind bearer tokens.
 
-    app = create_app(ApiSettings(store_url=..., tokens=frozenset({...}), data_root=Path(...)))
-    uvicorn.run(app, host="127.0.0.1", port=8765)          # what `prefixd serve --api` does
+    PREFIXD_API_TOKENS=s3cret prefixd serve --api [--host 127.0.0.1] [--port 8000] [--data-root DIR]
+
+    api = start_api(config, port=8000)        # uvicorn in a thread; returns once it listens
+    api.url, api.stop()
+    app = create_app(ApiSettings(store_url=..., tokens=frozenset({...}), data_root=Path(...)))  # the app alone
+
+`orchestrator/client.py` (ApiClient) and `prefixd --server URL ...` talk to it.
 
 - Every /v1 route needs `Authorization: Bearer <token>`: none -> 401, a wrong one -> 403. Tokens come from
   configuration or the environment (PREFIXD_API_TOKENS, comma-separated), never from code. /healthz and
   the OpenAPI description (/openapi.json) are open.
 - Specs are validated exactly as `prefixd submit` validates them (jobs/spec.py); a bad spec gets 422 with
-  every problem and its field path, and nothing is stored.
-- Paths in a spec submitted over HTTP are read on the server, relative to `data_root`, and may not leave
-  it (`../`, absolute paths elsewhere, links pointing out are refused): users cannot make the server read
-  its other files.
+  every problem and its field path, and nothing is stored. POST /v1/specs/validate checks one without
+  queueing it (the CLI checks every spec first, so a batch is queued all or none).
+- Paths in a spec submitted over HTTP are read on the server, relative to `data_root` (start_api: the
+  data_root argument, else $PREFIXD_DATA_ROOT, else <home>/data), and may not leave it (`../`, absolute
+  paths elsewhere, links pointing out are refused): users cannot make the server read its other files.
+  Nothing is uploaded: data files and local base-model folders must already be under the data root.
+- start_api refuses to start without a token, and warns when it listens on a non-loopback address
+  (plain HTTP: put a TLS proxy in front of it).
 - Request bodies above `max_body_bytes` get 413 before they are read whole.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
+import ipaddress
 import json
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import uvicorn
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_spec
 from orchestrator.store import STATES, InvalidTransition, JobStore, UnknownJob
 
+if TYPE_CHECKING:
+    from orchestrator.config import OrchestratorConfig
+
 TOKENS_ENV = "PREFIXD_API_TOKENS"
+DATA_ROOT_ENV = "PREFIXD_DATA_ROOT"
 registry: Any = None  # orchestrator.registry, imported by create_app when a tracking URI is configured
 
 
@@ -59,29 +79,47 @@ def tokens_from_env() -> frozenset[str]:
 
 
 class JobOut(BaseModel):
+    """One job-store row (orchestrator.store.Job), every field: what `prefixd status --json` prints."""
     id: str
     task: str
-    state: str
-    priority: int
     base_key: str
+    priority: int
+    state: str
+    spec: dict
     attempts: int
+    max_attempts: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float
+    error: str | None = None
     step: int | None = None
     total_steps: int | None = None
     loss: float | None = None
     tokens_per_s: float | None = None
-    error: str | None = None
+    examples_per_s: float | None = None
     result_dir: str | None = None
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
+    cancel_requested: bool = False
+    owner: str | None = None
+    heartbeat_at: float | None = None
     registered: bool = False
     registry_model: str | None = None
     registry_version: str | None = None
+    registration_attempts: int = 0
+    registration_error: str | None = None
+    next_registration_at: float | None = None
 
 
 class SubmitOut(BaseModel):
     job_id: str
     task: str
+
+
+class SpecOut(BaseModel):
+    """A spec the server accepts, not queued."""
+    task: str
+    base_key: str
+    priority: int
 
 
 class Problem(BaseModel):
@@ -106,11 +144,20 @@ class Error(BaseModel):
 
 def _job_out(job: Any) -> JobOut:
     data = asdict(job)
-    return JobOut(**{k: data.get(k) for k in JobOut.model_fields if k in data} |
-                  {"registry_version": None if data.get("registry_version") is None else str(data["registry_version"])})
+    version = data.get("registry_version")
+    return JobOut(**{k: data[k] for k in JobOut.model_fields if k in data} |
+                  {"registry_version": None if version is None else str(version)})
 
 
 # ---------------------------------------------------------------------------------------------- app
+
+
+class _SpecRefused(Exception):
+    """A submitted spec that is not accepted: answered 422 with every problem."""
+
+    def __init__(self, detail: str, problems: list[dict]):
+        super().__init__(detail)
+        self.detail, self.problems = detail, problems
 
 
 class _BodyLimit(BaseHTTPMiddleware):
@@ -141,8 +188,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def job_or_404(job_id: str):
         try:
             return store.get(job_id)
-        except UnknownJob:
-            raise HTTPException(404, f"no job {job_id!r}") from None
+        except UnknownJob as e:
+            raise HTTPException(404, str(e)) from None
 
     errors = {401: {"model": Error}, 403: {"model": Error}}
     if settings.tracking_uri:
@@ -153,13 +200,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def healthz() -> dict:
         return {"ok": True}
 
-    @app.post("/v1/jobs", status_code=201, response_model=SubmitOut, dependencies=[Depends(authorize)],
-              responses=errors | {422: {"model": SpecProblems}, 413: {"model": Error}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"type": "object"}},
-                  "application/yaml": {"schema": {"type": "string"}}}}})
-    async def submit(request: Request) -> SubmitOut:
-        """Submit one job spec (JSON object, or YAML text with content type application/yaml)."""
+    spec_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "application/yaml": {"schema": {"type": "string"}}}}}
+    spec_refusals = errors | {422: {"model": SpecProblems}, 413: {"model": Error}}
+
+    @app.exception_handler(_SpecRefused)
+    async def spec_refused(request: Request, e: _SpecRefused) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": e.detail, "problems": e.problems})
+
+    async def read_spec(request: Request) -> Any:
+        """The body as a validated JobSpec whose paths stay in the data root; raises _SpecRefused (422)."""
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
             raise HTTPException(413, f"request body over {settings.max_body_bytes} bytes")
@@ -167,15 +218,29 @@ def create_app(settings: ApiSettings) -> FastAPI:
         try:
             spec = parse_spec(obj, base_dir=data_root, source="request body")
         except SpecError as e:
-            return JSONResponse(status_code=422, content={
-                "detail": str(e), "problems": [{"path": p.path, "message": p.message} for p in e.problems]})
+            raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
         outside = _paths_outside(spec, data_root)
         if outside:
-            return JSONResponse(status_code=422, content={
-                "detail": "paths outside the server's data root", "problems": outside})
+            raise _SpecRefused("paths outside the server's data root", outside)
+        return spec
+
+    @app.post("/v1/jobs", status_code=201, response_model=SubmitOut, dependencies=[Depends(authorize)],
+              responses=spec_refusals, openapi_extra=spec_body)
+    async def submit(request: Request,
+                     max_attempts: int | None = Query(None, ge=1, le=100,
+                                                      description="default: the server's setting")) -> SubmitOut:
+        """Submit one job spec (JSON object, or YAML text with content type application/yaml)."""
+        spec = await read_spec(request)
         job_id = store.submit(spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-                              priority=spec.priority, max_attempts=settings.max_attempts)
+                              priority=spec.priority, max_attempts=max_attempts or settings.max_attempts)
         return SubmitOut(job_id=job_id, task=spec.name)
+
+    @app.post("/v1/specs/validate", response_model=SpecOut, dependencies=[Depends(authorize)],
+              responses=spec_refusals, openapi_extra=spec_body)
+    async def validate(request: Request) -> SpecOut:
+        """Check one job spec as POST /v1/jobs would, without queueing it."""
+        spec = await read_spec(request)
+        return SpecOut(task=spec.name, base_key=spec.base_model.base_key, priority=spec.priority)
 
     @app.get("/v1/jobs", response_model=list[JobOut], dependencies=[Depends(authorize)], responses=errors)
     def list_jobs(state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
@@ -267,3 +332,92 @@ def _paths_outside(spec: Any, root: Path) -> list[dict]:
         if resolved != root and root not in resolved.parents:
             problems.append({"path": field_path, "message": f"{value} is outside the server's data root"})
     return problems
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+class ApiStartError(RuntimeError):
+    """The API cannot start: no token configured, or the address cannot be listened on."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiHandle:
+    """A running API (start_api): uvicorn serving in a daemon thread of this process."""
+
+    url: str
+    """Where it answers, e.g. 'http://127.0.0.1:8000' (the real port when started with port=0)."""
+    data_root: Path
+    """The folder relative spec paths are read from."""
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the requests in flight and stop listening."""
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int = 8000,
+              tokens: frozenset[str] | None = None, data_root: str | Path | None = None,
+              startup_timeout_s: float = 60.0) -> ApiHandle:
+    """Serve create_app over the config's job store and MLflow registry; returns once it listens.
+
+    tokens: accepted bearer tokens, default $PREFIXD_API_TOKENS; none at all raises ApiStartError (the API
+    never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT, else <config.home>/data (created).
+    port 0 picks a free port (see .url). A host that is not a loopback address prints a warning on stderr:
+    the API is then reachable from other machines over plain HTTP.
+    """
+    tokens = frozenset(tokens) if tokens else tokens_from_env()
+    if not tokens:
+        raise ApiStartError(f"no API token configured: set {TOKENS_ENV} to one or more bearer tokens "
+                            "(comma-separated); the HTTP API does not serve without one")
+    root = Path(data_root or os.environ.get(DATA_ROOT_ENV) or config.home / "data").expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = ApiSettings(store_url=config.store_url, tokens=tokens, data_root=root,
+                           tracking_uri=config.tracking_uri, max_attempts=config.max_attempts)
+    sock = _listen_socket(host, port)
+    try:
+        app = create_app(settings)
+    except BaseException:
+        sock.close()
+        raise
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="prefixd-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise ApiStartError(f"the HTTP API on {host}:{port} did not start (see the log above)")
+        time.sleep(0.02)
+    bound_port = sock.getsockname()[1]
+    if not _is_loopback(host):
+        print(f"warning: the HTTP API listens on {host}:{bound_port}, reachable from other machines, over "
+              "plain HTTP: put a TLS proxy in front of it so tokens do not cross the network in clear text",
+              file=sys.stderr, flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    return ApiHandle(url=f"http://{shown}:{bound_port}", data_root=root, server=server, thread=thread)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it); a taken port raises ApiStartError at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "; another process is listening there (choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise ApiStartError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

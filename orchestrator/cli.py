@@ -3,7 +3,7 @@
     prefixd validate jobs/examples/*.yaml        check specs; every problem of every file, exit 1 if any
     prefixd submit jobs/examples/*.yaml          queue them (all or none); prints the job ids
     prefixd run                                  train every queued job, live progress; exit when done
-    prefixd serve                                keep scheduling jobs as they are submitted
+    prefixd serve [--api]                        keep scheduling jobs as they are submitted (and serve HTTP)
     prefixd status [JOB] [--json]                the queue, or one job
     prefixd cancel JOB                           a queued job at once, a running one at its next step
     prefixd logs JOB                             a job's log (state changes, resumes, evaluations, errors)
@@ -11,8 +11,16 @@
     prefixd lookup | models | generate           the trained-prefix registry (orchestrator/registry.py)
 
 Global flags (before or after the command): --home (PREFIXD_HOME, default ~/.prefixd), --store-url
-(PREFIXD_STORE_URL), --ray-address (PREFIXD_RAY_ADDRESS; default: a private local Ray on 127.0.0.1).
-User errors print one clear message on stderr and exit 1; usage errors exit 2.
+(PREFIXD_STORE_URL), --ray-address (PREFIXD_RAY_ADDRESS; default: a private local Ray on 127.0.0.1),
+--server (PREFIXD_SERVER). User errors print one clear message on stderr and exit 1; usage errors exit 2.
+
+Remote mode. With `--server URL` (a `prefixd serve --api` elsewhere), submit, status, list, cancel, logs,
+lookup and models go through its HTTP API (orchestrator/client.py) instead of the local store and
+registry, with the same output (text and --json). The bearer token comes from $PREFIXD_TOKEN only, never
+a flag (flags show in `ps` and shell history). `submit` sends each spec file's YAML text; the server reads
+its relative paths (data files, a base-model folder) relative to ITS data root (`serve --data-root`):
+the data must already be on the server, nothing is uploaded. Every spec is checked by the server before
+any is queued. validate and schema stay local; run, serve and generate refuse --server.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -31,9 +40,15 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from jobs.spec import SpecError, load_spec, spec_json_schema
+from jobs.spec import Problem, SpecError, load_spec, spec_json_schema
+from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig
+from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
+
+
+SERVER_ENV = "PREFIXD_SERVER"
+TOKEN_ENV = "PREFIXD_TOKEN"
 
 
 class CommandError(Exception):
@@ -60,6 +75,35 @@ def open_store(args: argparse.Namespace) -> JobStore:
         return JobStore(url)
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
         raise CommandError(f"cannot open the job store {url!r}: {e}") from None
+
+
+def _with_store(args: argparse.Namespace, read: Callable[[JobStore], Any]) -> Any:
+    """read(store) on the local job store, closed afterwards."""
+    store = open_store(args)
+    try:
+        return read(store)
+    finally:
+        store.close()
+
+
+def server_url(args: argparse.Namespace) -> str | None:
+    """--server, else $PREFIXD_SERVER; None: work on the local store and registry."""
+    return getattr(args, "server", None) or os.environ.get(SERVER_ENV) or None
+
+
+def api_client(args: argparse.Namespace) -> ApiClient | None:
+    """The client for --server (token from $PREFIXD_TOKEN), or None in local mode."""
+    url = server_url(args)
+    if url is None:
+        return None
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise CommandError(f"--server {url} needs a bearer token: set {TOKEN_ENV} (it is never taken from a "
+                           "flag, which would show in `ps` and shell history)")
+    try:
+        return ApiClient(url, token)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def _load_specs(paths: list[str]) -> tuple[list[tuple[str, Any]], list[SpecError]]:
@@ -103,37 +147,76 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    client = api_client(args)
+    if client is not None:
+        return _submit_to_server(client, args)
     good, bad = _load_specs(args.specs)
-    if bad:
-        for e in bad:
-            print(e, file=sys.stderr)
-        n = len(bad)
-        raise CommandError(f"{n} of {len(args.specs)} spec{'s' if len(args.specs) != 1 else ''} invalid; "
-                           "nothing was submitted")
+    _refuse_if_invalid(bad, len(args.specs))
     max_attempts = args.max_attempts or config_from_args(args).max_attempts
-    store = open_store(args)
-    try:
-        ids = store.submit_many([
-            NewJob(spec=spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-                   priority=spec.priority, max_attempts=max_attempts)
-            for _, spec in good
-        ])
-    finally:
-        store.close()
-    if args.json:
-        _print_json([{"id": job_id, "name": spec.name, "spec": path, "base_key": spec.base_model.base_key,
-                      "priority": spec.priority} for job_id, (path, spec) in zip(ids, good)])
-    else:
-        for job_id, (path, spec) in zip(ids, good):
-            print(f"{job_id}\t{spec.name}\t{path}")
+    ids = _with_store(args, lambda store: store.submit_many([
+        NewJob(spec=spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
+               priority=spec.priority, max_attempts=max_attempts)
+        for _, spec in good
+    ]))
+    _print_submitted(args, [(job_id, path, spec.name, spec.base_model.base_key, spec.priority)
+                            for job_id, (path, spec) in zip(ids, good)])
     return 0
 
 
+def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
+    """Over HTTP: the server checks every spec (its paths relative to ITS data root) before any is queued."""
+    checked, bad = [], []
+    for path in args.specs:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as e:
+            bad.append(SpecError(path, [Problem("", f"cannot read the spec file: {e.strerror or e}")]))
+            continue
+        try:
+            checked.append((path, text, client.validate(text)))
+        except ApiError as e:
+            if e.status_code not in (413, 422):
+                raise
+            bad.append(SpecError(path, [Problem(p, m) for p, m in e.problems] or [Problem("", e.detail)]))
+    _refuse_if_invalid(bad, len(args.specs))
+    submitted = []
+    for path, text, spec in checked:
+        try:
+            job_id = client.submit(text, max_attempts=args.max_attempts)
+        except ApiError as e:  # the server went away, or the data changed under it since the check
+            _print_submitted(args, submitted)
+            raise CommandError(f"{path}: {e}\n{len(submitted)} of {len(checked)} specs were queued"
+                               f"{' (above)' if submitted else ''}; the rest were not") from None
+        submitted.append((job_id, path, spec["task"], spec["base_key"], spec["priority"]))
+    _print_submitted(args, submitted)
+    return 0
+
+
+def _refuse_if_invalid(bad: list[SpecError], total: int) -> None:
+    if bad:
+        for e in bad:
+            print(e, file=sys.stderr)
+        raise CommandError(f"{len(bad)} of {total} spec{'s' if total != 1 else ''} invalid; nothing was submitted")
+
+
+def _print_submitted(args: argparse.Namespace, rows: list[tuple[str, str, str, str, int]]) -> None:
+    """rows: (job id, spec file, name, base key, priority)."""
+    if args.json:
+        _print_json([{"id": job_id, "name": name, "spec": path, "base_key": base_key, "priority": priority}
+                     for job_id, path, name, base_key, priority in rows])
+    else:
+        for job_id, path, name, _, _ in rows:
+            print(f"{job_id}\t{name}\t{path}")
+
+
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("specs", nargs="+", metavar="SPEC", help="job spec files; all are validated before any is queued")
+    p.add_argument("specs", nargs="+", metavar="SPEC",
+                   help="job spec files; all are validated before any is queued. With --server the file's YAML "
+                        "text is sent and the server reads its relative paths (data, base-model folder) "
+                        "relative to ITS data root (`serve --data-root`): the data must already be there")
     p.add_argument("--json", action="store_true", help="print the queued jobs as JSON")
     p.add_argument("--max-attempts", type=_positive_int, default=None,
-                   help="attempts per job before it fails for good (default 3)")
+                   help="attempts per job before it fails for good (default 3; with --server, the server's)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -169,13 +252,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, **_scheduler_settings(args))
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     api = _start_api(config, args) if args.api else None
     store_url = make_url(config.store_url).render_as_string(hide_password=True)
+    if api is not None:
+        print(f"HTTP API on {api.url} (spec paths are read under {api.data_root})", flush=True)
     print(f"prefixd serving jobs from {store_url} (Ctrl-C to stop)", flush=True)
     try:
         with Orchestrator(config) as orchestrator:
+            orchestrator.connect()
+            if threading.current_thread() is threading.main_thread():
+                # After Ray's start: ray.init installs its own SIGTERM handler (sys.exit(15)).
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
             orchestrator.serve(stop)
     except KeyboardInterrupt:
         pass
@@ -187,9 +274,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _add_scheduler_arguments(p)
-    p.add_argument("--api", action="store_true", help="also serve the HTTP API (orchestrator.api)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP API address (default 127.0.0.1)")
+    p.add_argument("--api", action="store_true",
+                   help="also serve the HTTP API (orchestrator.api); needs PREFIXD_API_TOKENS (comma-separated)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP API address (default 127.0.0.1; another machine can reach it only with an "
+                        "explicit address such as 0.0.0.0, and then put TLS in front)")
     p.add_argument("--port", type=int, default=8000, help="HTTP API port (default 8000)")
+    p.add_argument("--data-root", default=None,
+                   help="folder that relative paths in specs submitted over HTTP are read from, and may not "
+                        "leave (PREFIXD_DATA_ROOT; default HOME/data)")
 
 
 def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
@@ -207,22 +300,25 @@ def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
         print("the HTTP API is not available yet (orchestrator.api has no start_api); serving without it",
               file=sys.stderr)
         return None
-    return api.start_api(config, host=args.host, port=args.port)
+    try:
+        return api.start_api(config, host=args.host, port=args.port, data_root=getattr(args, "data_root", None))
+    except api.ApiStartError as e:
+        raise CommandError(str(e)) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    try:
-        if args.job:
-            job = store.get(args.job)
-            if args.json:
-                _print_json(_job_dict(job))
-            else:
-                _print_job(job)
-            return 0
-        jobs = store.list(state=args.state, limit=args.limit)
-    finally:
-        store.close()
+    client = api_client(args)
+    if args.job:
+        job = client.status(args.job) if client else _with_store(args, lambda store: store.get(args.job))
+        if args.json:
+            _print_json(_job_dict(job))
+        else:
+            _print_job(job)
+        return 0
+    if client:
+        jobs = client.list(state=args.state, limit=args.limit)
+    else:
+        jobs = _with_store(args, lambda store: store.list(state=args.state, limit=args.limit))
     if args.json:
         _print_json([_job_dict(j) for j in jobs])
     elif not jobs:
@@ -251,11 +347,8 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    try:
-        job = store.request_cancel(args.job)
-    finally:
-        store.close()
+    client = api_client(args)
+    job = client.cancel(args.job) if client else _with_store(args, lambda store: store.request_cancel(args.job))
     if job.state == "cancelled":
         print(f"{job.id}: cancelled")
     else:
@@ -268,11 +361,8 @@ def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    try:
-        lines = store.logs(args.job)
-    finally:
-        store.close()
+    client = api_client(args)
+    lines = client.logs(args.job) if client else _with_store(args, lambda store: store.logs(args.job))
     if args.json:
         _print_json([{"time": t, "level": level, "message": m} for t, level, m in lines])
     else:
@@ -330,6 +420,78 @@ def _registry_arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
     return add
 
 
+# ---- registry commands through --server: same options and output, no MLflow or torch on this machine -----
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    client = api_client(args)
+    if client is None:
+        return _registry_command("lookup")(args)
+    if getattr(args, "download", None) or getattr(args, "mlflow_uri", None):
+        raise CommandError("--download and --mlflow-uri work only without --server: the adapter files and "
+                           "the MLflow registry stay on the server")
+    try:
+        info = client.lookup(args.task, alias=args.alias, version=args.version)
+    except ApiError as e:
+        return _registry_refusal("lookup", e)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print_version(info)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    client = api_client(args)
+    if client is None:
+        return _registry_command("models")(args)
+    if getattr(args, "mlflow_uri", None):
+        raise CommandError("--mlflow-uri works only without --server: the server uses its own registry")
+    try:
+        tags = parse_tag_filters(args.tag)
+    except ValueError as e:
+        print(f"prefixd models: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        models = client.models(base=args.base, tags=tags)
+    except ApiError as e:
+        return _registry_refusal("models", e)
+    if args.json:
+        print(json.dumps(models, indent=2, sort_keys=True))
+    else:
+        print_models(models, filtered=bool(args.base or tags))
+    return 0
+
+
+def _registry_refusal(verb: str, e: ApiError) -> int:
+    """As orchestrator.registry's verbs: bad input (the server's 404 or 422) exits 2; the rest is raised."""
+    if e.status_code not in (404, 422):
+        raise e
+    print(f"prefixd {verb}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def add_server_lookup_arguments(p: argparse.ArgumentParser) -> None:
+    """orchestrator.registry.add_lookup_arguments's options (a test keeps them equal), without importing it."""
+    p.add_argument("task", help="task name (or registered model name)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--alias", help="an alias of the registered model (default: champion; 'latest' is the newest)")
+    g.add_argument("--version", type=_positive_int, help="a version number")
+    p.add_argument("--json", action="store_true", help="print the version as JSON")
+    p.add_argument("--download", metavar="DIR", help="not available with --server")
+    p.add_argument("--mlflow-uri", default=None, help="not available with --server")
+
+
+def add_server_models_arguments(p: argparse.ArgumentParser) -> None:
+    """orchestrator.registry.add_models_arguments's options (a test keeps them equal), without importing it."""
+    p.add_argument("--base", help="only versions of this base model: 'builtin:smollm2-135m', a folder, "
+                                  "or the full 'kind:location@revision:dtype'")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only versions with this tag (repeatable; all must match)")
+    p.add_argument("--json", action="store_true", help="print the models as JSON")
+    p.add_argument("--mlflow-uri", default=None, help="not available with --server")
+
+
 # ---- the table ------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
@@ -343,14 +505,18 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "cancel": (cmd_cancel, "cancel a job (a running one stops at its next step)", add_cancel_arguments),
     "logs": (cmd_logs, "show a job's log", add_logs_arguments),
     "schema": (cmd_schema, "print the job spec JSON Schema", add_schema_arguments),
-    "lookup": (_registry_command("lookup"), "find trained prefixes in the registry", _registry_arguments("lookup")),
-    "models": (_registry_command("models"), "list registered models", _registry_arguments("models")),
+    "lookup": (cmd_lookup, "find trained prefixes in the registry", _registry_arguments("lookup")),
+    "models": (cmd_models, "list registered models", _registry_arguments("models")),
     "generate": (_registry_command("generate"), "generate text with a registered prefix",
                  _registry_arguments("generate")),
 }
 
 
 REGISTRY_COMMANDS = ("lookup", "models", "generate")
+SERVER_COMMANDS = ("submit", "status", "list", "cancel", "logs", "lookup", "models")  # through --server
+SERVER_IGNORED = ("validate", "schema")  # always local, whatever --server says
+SERVER_REFUSED = ("run", "serve", "generate")  # they work on this machine: --server is refused
+SERVER_ARGUMENTS = {"lookup": add_server_lookup_arguments, "models": add_server_models_arguments}
 
 
 def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -362,17 +528,24 @@ def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--ray-address", default=default,
                    help="Ray cluster to join (PREFIXD_RAY_ADDRESS; a token-auth cluster needs RAY_AUTH_MODE=token); "
                         "default: start a private Ray on 127.0.0.1")
+    p.add_argument("--server", default=default, metavar="URL",
+                   help=f"a `prefixd serve --api` to send {', '.join(SERVER_COMMANDS)} to ({SERVER_ENV}); the "
+                        f"token comes from {TOKEN_ENV}. Spec paths are then read on the server, relative to its "
+                        "data root")
 
 
-def build_parser(*, registry_arguments: bool = True) -> argparse.ArgumentParser:
+def build_parser(*, registry_arguments: bool = True, server: bool = False) -> argparse.ArgumentParser:
     """The argparse parser with one subcommand per COMMANDS entry. Without registry_arguments the registry
     commands take no arguments of their own (and no --help), so orchestrator.registry (which imports
-    MLflow) is imported only when one of its commands runs."""
+    MLflow) is imported only when one of its commands runs. With server, lookup and models take
+    SERVER_ARGUMENTS (the same options, defined here) and the registry is never imported."""
     parser = argparse.ArgumentParser(prog="prefixd", description="Multi-task prefix tuning on Ray.")
     _global_arguments(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text, add_arguments) in COMMANDS.items():
-        deferred = name in REGISTRY_COMMANDS and not registry_arguments
+        if server and name in SERVER_ARGUMENTS:
+            add_arguments = SERVER_ARGUMENTS[name]
+        deferred = name in REGISTRY_COMMANDS and not registry_arguments and not (server and name in SERVER_ARGUMENTS)
         p = sub.add_parser(name, help=help_text, description=help_text, add_help=not deferred)
         _global_arguments(p, suppress=True)
         if not deferred:
@@ -385,7 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(registry_arguments=False)
         args, extra = parser.parse_known_args(argv)
-        if args.command in REGISTRY_COMMANDS:
+        server = server_url(args)
+        if server and args.command in SERVER_REFUSED:
+            given = "--server" if getattr(args, "server", None) else f"{SERVER_ENV}"
+            print(f"prefixd {args.command}: error: `prefixd {args.command}` works on this machine and cannot go "
+                  f"through a server; drop {given} ({server})", file=sys.stderr)
+            return 2
+        if server and args.command in SERVER_ARGUMENTS:
+            args = build_parser(registry_arguments=False, server=True).parse_args(argv)
+        elif args.command in REGISTRY_COMMANDS:
             if _registry()[0] is not None:
                 args = build_parser().parse_args(argv)
             # else: the command itself says why it cannot run, whatever its arguments
@@ -396,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     function = COMMANDS[args.command][0]
     try:
         return function(args) or 0
-    except (CommandError, SpecError, UnknownJob, InvalidTransition) as e:
-        print(f"prefixd {args.command}: error: {e}", file=sys.stderr)
+    except (CommandError, SpecError, UnknownJob, InvalidTransition, ApiError) as e:
+        hint = f" (the token comes from {TOKEN_ENV})" if getattr(e, "status_code", None) in (401, 403) else ""
+        print(f"prefixd {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"prefixd {args.command}: interrupted", file=sys.stderr)

@@ -85,6 +85,7 @@ from orchestrator.pyfunc_model import (
     read_base_model_record,
 )
 from orchestrator.config import default_tracking_uri  # noqa: F401 - part of this module's API
+from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from workers.models import BaseModelRef, ModelLoadError, default_model_cache
 
 TAG = "prefixd."
@@ -955,42 +956,25 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
-        print(f"{info['name']} v{info['version']}" + (f" ({', '.join(info['aliases'])})" if info["aliases"] else ""))
-        rows = [("task", info["task"]), ("job", info["job_id"]), ("run", info["run_id"]), ("source", info["source"]),
-                ("base model", info["base_model"]), ("base sha256", info["base_model_sha256"])]
-        rows += [(k, f"{v:.6g}") for k, v in sorted(info["metrics"].items())]
-        rows += [(f"tag {k}", v) for k, v in sorted(info["tags"].items()) if not k.startswith(TAG)]
-        for key, value in rows:
-            if value is not None:
-                print(f"  {key:<14} {value}")
+        print_version(info)
     if args.download:
         print(f"adapter written to {args.download}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    tags = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return _fail("models", RegistryError(f"--tag {item!r}: expected KEY=VALUE"))
-        tags[key] = value
+    try:
+        tags = parse_tag_filters(args.tag)
+    except ValueError as e:
+        return _fail("models", RegistryError(str(e)))
     try:
         models = search_models(tracking_uri_from_args(args), base=args.base, tags=tags)
     except _errors() as e:
         return _fail("models", e)
     if args.json:
         print(json.dumps(models, indent=2, sort_keys=True))
-        return 0
-    if not models:
-        print("no registered prefixd models" + (" match" if args.base or tags else ""))
-        return 0
-    header = ("MODEL", "TASK", "CHAMPION", "LATEST", "VERSIONS", "BASE MODEL")
-    rows = [(m["name"], m["task"] or "", m["champion_version"] or "-", m["latest_version"],
-             ",".join(m["versions"]), "; ".join(m["base_models"])) for m in models]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    else:
+        print_models(models, filtered=bool(args.base or tags))
     return 0
 
 

@@ -190,3 +190,158 @@ def test_serve_api_flag_without_the_api_module(home, capsys, monkeypatch):
     args = build_parser().parse_args(["serve", "--api", "--host", "127.0.0.1", "--port", "8123"])
     assert cli._start_api(config, args) is None
     assert "the HTTP API is not available yet" in capsys.readouterr().err
+
+
+# ---- --server: the same commands through a real HTTP API (orchestrator.api.start_api on 127.0.0.1) ---------
+
+TOKEN = "cli-test-token-41d2"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A started API over a fresh home; its data root is jobs/examples, so the example specs' relative paths
+    mean the same files on the server as here."""
+    from orchestrator.api import start_api
+    from orchestrator.config import OrchestratorConfig, default_tracking_uri
+
+    home = tmp_path_factory.mktemp("server-home")
+    config = OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}",
+                                         mlflow_uri=default_tracking_uri(home))
+    handle = start_api(config, port=0, tokens=frozenset({TOKEN}), data_root=EXAMPLES)
+    yield handle, config
+    handle.stop()
+
+
+@pytest.fixture
+def remote(api, home, monkeypatch):
+    """(server URL, the server's store URL) with PREFIXD_TOKEN set and PREFIXD_SERVER unset."""
+    monkeypatch.setenv("PREFIXD_TOKEN", TOKEN)
+    monkeypatch.delenv("PREFIXD_SERVER", raising=False)
+    handle, config = api
+    return handle.url, config.store_url
+
+
+def test_commands_are_sorted_by_what_they_do_with_a_server():
+    groups = [set(cli.SERVER_COMMANDS), set(cli.SERVER_IGNORED), set(cli.SERVER_REFUSED)]
+    assert set().union(*groups) == set(COMMANDS) and sum(map(len, groups)) == len(COMMANDS)
+
+
+def test_server_registry_arguments_match_the_registry_ones():
+    """lookup/models through --server take their options from cli.py (no MLflow import): the same ones."""
+    def options(parser, name):
+        [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return {(a.dest, tuple(a.option_strings)) for a in action.choices[name]._actions}
+
+    for name in cli.SERVER_ARGUMENTS:
+        assert options(build_parser(server=True), name) == options(build_parser(), name), name
+
+
+def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys, tmp_path):
+    url, store_url = remote
+    code, out, err = run(capsys, "--server", url, "submit", UPPERCASE, REVERSE)
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [(name, path) for _, name, path in lines] == [("uppercase", UPPERCASE), ("reverse-words", REVERSE)]
+    upper, reverse = [job_id for job_id, _, _ in lines]
+    with JobStore(store_url) as store:
+        assert store.get(upper).spec["data"]["train"] == str(EXAMPLES / "uppercase.jsonl")  # the server's root
+
+    # Every read command prints exactly what it prints on the server's own store.
+    for argv in (["status"], ["status", "--json"], ["status", upper], ["status", reverse, "--json"],
+                 ["list", "--state", "queued", "--limit", "1", "--json"], ["logs", upper], ["logs", upper, "--json"]):
+        remote_out = run(capsys, "--server", url, *argv)
+        assert remote_out == run(capsys, "--store-url", store_url, *argv), argv
+        assert remote_out[0] == 0 and remote_out[1], argv
+
+    code, out, _ = run(capsys, "cancel", upper, "--server", url)  # the flag after the command works too
+    assert code == 0 and out.strip() == f"{upper}: cancelled"
+    code, out, _ = run(capsys, "--server", url, "status", upper, "--json")
+    assert json.loads(out)["state"] == "cancelled"
+    code, out, _ = run(capsys, "--server", url, "logs", upper)
+    assert out.rstrip().endswith("cancelled")
+
+    code, out, _ = run(capsys, "--server", url, "submit", "--json", "--max-attempts", "5", UPPERCASE)
+    [row] = json.loads(out)
+    assert code == 0 and (row["name"], row["spec"], row["priority"]) == ("uppercase", UPPERCASE, 0)
+    assert row["base_key"] == "builtin:smollm2-135m:float32"
+    with JobStore(store_url) as store:
+        assert store.get(row["id"]).max_attempts == 5
+
+
+def test_server_refusals_are_one_clear_message(remote, capsys, bad_spec, monkeypatch):
+    url, store_url = remote
+    with JobStore(store_url) as store:
+        before = len(store.list())
+    code, out, err = run(capsys, "--server", url, "submit", UPPERCASE, bad_spec, "/nonexistent/spec.yaml")
+    assert code == 1 and out == ""
+    for line in (f"{bad_spec}: 4 problems in the job spec", "training.steps: must be >= 1",
+                 "extra_key: unknown key", "/nonexistent/spec.yaml: 1 problem",
+                 "2 of 3 specs invalid; nothing was submitted"):
+        assert line in err, (line, err)
+    with JobStore(store_url) as store:
+        assert len(store.list()) == before  # all or none, as locally
+
+    for argv in (["cancel", "j-nope"], ["logs", "j-nope"], ["status", "j-nope"]):
+        code, out, err = run(capsys, "--server", url, *argv)
+        assert (code, out) == (1, "")
+        assert err == f"prefixd {argv[0]}: error: no job with id 'j-nope' (`prefixd list` shows the known ones)\n"
+
+    monkeypatch.setenv("PREFIXD_TOKEN", "not-the-token")
+    code, out, err = run(capsys, "--server", url, "list")
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"prefixd list: error: {url} refused the token (HTTP 403: token not accepted) "
+                           "(the token comes from PREFIXD_TOKEN)")
+    monkeypatch.delenv("PREFIXD_TOKEN")
+    code, _, err = run(capsys, "--server", url, "status")
+    assert code == 1 and "needs a bearer token: set PREFIXD_TOKEN" in err
+
+    monkeypatch.setenv("PREFIXD_TOKEN", TOKEN)
+    code, _, err = run(capsys, "--server", "http://127.0.0.1:9", "list")  # nothing listens on port 9
+    assert code == 1 and "cannot reach the prefixd server at http://127.0.0.1:9" in err
+    code, _, err = run(capsys, "--server", "ftp://example", "list")
+    assert code == 1 and "expected http://HOST:PORT" in err
+
+
+def test_server_from_the_environment_and_local_only_commands(remote, capsys, home, monkeypatch):
+    url, _ = remote
+    monkeypatch.setenv("PREFIXD_SERVER", url)
+    code, out, _ = run(capsys, "--home", str(home), "list", "--json")
+    assert code == 0 and json.loads(out)  # the server's jobs, not the (empty) local home's
+    assert not home.exists()
+
+    code, out, _ = run(capsys, "validate", UPPERCASE)  # validate and schema stay local
+    assert code == 0 and out.startswith(f"{UPPERCASE}: ok")
+    assert run(capsys, "schema")[0] == 0
+
+    for argv in (["run"], ["serve"], ["generate", "--task", "uppercase", "hi"]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, "")
+        assert err.startswith(f"prefixd {argv[0]}: error: `prefixd {argv[0]}` works on this machine") and \
+            "PREFIXD_SERVER" in err, err
+    monkeypatch.delenv("PREFIXD_SERVER")
+    code, _, err = run(capsys, "--server", url, "run")
+    assert code == 2 and "drop --server" in err
+
+
+def test_server_registry_commands(remote, capsys):
+    url, _ = remote
+    code, out, _ = run(capsys, "--server", url, "models")  # (stderr: the in-process server's MLflow log)
+    assert (code, out) == (0, "no registered prefixd models\n")
+    code, out, _ = run(capsys, "--server", url, "models", "--json", "--tag", "example=true")
+    assert code == 0 and json.loads(out) == []
+    code, out, err = run(capsys, "--server", url, "lookup", "uppercase")
+    assert (code, out) == (2, "") and err.startswith("prefixd lookup: error: no registered model for task")
+    code, _, err = run(capsys, "--server", url, "lookup", "uppercase", "--download", "x")
+    assert code == 1 and "--download and --mlflow-uri work only without --server" in err
+    code, _, err = run(capsys, "--server", url, "models", "--tag", "nokey")
+    assert code == 2 and "expected KEY=VALUE" in err
+    code, _, err = run(capsys, "--server", url, "lookup", "uppercase", "--version", "0")
+    assert code == 2 and "expected an integer >= 1" in err
+
+
+def test_serve_api_refuses_without_tokens(home, monkeypatch):
+    monkeypatch.delenv("PREFIXD_API_TOKENS", raising=False)
+    config = cli.config_from_args(argparse.Namespace(home=str(home)))
+    args = build_parser().parse_args(["serve", "--api", "--port", "0"])
+    with pytest.raises(cli.CommandError, match="set PREFIXD_API_TOKENS"):
+        cli._start_api(config, args)

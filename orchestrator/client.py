@@ -1,0 +1,139 @@
+"""A client for prefixd's HTTP API (orchestrator/api.py); what `prefixd --server URL ...` uses.
+
+    client = ApiClient("http://trainer:8000", token=os.environ["PREFIXD_TOKEN"])
+    job_id = client.submit(Path("spec.yaml").read_text())   # YAML text, or a dict (sent as JSON)
+    client.status(job_id).state                             # an orchestrator.store.Job, as the store gives it
+    client.lookup("uppercase")                              # the champion, as orchestrator.registry.lookup
+
+Paths in a submitted spec are read by the server, relative to ITS data root (`prefixd serve --api
+--data-root DIR`; default $PREFIXD_DATA_ROOT, else <server home>/data), never relative to the spec file
+on this machine: nothing is uploaded, so data files and local base-model folders must already be on the
+server, under its data root.
+
+Every refusal raises ApiError with the HTTP status (None when the server cannot be reached) and the
+server's detail; a refused spec (422) also carries every problem as (field path, message) pairs, and
+prints one per line. Each call is one request; nothing is held open between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from orchestrator.store import Job
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+
+
+class ApiError(Exception):
+    """The server refused a request (status_code: its HTTP status), or could not be reached (None)."""
+
+    def __init__(self, status_code: int | None, detail: str, problems: list[tuple[str, str]] | None = None):
+        self.status_code = status_code
+        self.detail = detail
+        self.problems = list(problems or [])
+        lines = [detail] + [f"  {path}: {message}" if path else f"  {message}" for path, message in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class ApiClient:
+    """prefixd's API at `url` (e.g. 'http://trainer:8000') with one bearer token."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 60.0):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"server URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.timeout_s = timeout_s
+
+    # ---- jobs -------------------------------------------------------------------------------------------
+
+    def submit(self, spec: str | bytes | Mapping[str, Any], *, max_attempts: int | None = None) -> str:
+        """Queue one spec (YAML text, or a dict sent as JSON); returns the job id."""
+        params = {} if max_attempts is None else {"max_attempts": max_attempts}
+        return self._call("POST", "/v1/jobs", params=params, **_spec_body(spec))["job_id"]
+
+    def validate(self, spec: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
+        """Check one spec on the server without queueing it: {'task', 'base_key', 'priority'}."""
+        return self._call("POST", "/v1/specs/validate", **_spec_body(spec))
+
+    def list(self, state: str | None = None, task: str | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs in submission order (JobStore.list's filters)."""
+        params = {k: v for k, v in (("state", state), ("task", task), ("limit", limit)) if v is not None}
+        return [_job(row) for row in self._call("GET", "/v1/jobs", params=params)]
+
+    def status(self, job_id: str) -> Job:
+        return _job(self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}"))
+
+    def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one gets cancel_requested (stops at its next step)."""
+        return _job(self._call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel"))
+
+    def logs(self, job_id: str) -> list[tuple[float, str, str]]:
+        """(time, level, message), oldest first, as JobStore.logs."""
+        return [(e["time"], e["level"], e["message"])
+                for e in self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")]
+
+    # ---- registry ---------------------------------------------------------------------------------------
+
+    def lookup(self, task: str, alias: str | None = None, version: int | str | None = None) -> dict[str, Any]:
+        """One registered version (orchestrator.registry.lookup's dict); neither alias nor version: the champion."""
+        params = {k: v for k, v in (("alias", alias), ("version", version)) if v is not None}
+        return self._call("GET", f"/v1/models/{quote(task, safe='')}", params=params)
+
+    def models(self, base: str | None = None, tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Registered prefixd models (orchestrator.registry.search_models's dicts)."""
+        params: list[tuple[str, str]] = [("base", base)] if base is not None else []
+        params += [("tag", f"{k}={v}") for k, v in (tags or {}).items()]
+        return self._call("GET", "/v1/models", params=params)
+
+    # ---- one request ------------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = httpx.request(method, self.url + path, headers=self._headers | kwargs.pop("headers", {}),
+                                     timeout=self.timeout_s, **kwargs)
+        except httpx.TransportError as e:
+            raise ApiError(None, f"cannot reach the prefixd server at {self.url}: {e or type(e).__name__}") from None
+        if response.is_success:
+            return response.json()
+        raise _error(response, self.url)
+
+
+def _spec_body(spec: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(spec, Mapping):
+        return {"json": dict(spec)}
+    text = spec.encode("utf-8") if isinstance(spec, str) else spec
+    return {"content": text, "headers": {"Content-Type": "application/yaml"}}
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    # Every Job field; one an older server does not send is None.
+    return Job(**{name: row.get(name) for name in _JOB_FIELDS})
+
+
+def _error(response: httpx.Response, url: str) -> ApiError:
+    """The server's refusal as an ApiError: its `detail`, and the spec problems of a 422."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    problems: list[tuple[str, str]] = []
+    if isinstance(body, dict) and isinstance(body.get("problems"), list):
+        problems = [(str(p.get("path", "")), str(p.get("message", ""))) for p in body["problems"]]
+    if isinstance(detail, list):  # FastAPI's own request validation: [{'loc': [...], 'msg': ...}, ...]
+        problems = [(".".join(str(part) for part in d.get("loc", [])[1:]), str(d.get("msg", ""))) for d in detail]
+        detail = "the server refused the request's parameters"
+    if not isinstance(detail, str):
+        detail = (response.text or response.reason_phrase)[:500]
+    if status in (401, 403):
+        detail = f"{url} refused the token (HTTP {status}: {detail})"
+    elif status >= 500:
+        detail = f"{url} failed (HTTP {status}): {detail}"
+    return ApiError(status, detail, problems)
