@@ -642,6 +642,19 @@ def _print_table(jobs: list[Job]) -> None:
         print("* cancel requested; stops at its next step")
 
 
+def _registration(job: Job) -> str | None:
+    """Where a succeeded job is registered, or why not yet (MLflow down: retried with backoff)."""
+    if job.registered:
+        return f"{job.registry_model} v{job.registry_version}"
+    if job.state != "succeeded":
+        return None
+    if job.registration_error:
+        retry = f"; next try {_clock(job.next_registration_at)}" if job.next_registration_at else ""
+        return (f"not yet: {job.registration_attempts} attempt(s) failed ({job.registration_error.splitlines()[0]})"
+                + retry)
+    return "not yet (the orchestrator registers finished jobs in MLflow)"
+
+
 def _print_job(job: Job) -> None:
     fields = [
         ("id", job.id), ("name", job.task), ("state", job.state + (" (cancel requested)" if job.cancel_requested
@@ -653,7 +666,7 @@ def _print_job(job: Job) -> None:
         ("started", _clock(job.started_at) if job.started_at else None),
         ("finished", _clock(job.finished_at) if job.finished_at else None),
         ("result", job.result_dir), ("error", job.error),
-        ("registered", f"{job.registry_model} v{job.registry_version}" if job.registered else None),
+        ("registered", _registration(job)),
     ]
     for name, value in fields:
         if value is not None:
