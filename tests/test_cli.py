@@ -6,6 +6,7 @@ Training commands (`run`, killed and restarted) are tested in test_orchestrator.
 
 import argparse
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -345,3 +346,18 @@ def test_serve_api_refuses_without_tokens(home, monkeypatch):
     args = build_parser().parse_args(["serve", "--api", "--port", "0"])
     with pytest.raises(cli.CommandError, match="set PREFIXD_API_TOKENS"):
         cli._start_api(config, args)
+
+
+def test_status_tells_why_a_succeeded_job_is_not_registered(home, capsys):
+    code, out, _ = run(capsys, "--home", str(home), "submit", REVERSE)
+    [job_id] = [line.split("\t")[0] for line in out.splitlines()]
+    with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
+        store.claim("test")
+        store.finish(job_id, "succeeded")
+        assert "registered:  not yet (the orchestrator" in run(capsys, "--home", str(home), "status", job_id)[1]
+        store.mark_registration_failed(job_id, "MLflow unreachable: connection refused", time.time() + 60)
+        store.mark_registration_failed(job_id, "MLflow unreachable: connection refused", time.time() + 120)
+        out = run(capsys, "--home", str(home), "status", job_id)[1]
+        assert "registered:  not yet: 2 attempt(s) failed (MLflow unreachable: connection refused); next try" in out
+        store.mark_registered(job_id, "prefixd-reverse-words", "3")
+    assert "registered:  prefixd-reverse-words v3" in run(capsys, "--home", str(home), "status", job_id)[1]
