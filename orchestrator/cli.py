@@ -553,8 +553,17 @@ def build_parser(*, registry_arguments: bool = True, server: bool = False) -> ar
     return parser
 
 
+def _quiet_libraries() -> None:
+    """A command prints its own output; the libraries' progress bars and advice would bury it."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_libraries()
     try:
         parser = build_parser(registry_arguments=False)
         args, extra = parser.parse_known_args(argv)

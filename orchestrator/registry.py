@@ -67,6 +67,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -349,7 +350,9 @@ def _log_job(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, re
         record.write_text(json.dumps(base_model_record(ref, sha256), indent=2) + "\n", encoding="utf-8")
         code = Path(tmp) / "prefixd_model.py"
         code.write_text(PYFUNC_ENTRY, encoding="utf-8")
-        with mlflow.start_run(run_id=run_id):  # ends the run as FINISHED, the last thing done
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the run ends FINISHED, last
+            # MLflow advises an input example; giving one would make it load the base model (see below).
+            warnings.filterwarnings("ignore", message="An input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(code),  # MLflow's models-from-code: nothing is pickled
@@ -978,6 +981,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """Keep one prompt and its output on one line: newlines written as \\n."""
+    return text.replace("\n", "\\n")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         return _fail("generate", RegistryError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1"))
@@ -993,5 +1001,5 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for r in results:
         print(f"== {r['task']} ({r['name']} v{r['version']})" if r["task"] else f"== ({r['name']})")
         for prompt, output in zip(args.prompts, r["outputs"]):
-            print(f"{prompt}\t{output}")
+            print(f"{_one_line(prompt)}\t{_one_line(output)}")
     return 0
