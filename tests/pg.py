@@ -18,13 +18,13 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 _START_TRIES = 3  # another process may take the free port between our probe and the server's bind
 
@@ -52,12 +52,6 @@ def _server_user() -> str | None:
         except KeyError:
             continue
     raise RuntimeError("running as root, and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -101,7 +95,7 @@ class PostgresServer:
         self._run("initdb", "-D", str(data), "-U", self.superuser, "--auth=trust", "-E", "UTF8", "--no-locale",
                   "--no-sync")
         for _ in range(_START_TRIES):
-            self.port = _free_port()
+            self.port = free_port()
             options = (f"-h {self.host} -p {self.port} -k {self.root} -F -c synchronous_commit=off "
                        f"-c full_page_writes=off -c max_connections=100")
             result = self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "log"), "-o", options,

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
@@ -764,14 +766,6 @@ def http_server():
     server.server_close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("status, healthy", [(200, True), (401, True), (404, True), (500, False), (503, False)])
 def test_healthcheck_api_counts_any_answer_below_500(healthcheck, http_server, monkeypatch, status, healthy):
     monkeypatch.setenv("PREFIXD_API_PORT", str(http_server.server_port))
@@ -802,7 +796,7 @@ def test_healthcheck_worker_and_head_use_the_ray_endpoints(healthcheck, http_ser
 
 
 def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_PORT", str(_free_port()))
+    monkeypatch.setenv("MLFLOW_PORT", str(free_port()))
     assert healthcheck.main(["healthcheck.py", "mlflow"]) == 1
     assert "unhealthy: MLflow" in capsys.readouterr().err
     assert healthcheck.main(["healthcheck.py", "nonsense"]) == 2

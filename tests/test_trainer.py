@@ -6,11 +6,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import peft
-import pytest
 import torch
 
 from tests.tiny import char_tokenizer, tiny_model, write_task

@@ -1,26 +1,18 @@
 """A ZeRO-3 worker group of 2 CPU processes (gloo) against one process: partitioning and equal results."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.tiny import char_tokenizer, tiny_model, write_task
-from workers.data import DataSettings
 from workers.formats import load_prefix
-from workers.trainer import MultiTaskTrainer, TaskConfig
+from workers.trainer import MultiTaskTrainer
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("zero_worker.py")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
