@@ -92,8 +92,9 @@ def test_two_prefix_batch_generates_each_row_as_alone(smollm2, trained):
     _, results = trained
     pm = PrefixedModel(model)
     prefixes = [load_prefix(results[n].prefix_dir)[1].prompt_embeddings().detach() for n in ("lastfirst", "initials")]
-    prompts = ["first=Ada last=Lovelace ->", "first=Alan last=Turing ->", "first=Grace last=Hopper ->",
-               "first=Ken last=Thompson ->"]  # names never seen in training
+    # names of the task's lists; the pairs may or may not be among the training rows
+    prompts = ["first=Mary last=Wright ->", "first=Ivan last=Lee ->", "first=Nina last=Hall ->",
+               "first=Oscar last=King ->"]
     owners = [0, 1, 1, 0]
     mixed = generate_texts(pm, tok, prefixes, owners, prompts, max_new_tokens=8)
     alone = [generate_texts(pm, tok, [prefixes[o]], [0], [p], max_new_tokens=8)[0] for p, o in zip(prompts, owners)]
