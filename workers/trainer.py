@@ -48,6 +48,7 @@ from workers.metrics import generation_metrics
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
 
 SCHEDULES = ("constant", "linear", "cosine")
+PADDING_WASTE = 0.25  # a micro-batch is cut before padding would exceed this share of its real tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +270,7 @@ class MultiTaskTrainer:
 
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
-        for idx, weight in self._micro_batches(order):
+        for idx, weight in self._micro_batches(order, lengths=[len(rows[i]["input_ids"]) for i in order]):
             batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in idx], self.pad_id).items()}
             row_tasks = torch.tensor([owners[i] for i in idx], device=self.device)
             used = sorted(set(row_tasks.tolist()))
@@ -327,18 +328,32 @@ class MultiTaskTrainer:
             progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
         return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes())
 
-    def _micro_batches(self, order: list[int], size: int | None = None):
+    def _micro_batches(self, order: list[int], size: int | None = None, lengths: list[int] | None = None):
         """This rank's share of each micro-batch of `order`, with weight 1; (a row, weight 0) when the
         share is empty.
 
-        Every rank yields the same number of micro-batches: under ZeRO-3 each forward and backward
-        gathers the base weights collectively, so ranks must run in lockstep. A zero-weight row keeps
-        a rank in step without changing any gradient or count.
+        Micro-batches hold at most `size` rows per rank. With `lengths` (rows sorted by length), a
+        micro-batch is also cut where the next row would make padding more than PADDING_WASTE of it:
+        a task of short rows beside one of long rows then does not pay for the long rows' padding.
+        Every rank yields the same number of micro-batches (the cuts depend on the shared order only):
+        under ZeRO-3 each forward and backward gathers the base weights collectively, so ranks must run
+        in lockstep. A zero-weight row keeps a rank in step without changing any gradient or count.
         """
-        size = size or self.micro_batch_size
-        for lo in range(0, len(order), size * self.world):
-            share = order[lo:lo + size * self.world][self.rank::self.world]
-            yield (share, 1.0) if share else ([order[lo]], 0.0)
+        size = (size or self.micro_batch_size) * self.world
+        groups: list[list[int]] = []
+        real = 0
+        for k, i in enumerate(order):
+            if groups and len(groups[-1]) < size and not (
+                lengths and lengths[k] * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (real + lengths[k])
+            ):
+                groups[-1].append(i)
+                real += lengths[k] if lengths else 0
+            else:
+                groups.append([i])
+                real = lengths[k] if lengths else 0
+        for group in groups:
+            share = group[self.rank::self.world]
+            yield (share, 1.0) if share else ([group[0]], 0.0)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
