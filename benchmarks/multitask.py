@@ -1,0 +1,432 @@
+"""N tasks trained jointly by prefixd against the same N tasks trained with PEFT (issue 3).
+
+    python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~7 min of CPU on 1 core
+    python benchmarks/multitask.py --tasks 1,4,16 --steps 3
+    python benchmarks/multitask.py --quick                # N = 1, 2, 16-token rows: < 60 s
+    python benchmarks/multitask.py --tiny --quick         # 2-layer model: the smoke test
+
+Every task trains on its own synthetic data (random token ids written as JSON lines, words "t<id>" read by
+a word-level tokenizer, so a row is exactly --seq-len tokens: the first half prompt, the second half
+target + eos, labels on the second half), `examples_per_step` = 4 rows per task per step, P = 10, AdamW,
+gradient clipping at 1.0. What is compared, for each N:
+  (a) prefixd: one `MultiTaskTrainer` holding all N tasks; a step trains every task once, in mixed-task
+      micro-batches of --micro-batch rows (default 8, see the README). Timed around `step()`
+      (StepReport.step_time_s leaves out the per-task optimizer steps; both are recorded).
+  (b) PEFT one task after another in the same process, over the same base model object (no reloading):
+      a fresh PeftModel per task, its own AdamW, the same steps per task, batches read from the same
+      tokenized datasets with the same collate function. Creating each PeftModel is timed apart (setup).
+  (c) N PEFT processes side by side: memory only, N x the peak RSS of one single-task PEFT process
+      (measured in its own subprocess; N processes are not launched: 64 would not fit in 24 GiB).
+Each N runs in a fresh subprocess. In it: (a) warms up with one step of as many tasks as fill one
+micro-batch, then the rest join; (b) warms up with one step of a throwaway PeftModel. Then for each of
+the --steps rounds: one (a) step and the next N task-steps of (b)'s one-after-another sequence, in the
+order A B in even rounds and B A in odd ones (interleaved, so both see the same machine), with an fp32
+matmul [1024 x 576] @ [576 x 1536] timed (30 calls) before, between and after them. (a)'s peak RSS is read after its first full step, before
+PEFT is imported, so it is (a) alone in a fresh process.
+Achieved FLOP/s of (a) = 4 x all parameters (134.5M; the tied embedding counted once, as the LM head it
+is a real matmul) x tokens per step / step time: forward 2 x params x tokens, backward 2 x params x tokens
+for activation gradients only (the frozen weights get no weight gradients). Attention-score FLOPs (~1% at
+64 tokens) are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    SMOLLM2_VOCAB,
+    TINY_VOCAB,
+    Target,
+    Timer,
+    build_model,
+    choose_clock,
+    format_table,
+    model_name,
+    peak_rss_bytes,
+    set_threads,
+)
+
+PREFIX_LEN = 10
+EXAMPLES_PER_STEP = 4
+LEARNING_RATE = 5e-3
+MACHINE_MEMORY = 24 * 2**30
+MATMUL_SHAPE = (1024, 576, 1536)  # [M x K] @ [K x N]: a SmolLM2 MLP projection over 1024 tokens
+TARGET_SPEEDUP = 1.15      # (a) tokens/s >= 1.15 x (b) at N = 16 and 64
+TARGET_MATMUL_SHARE = 0.75  # (a) FLOP/s >= 75% of the matmul's
+TARGET_MEMORY = 1.2        # (a) peak RSS <= 1.2 x a single-task prefixd run
+TARGET_NS = (16, 64)
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic data and a tokenizer that reads it back exactly
+
+
+def word_tokenizer(vocab_size: int):
+    """Word-level tokenizer over "t<id>" words: ids 0 pad, 1 eos, 2 bos, 3 unk, then t4 .. t<vocab-1>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3} | {f"t{i}": i for i in range(4, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+def write_tasks(folder: Path, n: int, rows: int, seq_len: int, vocab_size: int) -> list[str]:
+    """n JSONL files of `rows` rows: "input" seq_len//2 words, "target" the rest minus one (for eos)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    prompt_len = seq_len // 2
+    target_len = seq_len - prompt_len - 1
+    for task in range(n):
+        rng = random.Random(1000 + task)
+        ids = [[rng.randrange(4, vocab_size) for _ in range(prompt_len + target_len)] for _ in range(rows)]
+        path = folder / f"task{task:03d}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for row in ids:
+                words = [f"t{i}" for i in row]
+                f.write(json.dumps({"input": " ".join(words[:prompt_len]),
+                                    "target": " ".join(words[prompt_len:])}) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def task_config(path: str, index: int, seq_len: int, out_dir: Path):
+    from workers.data import DataSettings
+    from workers.trainer import TaskConfig
+
+    never = 10**9  # no evaluation, checkpoint or end of budget inside the benchmark
+    return TaskConfig(
+        task_id=f"task{index}", name=f"task{index}", out_dir=str(out_dir / f"task{index}"),
+        data=DataSettings(train=path, input_column="input", target_column="target", max_length=seq_len),
+        num_virtual_tokens=PREFIX_LEN, learning_rate=LEARNING_RATE, examples_per_step=EXAMPLES_PER_STEP,
+        max_grad_norm=1.0, steps=never, eval_every=never, checkpoint_every=never, seed=index,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# (b): PEFT, one task at a time over one base model
+
+
+class PeftTask:
+    """One task trained the plain PEFT way: its own PeftModel over the shared base, AdamW, clipping."""
+
+    def __init__(self, base, data, seed: int, pad_id: int):
+        import peft
+        import torch
+
+        from workers.data import ExampleStream
+
+        self.model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                       num_virtual_tokens=PREFIX_LEN))
+        self.params = list(self.model.prompt_encoder["default"].parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
+        self.data, self.pad_id = data, pad_id
+        self.stream = ExampleStream(len(data), seed=seed)
+
+    def step(self) -> int:
+        """One optimizer step on the next 4 rows; returns the tokens in the batch."""
+        import torch
+
+        from workers.data import collate_causal
+
+        batch = collate_causal([self.data[i] for i in self.stream.next_indices(EXAMPLES_PER_STEP)], self.pad_id)
+        self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(batch["attention_mask"].sum())
+
+
+def matmul_gflops(repeats: int = 30) -> dict[str, float]:
+    """Median rate of an fp32 [1024 x 576] @ [576 x 1536] matmul, GFLOP/s, by CPU and by wall time."""
+    import torch
+
+    m, k, n = MATMUL_SHAPE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    timer = Timer.empty()
+    for _ in range(repeats):
+        timer.measure(lambda: a @ b)
+    return {c: 2 * m * k * n / statistics.median(timer.on(c)) / 1e9 for c in ("cpu", "wall")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers: each runs in a fresh process and writes its measurements as JSON
+
+
+def worker_joint(args) -> dict:
+    """(a) and (b) for one N, interleaved; (a)'s peak RSS before PEFT is touched."""
+    import torch
+
+    from workers.trainer import MultiTaskTrainer
+
+    model = build_model(args.tiny)
+    params = sum(p.numel() for p in model.parameters())
+    tok = word_tokenizer(model.config.vocab_size)
+    paths = json.loads(Path(args.data_index).read_text())[: args.n]
+    out_dir = Path(args.work_dir) / f"out-n{args.n}"
+    trainer = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir)
+    configs = [task_config(p, i, args.seq_len, out_dir) for i, p in enumerate(paths)]
+
+    # Warm-up: one step of the first tasks, as many as fill one micro-batch (the steady-state shape).
+    warm = min(args.n, max(1, args.micro_batch // EXAMPLES_PER_STEP))
+    for cfg in configs[:warm]:
+        trainer.add_task(cfg)
+    start = time.perf_counter()
+    trainer.step()
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for cfg in configs[warm:]:
+        trainer.add_task(cfg)
+    add_s = time.perf_counter() - start
+
+    plan = [(i, s) for i in range(args.n) for s in range(args.steps)]  # (b): one task after another
+    datas = [trainer.tasks[cfg.task_id].data.train for cfg in configs]
+    result = {"n": args.n, "steps": args.steps, "parameters": params, "a_wall_s": [], "a_cpu_s": [],
+              "a_step_time_s": [], "a_tokens": [], "b_wall_s": [], "b_cpu_s": [], "b_tokens": [],
+              "b_setup_s": 0.0, "matmul_gflops": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
+              "torch": torch.__version__}
+    peft_task = None
+
+    def run_a():
+        timer = Timer.empty()
+        report = timer.measure(trainer.step)
+        result["a_wall_s"] += timer.wall
+        result["a_cpu_s"] += timer.cpu
+        result["a_step_time_s"].append(report.step_time_s)
+        result["a_tokens"].append(report.tokens)
+
+    def run_b(chunk):
+        nonlocal peft_task
+        timer, tokens = Timer.empty(), 0
+        for i, s in chunk:
+            if s == 0:  # the next task: a fresh PeftModel over the same base (setup timed apart)
+                start = time.perf_counter()
+                peft_task = PeftTask(model, datas[i], seed=i, pad_id=trainer.pad_id)
+                result["b_setup_s"] += time.perf_counter() - start
+            tokens += timer.measure(peft_task.step)
+        result["b_wall_s"].append(sum(timer.wall))
+        result["b_cpu_s"].append(sum(timer.cpu))
+        result["b_tokens"].append(tokens)
+
+    # The reference matmul is sampled before, between and after the two variants of every round: one
+    # (a) step at large N lasts minutes, and the machine's speed drifts within that.
+    for k in range(args.steps):
+        result["matmul_gflops"].append(matmul_gflops())
+        chunk = plan[k * args.n:(k + 1) * args.n]
+        if k % 2 == 0:  # A B, B A, A B, ...: round 0 starts with (a), whose RSS is read before PEFT runs
+            run_a()
+            if k == 0:
+                result["a_peak_rss_bytes"] = peak_rss_bytes()  # (a) alone: PEFT not yet imported
+                warnings.filterwarnings("ignore")  # PEFT's `past_key_values` FutureWarning on every call
+                PeftTask(model, datas[0], seed=10**6, pad_id=trainer.pad_id).step()  # (b)'s warm-up
+            result["matmul_gflops"].append(matmul_gflops())
+            run_b(chunk)
+        else:
+            run_b(chunk)
+            result["matmul_gflops"].append(matmul_gflops())
+            run_a()
+    result["matmul_gflops"].append(matmul_gflops())
+    result["end_peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def worker_peft_single(args) -> dict:
+    """One task, plain PEFT, in a process of its own: the unit of (c)'s memory."""
+    from workers.data import DataSettings, load_task_data
+
+    model = build_model(args.tiny)
+    tok = word_tokenizer(model.config.vocab_size)
+    path = json.loads(Path(args.data_index).read_text())[0]
+    data = load_task_data(DataSettings(train=path, input_column="input", target_column="target",
+                                       max_length=args.seq_len), tok, cache_dir=args.cache_dir)
+    warnings.filterwarnings("ignore")
+    task = PeftTask(model, data.train, seed=0, pad_id=tok.pad_token_id)
+    task.step()
+    timer = Timer.empty()
+    for _ in range(args.steps):
+        timer.measure(task.step)
+    return {"peak_rss_bytes": peak_rss_bytes(), "step_wall_s": timer.wall, "step_cpu_s": timer.cpu}
+
+
+def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: Path) -> dict:
+    out = work_dir / f"{kind}-n{n}.json"
+    cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--steps", str(steps),
+           "--threads", str(args.threads), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+           "--data-index", str(data_index), "--work-dir", str(work_dir), "--cache-dir", str(work_dir / "cache"),
+           "--worker-out", str(out)] + (["--tiny"] if args.tiny else [])
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {kind} N={n} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: run the workers, print the tables
+
+
+def default_steps(n: int) -> int:
+    """Timed steps per task: 3 for small N; 1 from N = 16 on, where one step already holds
+    N x 4 x 64 >= 4096 tokens per variant (keeps the default run under ~10 minutes on one core)."""
+    return 3 if n <= 4 else 1
+
+
+def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str) -> dict:
+    """Rates on `clock` ('cpu' or 'wall'); the time ratio a/b on both clocks."""
+    n = joint["n"]
+    a_tokens, b_tokens = sum(joint["a_tokens"]), sum(joint["b_tokens"])
+    per_token = {c: (sum(joint[f"a_{c}_s"]) / a_tokens, sum(joint[f"b_{c}_s"]) / b_tokens) for c in ("cpu", "wall")}
+    a_rate, b_rate = 1 / per_token[clock][0], 1 / per_token[clock][1]
+    a_gflops = 4 * joint["parameters"] * a_rate / 1e9
+    mm = statistics.median(r[clock] for r in joint["matmul_gflops"])
+    return {
+        "n": n, "steps": joint["steps"], "clock": clock, "a_tokens_per_s": a_rate, "b_tokens_per_s": b_rate,
+        "wall_ratio_a_over_b": per_token["wall"][0] / per_token["wall"][1],
+        "cpu_ratio_a_over_b": per_token["cpu"][0] / per_token["cpu"][1],
+        "speedup_a_over_b": a_rate / b_rate,
+        "a_gflops": a_gflops, "matmul_gflops": mm, "a_share_of_matmul": a_gflops / mm,
+        "a_peak_rss_bytes": joint["a_peak_rss_bytes"], "c_peak_rss_bytes": n * peft_single["peak_rss_bytes"],
+        "c_processes_fitting_in_24GiB": MACHINE_MEMORY // peft_single["peak_rss_bytes"],
+        "a_rss_over_single_task": joint["a_peak_rss_bytes"] / single_a["a_peak_rss_bytes"],
+        "a_rss_over_single_peft_process": joint["a_peak_rss_bytes"] / peft_single["peak_rss_bytes"],
+        "a_outside_forward_backward_share": 1 - sum(joint["a_step_time_s"]) / sum(joint["a_wall_s"]),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default=None, help="comma-separated N values (default 1,4,16,64; --quick 1,2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per task (default: 3 for N <= 4, 1 for larger N; --quick 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="clock the rates are computed on (default auto: cpu with 1 thread, else wall)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 64; --quick 16)")
+    parser.add_argument("--micro-batch", type=int, default=8,
+                        help="prefixd's micro_batch_size in rows (default 8: as fast per token as 16 on 1 core, "
+                             "with less memory; 4 is ~5%% slower)")
+    parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 16-token rows: under a minute")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the SmolLM2 shape")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    # internal: one measurement in a fresh process
+    for name in ("--worker", "--data-index", "--work-dir", "--cache-dir", "--worker-out"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.seq_len = args.seq_len or (16 if args.quick else 64)
+
+    if args.worker:
+        set_threads(args.threads)
+        worker = {"joint": worker_joint, "peft-single": worker_peft_single}[args.worker]
+        Path(args.worker_out).write_text(json.dumps(worker(args)), encoding="utf-8")
+        return None
+
+    try:
+        ns = sorted({int(x) for x in (args.tasks or ("1,2" if args.quick else "1,4,16,64")).split(",")})
+    except ValueError:
+        parser.error(f"--tasks {args.tasks!r}: expected comma-separated integers, e.g. 1,4,16")
+    if ns[0] < 1 or (args.steps is not None and args.steps < 1) or args.threads < 1 or args.micro_batch < 1:
+        parser.error("--tasks, --steps, --threads and --micro-batch must be >= 1")
+    steps_for = (lambda n: args.steps) if args.steps else (lambda n: 1 if args.quick else default_steps(n))
+    run_ns = sorted(set(ns) | {1})  # N = 1 is the single-task memory reference
+    vocab_size = TINY_VOCAB if args.tiny else SMOLLM2_VOCAB
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prefixd-bench-") as tmp:
+        work = Path(tmp)
+        rows = EXAMPLES_PER_STEP * (max(steps_for(n) for n in run_ns) + 2) + 8
+        paths = write_tasks(work / "data", max(run_ns), rows, args.seq_len, vocab_size)
+        index = work / "data.json"
+        index.write_text(json.dumps(paths))
+        joints = {}
+        for n in run_ns:
+            joints[n] = run_worker("joint", n, steps_for(n), args, index, work)
+            print(f"  N={n}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        peft_single = run_worker("peft-single", 1, 1 if args.quick else 3, args, index, work)
+
+    clock = choose_clock(args.clock, args.threads)
+    summary = [summarize(joints[n], joints[1], peft_single, clock) for n in ns]
+    params = joints[1]["parameters"]
+    print(f"multitask: {model_name(args.tiny)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
+          f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
+          f"prefixd micro_batch_size {args.micro_batch}; rates on {clock} time")
+    print("(a) prefixd MultiTaskTrainer, all N tasks jointly   (b) PEFT, one task after another, same process "
+          "and base   (c) N single-task PEFT processes (memory: N x one measured process)")
+    print(f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
+          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed between steps")
+    print()
+    rows = []
+    for s in summary:
+        rows.append([
+            str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}", f"{s['b_tokens_per_s']:.1f}",
+            f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}", f"{s['a_gflops']:.1f}",
+            f"{s['matmul_gflops']:.1f}",
+            f"{100 * s['a_share_of_matmul']:.0f}%", f"{s['a_peak_rss_bytes'] / GiB:.2f}",
+            f"{s['c_peak_rss_bytes'] / GiB:.2f}", f"{s['a_rss_over_single_task']:.2f}",
+        ])
+    print(format_table(["N", "steps", "(a) tok/s", "(b) tok/s", "wall a/b", "cpu a/b", "(a) GFLOP/s",
+                        "matmul GFLOP/s", "(a)/matmul", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
+    single_rss = peft_single["peak_rss_bytes"]
+    print(f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
+          f"24 GiB; (a) at N=1: {joints[1]['a_peak_rss_bytes'] / GiB:.2f} GiB")
+    print("wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
+          "(< 1: prefixd faster); tok/s counts every input token")
+    print()
+
+    target_ns = [n for n in ns if n in TARGET_NS] or [max(ns)]
+    targets = []
+    for s in summary:
+        if s["n"] not in target_ns:
+            continue
+        n = s["n"]
+        targets += [
+            Target(f"N={n}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
+            Target(f"N={n}: (a) FLOP/s / matmul FLOP/s", s["a_share_of_matmul"], ">=", TARGET_MATMUL_SHARE),
+            Target(f"N={n}: (a) peak RSS / single-task run (N=1)", s["a_rss_over_single_task"], "<=",
+                   TARGET_MEMORY),
+        ]
+    print(format_table(["target", "value", "target", "result"],
+                       [[t.name, f"{t.value:.3f}", t.as_dict()["target"], t.as_dict()["result"]] for t in targets]))
+    if target_ns != [n for n in TARGET_NS if n in ns]:
+        stated = ", ".join(map(str, TARGET_NS))
+        print(f"(the targets are stated for N = {stated}; none ran, shown for N={target_ns[0]})")
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+    report = {
+        "benchmark": "multitask",
+        "config": {"model": model_name(args.tiny), "parameters": params, "threads": args.threads,
+                   "seq_len": args.seq_len, "examples_per_step": EXAMPLES_PER_STEP, "prefix_len": PREFIX_LEN,
+                   "micro_batch_size": args.micro_batch, "tasks": ns, "flops_per_token": 4 * params,
+                   "clock": clock, "matmul_shape": MATMUL_SHAPE, "torch": joints[1]["torch"]},
+        "summary": summary,
+        "targets": [t.as_dict() for t in targets],
+        "raw": {"joint": {str(n): j for n, j in joints.items()}, "peft_single": peft_single},
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmarks: each runs as a real script, `--tiny --quick`, and prints its tables.
+
+Only the shape of the output is checked (rows, ratios, PASS/MISS), never timing values; the one numeric
+check is the one the math fixes: prefixd and PEFT give the same loss and prefix gradient on the same weights.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import multitask  # noqa: E402
+import prefix_overhead  # noqa: E402
+
+NUMBER = r"\d+\.\d+"
+RESULT = r"(PASS|MISS)"
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_prefix_overhead_quick(tmp_path):
+    out_file = tmp_path / "overhead.json"
+    out = run_script("prefix_overhead.py", "--tiny", "--quick", "--json", str(out_file))
+    assert re.search(r"^variant \(forward\+backward\)\s+cpu s\s+wall s\s+wall min\s+wall max\s+tokens/s \(cpu\)$",
+                     out, re.M), out
+    for variant in ("plain", "shared", "mixed", "peft"):  # cpu, wall, wall min, wall max, tokens/s
+        assert re.search(rf"^{variant}: .*\s{NUMBER}" + rf"\s+{NUMBER}" * 3 + r"\s+\d+$", out, re.M), (variant, out)
+    for label, bound in (("(a) prefix P=10 / no prefix", "1.10"), ("(b) mixed prefixes / 1 shared", "1.05"),
+                         ("(c) prefixd / PEFT", "1.00")):  # cpu ratio, IQR, wall ratio, IQR, target, result
+        assert re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+<= {re.escape(bound)}"
+                         rf"\s+{RESULT}$", out, re.M), (label, out)
+    report = json.loads(out_file.read_text())
+    assert set(report["median_s"]["cpu"]) == set(report["median_s"]["wall"]) == {"plain", "shared", "mixed", "peft"}
+    assert all(len(t) == 2 for t in report["times_s"]["wall"].values())  # --quick: 2 rounds
+    assert [c["result"] in ("PASS", "MISS") for c in report["comparisons"]] == [True] * 3
+    assert report["checks"]["loss_abs_diff"] < 1e-5  # same weights, same inputs: same loss as PEFT
+    assert report["checks"]["prefix_grad_max_abs_diff"] < 1e-6
+
+
+def test_multitask_quick(tmp_path):
+    out_file = tmp_path / "multitask.json"
+    out = run_script("multitask.py", "--tiny", "--quick", "--json", str(out_file))
+    header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*\(a\) RSS / N=1$", out,
+                       re.M)
+    assert header, out
+    for n in (1, 2):  # --quick: N = 1, 2, one step; then 10 columns: 6 numbers, a percentage, 3 numbers
+        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 6 + r"\s+\d+%" + rf"\s+{NUMBER}" * 3 + "$"
+        assert re.search(row, out, re.M), (n, out)
+    for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"), ("\\(a\\) FLOP/s / matmul FLOP/s",
+                                                                              ">= 0.75"),
+                        ("\\(a\\) peak RSS / single-task run \\(N=1\\)", "<= 1.20")):
+        assert re.search(rf"^N=2: {what}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (what, out)
+    report = json.loads(out_file.read_text())
+    assert [s["n"] for s in report["summary"]] == [1, 2]
+    for s in report["summary"]:
+        assert s["a_tokens_per_s"] > 0 and s["b_tokens_per_s"] > 0 and s["matmul_gflops"] > 0
+        assert s["a_peak_rss_bytes"] > 0 and s["c_peak_rss_bytes"] == s["n"] * report["raw"]["peft_single"][
+            "peak_rss_bytes"]
+    # every step trained N tasks x 4 rows x 16 tokens, in (a) and in (b) alike
+    raw = report["raw"]["joint"]["2"]
+    assert raw["a_tokens"] == raw["b_tokens"] == [2 * 4 * 16]
+
+
+PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
+           "benchmarks/multitask.py": multitask.build_parser}
+
+
+def readme_commands() -> list[list[str]]:
+    """The README's command lines for these two scripts (other benchmarks have their own tests)."""
+    text = (BENCH / "README.md").read_text(encoding="utf-8")
+    commands = [shlex.split(line.strip().split("#")[0]) for line in text.splitlines()
+                if line.strip().startswith("python benchmarks/")]
+    return [c for c in commands if c[1] in PARSERS]
+
+
+def test_readme_commands_parse():
+    commands = readme_commands()
+    assert {c[1] for c in commands} == set(PARSERS)
+    for command in commands:
+        PARSERS[command[1]]().parse_args(command[2:])  # exits (fails the test) on an unknown flag
+
+
+@pytest.mark.parametrize("argv", [["--tasks", "1,x"], ["--tasks", "0"], ["--steps", "0"]])
+def test_multitask_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        multitask.main(argv)
+    assert "--tasks" in capsys.readouterr().err
