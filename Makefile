@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PREFIXD) run
 	$(PREFIXD) status
 	$(PREFIXD) models
-	$(PREFIXD) lookup capitals
+	for task in capitals number-words reverse-words uppercase; do $(PREFIXD) lookup $$task || exit 1; done
 	@echo; echo "== each task with its own prompts, and without a prefix for comparison"
 	$(PREFIXD) generate --with-base --task capitals "The capital of Peru is" "The capital of Kenya is"
 	$(PREFIXD) generate --with-base --task number-words "42 in words:" "17 in words:"
