@@ -80,9 +80,11 @@ def layer_key_values(flat: torch.Tensor, shape: PrefixShape) -> list[tuple[torch
         )
     two_l = 2 * shape.num_layers
     stacked = flat.view(b, p, two_l, shape.num_kv_heads, shape.head_dim).permute(2, 0, 3, 1, 4)  # [2L, B, H, P, D]
+    # unbind, not 2L indexings: each index's backward would zero-fill and add a tensor of every layer's prefix
+    parts = stacked.unbind(0)
     if shape.num_transformer_submodules == 1:
-        return [(stacked[2 * i], stacked[2 * i + 1]) for i in range(shape.num_layers)]
-    return [(stacked[(4 * i) % two_l], stacked[(4 * i + 1) % two_l]) for i in range(shape.num_layers)]
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(shape.num_layers)]
+    return [(parts[(4 * i) % two_l], parts[(4 * i + 1) % two_l]) for i in range(shape.num_layers)]
 
 
 # --------------------------------------------------------------------------------------------------
