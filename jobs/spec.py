@@ -66,7 +66,7 @@ operator setting).
 Every problem is reported at once, each with its path in the file:
 
     SpecError: capitals.yaml: 2 problems in the job spec
-      data.train: no such file 'capitals.jsonl' (looked for /work/capitals.jsonl)
+      data.train: no such file 'capitals.jsonl' (looked for /home/me/specs/capitals.jsonl)
       training.steps: must be >= 1, got 0
 
 The JSON Schema from `spec_json_schema()` (also in jobs/schema.json, for editors) is generated from the
