@@ -113,11 +113,10 @@ def main() -> None:
         model = None
         if args.quick:
             args.steps = 3
-            from tests.tiny import char_tokenizer, tiny_model
+            from tests.tiny import save_tiny_base
 
             model = str(work / "tiny")
-            tiny_model("llama").save_pretrained(model)
-            char_tokenizer().save_pretrained(model)
+            save_tiny_base(model)
         rows = []
         for world in map(int, args.worlds.split(",")):
             t = time.perf_counter()

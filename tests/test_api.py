@@ -12,7 +12,7 @@ from orchestrator.api import ApiStartError, start_api
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig, default_tracking_uri
 from orchestrator.store import Job, JobStore
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import save_tiny_base, write_task
 
 TOKEN = "test-token-7c1f"
 
@@ -257,8 +257,7 @@ def test_submit_over_http_train_and_look_up(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "server"
     data = home / "data"
-    tiny_model("llama").save_pretrained(data / "tiny-llama")
-    char_tokenizer().save_pretrained(data / "tiny-llama")
+    save_tiny_base(data / "tiny-llama")
     write_task(data / "rev.jsonl", "reverse")
     spec_file = tmp_path / "client" / "rev.yaml"  # not next to the data: its relative paths are the server's
     spec_file.parent.mkdir()

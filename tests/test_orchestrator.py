@@ -27,7 +27,7 @@ from orchestrator.plan import base_model_ref, task_config
 from orchestrator.progress import ProgressView
 from orchestrator.scheduler import Orchestrator, start_local_ray
 from orchestrator.store import JobStore
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import save_tiny_base, write_task
 from workers.formats import load_prefix
 from workers.models import load_base_model
 from workers.trainer import MultiTaskTrainer
@@ -53,8 +53,7 @@ def ray_local():
 def tiny_base(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a model folder (safetensors), usable as base_model.path."""
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    save_tiny_base(folder)
     return folder
 
 

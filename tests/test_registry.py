@@ -37,7 +37,7 @@ from orchestrator.registry import (
     search_models,
 )
 from orchestrator.store import JobStore
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import save_tiny_base, write_task
 from workers.formats import load_prefix
 from workers.generate import generate_texts
 from workers.inject import PrefixedModel
@@ -83,8 +83,7 @@ def trained(tmp_path_factory):
     """A tiny Llama base folder and two tasks trained on it together for 6 steps."""
     root = tmp_path_factory.mktemp("trained")
     base = root / "base"
-    tiny_model("llama").save_pretrained(base)
-    char_tokenizer().save_pretrained(base)
+    save_tiny_base(base)
     write_task(root / "rev.jsonl", "reverse", n=40, seed=1)
     write_task(root / "dbl.jsonl", "double", n=40, seed=2)
     specs = {name: make_spec(root, name, base) for name in ("rev", "dbl")}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import save_tiny_base, write_task
 from workers.formats import load_prefix
 from workers.trainer import MultiTaskTrainer
 from tests.ports import free_port
@@ -19,8 +19,7 @@ WORKER = Path(__file__).with_name("zero_worker.py")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("zero")
     folder = work / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    save_tiny_base(folder)
     write_task(work / "rev.jsonl", "reverse")
     write_task(work / "nxt.jsonl", "next")
     write_task(work / "one.jsonl", "double")

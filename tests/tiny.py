@@ -94,3 +94,11 @@ def write_task(path, kind: str, n: int = 60, seed: int = 0):
                 row = {"input": f"next {word}:", "target": "".join(chr(ord(c) + 1) for c in word)}
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def save_tiny_base(folder):
+    """A tiny Llama and the character tokenizer saved as a model folder (safetensors), usable as a spec's
+    base_model.path; returns the folder."""
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
