@@ -95,6 +95,36 @@ def test_mixed_batch_equals_rows_alone(model_type):
 
 
 @pytest.mark.parametrize("model_type", ALL)
+def test_logits_at_targets_only_same_losses_and_gradients(model_type):
+    """logits="targets" runs the LM head at target positions only: the same token losses and prefix
+    gradients as the full logits, and the logits it returns are the full ones at those positions."""
+    base = tiny_model(model_type)
+    pm = PrefixedModel(base)
+    encoders = [make_encoder(base, p, proj=(p == 10), seed=p) for p in (5, 10)]
+    rows = torch.tensor([0, 1, 1, 0])
+    ids, mask, labels = example_batch(model_type, [9, 4, 7, 6])
+    results = {}
+    for mode in ("all", "targets"):
+        for e in encoders:
+            e.zero_grad()
+        out = pm.forward([e.prompt_embeddings() for e in encoders], rows, ids, mask, labels, logits=mode)
+        sum(task_mean(out, rows, j) for j in range(2)).backward()
+        results[mode] = out, [p.grad.clone() for e in encoders for p in e.parameters()]
+    (full, g_full), (kept, g_kept) = results["all"], results["targets"]
+    assert torch.equal(full.target_mask, kept.target_mask)
+    assert (full.token_loss - kept.token_loss).abs().max() < 1e-6
+    for a, b in zip(g_full, g_kept):
+        assert (a - b).abs().max() < 1e-6
+    if model_type in CAUSAL:
+        assert kept.logits.shape == (int(kept.target_mask.sum()), full.logits.shape[-1])
+        assert (kept.logits - full.logits[kept.target_mask]).abs().max() < 1e-5
+    else:  # decoder positions are the targets: all of them are computed either way
+        assert kept.logits.shape == full.logits.shape
+    with pytest.raises(ValueError, match="logits='some'; accepted: 'all', 'targets'"):
+        pm.forward([encoders[0].prompt_embeddings()], rows[:1], ids[:1], mask[:1], labels[:1], logits="some")
+
+
+@pytest.mark.parametrize("model_type", ALL)
 def test_gradient_checkpointing_same_gradients(model_type):
     base = tiny_model(model_type)
     encoders = [make_encoder(base, p, seed=p) for p in (5, 10)]

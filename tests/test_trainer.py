@@ -203,3 +203,31 @@ def test_epoch_budget_and_checkpointing_option(tmp_path):
     n_train = len(tr.tasks[cfg.task_id].data.train)
     assert progress.total_steps == -(-n_train // 8)  # ceil(0.5 epochs * n / 4 examples per step)
     assert run(tr)[cfg.task_id].steps == progress.total_steps
+
+
+
+def test_each_task_steps_after_its_last_micro_batch(tmp_path):
+    """A task's optimizer steps, and its gradient is freed, as soon as its last micro-batch is done: with
+    rows of one length (so each task's rows stay together) and one task per micro-batch, an update never
+    finds another task's gradient. Results are unchanged (test_cotenants_train_as_if_alone)."""
+    import json
+
+    tr = trainer(micro_batch_size=4)
+    for t in range(4):
+        path = tmp_path / f"fixed{t}.jsonl"
+        path.write_text("".join(json.dumps({"input": f"{t}{i:03d}", "target": f"{i:03d}{t}"}) + "\n"
+                                for i in range(20)))
+        data = DataSettings(train=str(path), input_column="input", target_column="target", max_length=40)
+        tr.add_task(TaskConfig(task_id=f"fixed{t}", name=f"fixed{t}", data=data, out_dir=str(tmp_path / f"o{t}"),
+                               steps=2, examples_per_step=4, seed=t))
+    holding = []
+    update = tr._update
+
+    def counting_update(task):
+        holding.append(sum(p.grad is not None for t in tr.tasks.values() for p in t.encoder.parameters()))
+        update(task)
+        assert all(p.grad is None for p in task.encoder.parameters())
+
+    tr._update = counting_update
+    tr.step()
+    assert holding == [1, 1, 1, 1]

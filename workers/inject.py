@@ -148,7 +148,9 @@ def generation_cache(key_values, *, seq2seq: bool) -> Cache:
 
 @dataclass(frozen=True)
 class PrefixedOutput:
-    """logits: [B, T, vocab] (causal: at input positions; seq2seq: at decoder positions).
+    """logits: [B, T, vocab] (causal: at input positions; seq2seq: at decoder positions); with
+        `logits="targets"` (causal) [K, vocab]: only at the K target positions, row by row, in the order of
+        `target_mask.nonzero()`.
     token_loss: [B, T] cross-entropy of each target token, 0 where not a target.
     target_mask: [B, T] bool, the tokens that count."""
 
@@ -227,6 +229,8 @@ class PrefixedModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
+        *,
+        logits: str = "all",
     ) -> PrefixedOutput:
         """One forward of a mixed-prefix batch.
 
@@ -234,7 +238,15 @@ class PrefixedModel:
         input_ids, attention_mask: [B, T], right-padded (causal LM: prompt+target; seq2seq: encoder input);
         labels: causal LM [B, T] aligned with input_ids, -100 where not a target (shifted here);
                 seq2seq [B, T_dec], the decoder targets, -100 on padding.
+        logits: "all", or "targets" (causal LM with labels; training): the LM head runs only at target
+                positions. Same losses and gradients; on SmolLM2 with half of each row a target this cuts
+                the vocabulary projection and log-softmax in half (a third of the step's FLOPs is the LM
+                head at 49,152 words) and the logits' memory with it. Seq2seq models always compute all
+                decoder positions, which are all targets but padding.
         """
+        if logits not in ("all", "targets"):
+            raise ValueError(f"logits={logits!r}; accepted: 'all', 'targets'")
+        targets_only = logits == "targets" and labels is not None and not self.seq2seq
         if self.arch.positions == "from_cache" and len({p.shape[0] for p in prefixes}) > 1:
             return self._forward_by_length(prefixes, rows, input_ids, attention_mask, labels)
         packed = pack_prefixes(prefixes, rows, dtype=self.dtype)
@@ -242,11 +254,12 @@ class PrefixedModel:
         cache = training_cache(kv, seq2seq=self.seq2seq)
         self._active_cache = cache
         try:
-            return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels)
+            return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
         finally:
             self._active_cache = None
 
-    def _forward_with_cache(self, cache, packed, input_ids, attention_mask, labels) -> PrefixedOutput:
+    def _forward_with_cache(self, cache, packed, input_ids, attention_mask, labels,
+                            targets_only: bool = False) -> PrefixedOutput:
         if self.seq2seq:
             if labels is None:
                 raise ValueError("labels: required for an encoder-decoder forward (they define the decoder input)")
@@ -264,19 +277,26 @@ class PrefixedModel:
             targets = labels
         else:
             positions = packed.lengths.unsqueeze(1) + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100) if labels is not None else None
+            # a boolean [B, T] logits_to_keep makes the model return [K, vocab] at the True positions
+            keep = {"logits_to_keep": targets != -100} if targets_only else {}
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=torch.cat([packed.mask, attention_mask], dim=1),
                 position_ids=positions,
                 cache=cache,
                 use_cache=False,
+                **keep,
             )
             logits = out.logits
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100) if labels is not None else None
         if targets is None:
             empty = torch.zeros(logits.shape[:2], device=logits.device)
             return PrefixedOutput(logits=logits, token_loss=empty, target_mask=empty.bool())
         target_mask = targets != -100
+        if targets_only:
+            loss = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
+            token_loss = loss.new_zeros(targets.shape).masked_scatter(target_mask, loss)
+            return PrefixedOutput(logits=logits, token_loss=token_loss, target_mask=target_mask)
         token_loss = F.cross_entropy(
             logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none"
         ).view(targets.shape) * target_mask
