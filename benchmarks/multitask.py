@@ -1,6 +1,6 @@
 """N tasks trained jointly by prefixd against the same N tasks trained with PEFT (issue 3).
 
-    python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~7 min of CPU on 1 core
+    python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~15 min on 1 core
     python benchmarks/multitask.py --tasks 1,4,16 --steps 3
     python benchmarks/multitask.py --quick                # N = 1, 2, 16-token rows: < 60 s
     python benchmarks/multitask.py --tiny --quick         # 2-layer model: the smoke test
@@ -10,8 +10,8 @@ a word-level tokenizer, so a row is exactly --seq-len tokens: the first half pro
 target + eos, labels on the second half), `examples_per_step` = 4 rows per task per step, P = 10, AdamW,
 gradient clipping at 1.0. What is compared, for each N:
   (a) prefixd: one `MultiTaskTrainer` holding all N tasks; a step trains every task once, in mixed-task
-      micro-batches of --micro-batch rows (default 8, see the README). Timed around `step()`
-      (StepReport.step_time_s leaves out the per-task optimizer steps; both are recorded).
+      micro-batches of --micro-batch rows (default 4, see benchmarks/README.md). Timed around `step()`
+      (StepReport.step_time_s, forward + backward + optimizer steps without the step's bookkeeping, is recorded too).
   (b) PEFT one task after another in the same process, over the same base model object (no reloading):
       a fresh PeftModel per task, its own AdamW, the same steps per task, batches read from the same
       tokenized datasets with the same collate function. Creating each PeftModel is timed apart (setup).
@@ -20,13 +20,16 @@ gradient clipping at 1.0. What is compared, for each N:
 Each N runs in a fresh subprocess. In it: (a) warms up with one step of as many tasks as fill one
 micro-batch, then the rest join; (b) warms up with one step of a throwaway PeftModel. Then for each of
 the --steps rounds: one (a) step and the next N task-steps of (b)'s one-after-another sequence, in the
-order A B in even rounds and B A in odd ones (interleaved, so both see the same machine), with an fp32
-matmul [1024 x 576] @ [576 x 1536] timed (30 calls) before, between and after them. (a)'s peak RSS is read after its first full step, before
-PEFT is imported, so it is (a) alone in a fresh process.
+order A B in even rounds and B A in odd ones (interleaved, so both see the same machine). The reference,
+an fp32 matmul [1024 x 576] @ [576 x 1536], is timed during (a): 5 calls before each of its micro-batches
+(their time taken back out of (a)'s), since the machine's speed drifts within a minutes-long step; 30-call
+samples before, between and after the variants are kept in the JSON for comparison. (a)'s peak RSS is
+read after its first full step, before PEFT is imported, so it is (a) alone in a fresh process.
 Achieved FLOP/s of (a) = 4 x all parameters (134.5M; the tied embedding counted once, as the LM head it
 is a real matmul) x tokens per step / step time: forward 2 x params x tokens, backward 2 x params x tokens
 for activation gradients only (the frozen weights get no weight gradients). Attention-score FLOPs (~1% at
-64 tokens) are not counted.
+64 tokens) are not counted. This is the issue's nominal count; (a) runs the LM head (vocab x width, 28.3M)
+only at the target half of each row, so it executes fewer FLOPs than that: the "executed" column counts those.
 """
 
 from __future__ import annotations
@@ -165,6 +168,27 @@ def matmul_gflops(repeats: int = 30) -> dict[str, float]:
     return {c: 2 * m * k * n / statistics.median(timer.on(c)) / 1e9 for c in ("cpu", "wall")}
 
 
+class MatmulDuringSteps:
+    """Samples the reference matmul while (a) trains: 5 calls before each micro-batch's forward, so the
+    matmul rate is read at the same moments as (a)'s (the machine's speed drifts within a minutes-long
+    step). The sampling time is taken back out of (a)'s timings."""
+
+    def __init__(self, prefixed):
+        self.forward = prefixed.forward
+        prefixed.forward = self  # the instance attribute shadows PrefixedModel.forward
+        self.samples: list[dict[str, float]] = []
+        self.spent = {"cpu": 0.0, "wall": 0.0}
+        self.active = False
+
+    def __call__(self, *args, **kwargs):
+        if self.active:
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.samples.append(matmul_gflops(repeats=5))
+            self.spent["cpu"] += time.process_time() - cpu
+            self.spent["wall"] += time.perf_counter() - wall
+        return self.forward(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Workers: each runs in a fresh process and writes its measurements as JSON
 
@@ -177,6 +201,7 @@ def worker_joint(args) -> dict:
 
     model = build_model(args.tiny)
     params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight.numel()
     tok = word_tokenizer(model.config.vocab_size)
     paths = json.loads(Path(args.data_index).read_text())[: args.n]
     out_dir = Path(args.work_dir) / f"out-n{args.n}"
@@ -197,17 +222,22 @@ def worker_joint(args) -> dict:
 
     plan = [(i, s) for i in range(args.n) for s in range(args.steps)]  # (b): one task after another
     datas = [trainer.tasks[cfg.task_id].data.train for cfg in configs]
-    result = {"n": args.n, "steps": args.steps, "parameters": params, "a_wall_s": [], "a_cpu_s": [],
+    result = {"n": args.n, "steps": args.steps, "parameters": params, "head_parameters": head, "a_wall_s": [], "a_cpu_s": [],
               "a_step_time_s": [], "a_tokens": [], "b_wall_s": [], "b_cpu_s": [], "b_tokens": [],
-              "b_setup_s": 0.0, "matmul_gflops": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
+              "b_setup_s": 0.0, "matmul_gflops": [], "a_sampling_s": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
               "torch": torch.__version__}
     peft_task = None
 
+    during = MatmulDuringSteps(trainer.prefixed)
+
     def run_a():
         timer = Timer.empty()
+        during.active, during.spent = True, {"cpu": 0.0, "wall": 0.0}
         report = timer.measure(trainer.step)
-        result["a_wall_s"] += timer.wall
-        result["a_cpu_s"] += timer.cpu
+        during.active = False
+        result["a_wall_s"].append(timer.wall[0] - during.spent["wall"])
+        result["a_cpu_s"].append(timer.cpu[0] - during.spent["cpu"])
+        result["a_sampling_s"].append(during.spent["cpu"])
         result["a_step_time_s"].append(report.step_time_s)
         result["a_tokens"].append(report.tokens)
 
@@ -224,8 +254,8 @@ def worker_joint(args) -> dict:
         result["b_cpu_s"].append(sum(timer.cpu))
         result["b_tokens"].append(tokens)
 
-    # The reference matmul is sampled before, between and after the two variants of every round: one
-    # (a) step at large N lasts minutes, and the machine's speed drifts within that.
+    # The reference used for (a)/matmul is sampled during (a) (MatmulDuringSteps); these samples before,
+    # between and after the variants of every round are kept for comparison.
     for k in range(args.steps):
         result["matmul_gflops"].append(matmul_gflops())
         chunk = plan[k * args.n:(k + 1) * args.n]
@@ -242,6 +272,7 @@ def worker_joint(args) -> dict:
             result["matmul_gflops"].append(matmul_gflops())
             run_a()
     result["matmul_gflops"].append(matmul_gflops())
+    result["matmul_gflops_during_a"] = during.samples
     result["end_peak_rss_bytes"] = peak_rss_bytes()
     return result
 
@@ -282,25 +313,35 @@ def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: 
 
 
 def default_steps(n: int) -> int:
-    """Timed steps per task: 3 for small N; 1 from N = 16 on, where one step already holds
-    N x 4 x 64 >= 4096 tokens per variant (keeps the default run under ~10 minutes on one core)."""
-    return 3 if n <= 4 else 1
+    """Timed steps (rounds) per task: 3 up to N = 16, 2 beyond (one N = 64 round is ~4 minutes of one core;
+    keeps the default run near 15 minutes)."""
+    return 3 if n <= 16 else 2
 
 
-def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str) -> dict:
+def executed_flops_per_token(parameters: int, head_parameters: int, seq_len: int) -> float:
+    """What (a) really multiplies per input token: 4 x the parameters, but the LM head (vocab x width)
+    only at target positions (the second half of each row, `logits="targets"`)."""
+    target_share = (seq_len - seq_len // 2) / seq_len
+    return 4 * (parameters - head_parameters) + 4 * head_parameters * target_share
+
+
+def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_len: int) -> dict:
     """Rates on `clock` ('cpu' or 'wall'); the time ratio a/b on both clocks."""
     n = joint["n"]
     a_tokens, b_tokens = sum(joint["a_tokens"]), sum(joint["b_tokens"])
     per_token = {c: (sum(joint[f"a_{c}_s"]) / a_tokens, sum(joint[f"b_{c}_s"]) / b_tokens) for c in ("cpu", "wall")}
     a_rate, b_rate = 1 / per_token[clock][0], 1 / per_token[clock][1]
     a_gflops = 4 * joint["parameters"] * a_rate / 1e9
-    mm = statistics.median(r[clock] for r in joint["matmul_gflops"])
+    executed = executed_flops_per_token(joint["parameters"], joint["head_parameters"], seq_len) * a_rate / 1e9
+    mm = statistics.median(r[clock] for r in joint["matmul_gflops_during_a"])
+    mm_between = statistics.median(r[clock] for r in joint["matmul_gflops"])
     return {
         "n": n, "steps": joint["steps"], "clock": clock, "a_tokens_per_s": a_rate, "b_tokens_per_s": b_rate,
         "wall_ratio_a_over_b": per_token["wall"][0] / per_token["wall"][1],
         "cpu_ratio_a_over_b": per_token["cpu"][0] / per_token["cpu"][1],
         "speedup_a_over_b": a_rate / b_rate,
         "a_gflops": a_gflops, "matmul_gflops": mm, "a_share_of_matmul": a_gflops / mm,
+        "matmul_gflops_between_steps": mm_between, "a_executed_gflops": executed, "a_executed_share_of_matmul": executed / mm,
         "a_peak_rss_bytes": joint["a_peak_rss_bytes"], "c_peak_rss_bytes": n * peft_single["peak_rss_bytes"],
         "c_processes_fitting_in_24GiB": MACHINE_MEMORY // peft_single["peak_rss_bytes"],
         "a_rss_over_single_task": joint["a_peak_rss_bytes"] / single_a["a_peak_rss_bytes"],
@@ -319,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="clock the rates are computed on (default auto: cpu with 1 thread, else wall)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 64; --quick 16)")
-    parser.add_argument("--micro-batch", type=int, default=8,
-                        help="prefixd's micro_batch_size in rows (default 8: as fast per token as 16 on 1 core, "
-                             "with less memory; 4 is ~5%% slower)")
+    parser.add_argument("--micro-batch", type=int, default=4,
+                        help="prefixd's micro_batch_size in rows (default 4, one task's rows: the activations "
+                             "of a single-task run, which the memory target needs; 8 and 16 are faster per "
+                             "token and cost ~0.45 GiB per 4 extra rows, see benchmarks/README.md)")
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 16-token rows: under a minute")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the SmolLM2 shape")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
@@ -366,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         peft_single = run_worker("peft-single", 1, 1 if args.quick else 3, args, index, work)
 
     clock = choose_clock(args.clock, args.threads)
-    summary = [summarize(joints[n], joints[1], peft_single, clock) for n in ns]
+    summary = [summarize(joints[n], joints[1], peft_single, clock, args.seq_len) for n in ns]
     params = joints[1]["parameters"]
     print(f"multitask: {model_name(args.tiny)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
           f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
@@ -374,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print("(a) prefixd MultiTaskTrainer, all N tasks jointly   (b) PEFT, one task after another, same process "
           "and base   (c) N single-task PEFT processes (memory: N x one measured process)")
     print(f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
-          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed between steps")
+          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a)")
     print()
     rows = []
     for s in summary:
@@ -382,16 +424,19 @@ def main(argv: list[str] | None = None) -> dict | None:
             str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}", f"{s['b_tokens_per_s']:.1f}",
             f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}", f"{s['a_gflops']:.1f}",
             f"{s['matmul_gflops']:.1f}",
-            f"{100 * s['a_share_of_matmul']:.0f}%", f"{s['a_peak_rss_bytes'] / GiB:.2f}",
+            f"{100 * s['a_share_of_matmul']:.0f}%", f"{100 * s['a_executed_share_of_matmul']:.0f}%",
+            f"{s['a_peak_rss_bytes'] / GiB:.2f}",
             f"{s['c_peak_rss_bytes'] / GiB:.2f}", f"{s['a_rss_over_single_task']:.2f}",
         ])
     print(format_table(["N", "steps", "(a) tok/s", "(b) tok/s", "wall a/b", "cpu a/b", "(a) GFLOP/s",
-                        "matmul GFLOP/s", "(a)/matmul", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
+                        "matmul GFLOP/s", "(a)/matmul", "executed", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
     single_rss = peft_single["peak_rss_bytes"]
     print(f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
           f"24 GiB; (a) at N=1: {joints[1]['a_peak_rss_bytes'] / GiB:.2f} GiB")
     print("wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
           "(< 1: prefixd faster); tok/s counts every input token")
+    print("(a)/matmul: the nominal rate (4 x all parameters x tokens) over the matmul's; executed: the FLOPs (a) "
+          "really runs, the LM head only at the target half of each row")
     print()
 
     target_ns = [n for n in ns if n in TARGET_NS] or [max(ns)]

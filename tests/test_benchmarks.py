@@ -56,8 +56,8 @@ def test_multitask_quick(tmp_path):
     header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*\(a\) RSS / N=1$", out,
                        re.M)
     assert header, out
-    for n in (1, 2):  # --quick: N = 1, 2, one step; then 10 columns: 6 numbers, a percentage, 3 numbers
-        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 6 + r"\s+\d+%" + rf"\s+{NUMBER}" * 3 + "$"
+    for n in (1, 2):  # --quick: N = 1, 2, one step; then 11 columns: 6 numbers, 2 percentages, 3 numbers
+        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 6 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
         assert re.search(row, out, re.M), (n, out)
     for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"), ("\\(a\\) FLOP/s / matmul FLOP/s",
                                                                               ">= 0.75"),
@@ -72,6 +72,11 @@ def test_multitask_quick(tmp_path):
     # every step trained N tasks x 4 rows x 16 tokens, in (a) and in (b) alike
     raw = report["raw"]["joint"]["2"]
     assert raw["a_tokens"] == raw["b_tokens"] == [2 * 4 * 16]
+    # the reference matmul was sampled before each of (a)'s micro-batches (one per task at 4 rows), and
+    # the sampling time was taken out of (a)'s
+    assert len(raw["matmul_gflops_during_a"]) == 2 and len(raw["a_sampling_s"]) == 1
+    assert 0 < raw["a_sampling_s"][0] and all(t > 0 for t in raw["a_cpu_s"])
+    assert 0 < report["summary"][1]["a_executed_gflops"] < report["summary"][1]["a_gflops"]
 
 
 PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
