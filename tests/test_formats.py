@@ -49,7 +49,7 @@ def test_ours_to_peft_folder_to_peftmodel(tmp_path, model_type, proj):
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
     kwargs = {"labels": labels} if labels is not None else {}
     out = ref(input_ids=ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours.logits, out.logits)
+    assert (ours.logits - out.logits).abs().max() < 1e-6  # two code paths: equal up to summation order
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "bart"])
@@ -68,7 +68,7 @@ def test_peft_saved_to_ours(tmp_path, model_type):
     expected = ref(input_ids=ids, attention_mask=mask, **kwargs).logits
     ours = PrefixedModel(copy.deepcopy(base)).forward([enc.prompt_embeddings()], torch.zeros(2, dtype=torch.long),
                                                       ids, mask, labels)
-    assert torch.equal(ours.logits, expected)
+    assert (ours.logits - expected).abs().max() < 1e-6
 
 
 def test_own_prefix_folder_keeps_projection(tmp_path):
