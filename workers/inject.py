@@ -239,9 +239,9 @@ class PrefixedModel:
         labels: causal LM [B, T] aligned with input_ids, -100 where not a target (shifted here);
                 seq2seq [B, T_dec], the decoder targets, -100 on padding.
         logits: "all", or "targets" (causal LM with labels; training): the LM head runs only at target
-                positions. Same losses and gradients; on SmolLM2 with half of each row a target this cuts
-                the vocabulary projection and log-softmax in half (a third of the step's FLOPs is the LM
-                head at 49,152 words) and the logits' memory with it. Seq2seq models always compute all
+                positions. Same losses and gradients; on SmolLM2 (the 49,152-word head is a fifth of the
+                FLOPs per position) with half of each row a target this halves the vocabulary projection,
+                its log-softmax and the logits' memory: ~10% of the step. Seq2seq models always compute all
                 decoder positions, which are all targets but padding.
         """
         if logits not in ("all", "targets"):
