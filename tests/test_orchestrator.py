@@ -224,6 +224,9 @@ def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
     at_kill = {j.id: j for j in store.list()}
     assert [at_kill[i].state for i in (short, long_a, long_b)] == ["succeeded", "running", "running"]
     assert all(at_kill[i].step < 60 for i in (long_a, long_b))
+    time.sleep(2)  # nothing of the killed run may train on (a survivor would finish the jobs itself)
+    after = {j.id: (j.state, j.step) for j in store.list()}
+    assert after == {i: (j.state, j.step) for i, j in at_kill.items()}, "a process of the killed run lived on"
 
     second = start("run2.log")
     try:
@@ -253,23 +256,44 @@ def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
 
 
 def _kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the process, then every process of the session it leads (it was started with
-    start_new_session: its Ray and Ray's workers), by pid; then reap it."""
-    process.kill()
-    process.wait(30)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        session = int(stat.rsplit(")", 1)[1].split()[3])  # fields after the name: state ppid pgrp session
-        if session == process.pid:
+    """SIGKILL the process and everything it started: the processes of the session it leads (it was
+    started with start_new_session: its Ray) and all its descendants, found before the kill (once the
+    driver dies its children are re-parented and the tree is lost; a process that left the session, as a
+    Ray worker may, would otherwise train on for the seconds Ray takes to notice); then reap it."""
+
+    def table() -> dict[int, tuple[int, int]]:  # pid -> (ppid, session)
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after the name: state ppid pgrp session
+            out[int(entry.name)] = (int(fields[1]), int(fields[3]))
+        return out
+
+    def victims() -> set[int]:
+        procs = table()
+        found = {pid for pid, (_, session) in procs.items() if session == process.pid}
+        frontier = [process.pid]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, (ppid, _) in procs.items() if ppid == parent and pid not in found]
+            found.update(children)
+            frontier.extend(children)
+        found.discard(process.pid)
+        return found
+
+    doomed = victims()
+    process.kill()
+    for pid in doomed | victims():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(30)
 
 
 # ---- one serving orchestrator, one resident group --------------------------------------------------------
