@@ -293,13 +293,9 @@ class PrefixedModel:
             empty = torch.zeros(logits.shape[:2], device=logits.device)
             return PrefixedOutput(logits=logits, token_loss=empty, target_mask=empty.bool())
         target_mask = targets != -100
-        if targets_only:
-            loss = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
-            token_loss = loss.new_zeros(targets.shape).masked_scatter(target_mask, loss)
-            return PrefixedOutput(logits=logits, token_loss=token_loss, target_mask=target_mask)
-        token_loss = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none"
-        ).view(targets.shape) * target_mask
+        at_targets = logits if targets_only else logits[target_mask]  # [K, vocab] either way
+        loss = F.cross_entropy(at_targets.float(), targets[target_mask], reduction="none")
+        token_loss = loss.new_zeros(targets.shape).masked_scatter(target_mask, loss)
         return PrefixedOutput(logits=logits, token_loss=token_loss, target_mask=target_mask)
 
     def _forward_by_length(self, prefixes, rows, input_ids, attention_mask, labels) -> PrefixedOutput:
