@@ -77,6 +77,7 @@ def test_multitask_quick(tmp_path):
     assert len(raw["matmul_gflops_during_a"]) == 2 and len(raw["a_sampling_s"]) == 1
     assert 0 < raw["a_sampling_s"][0] and all(t > 0 for t in raw["a_cpu_s"])
     assert 0 < report["summary"][1]["a_executed_gflops"] < report["summary"][1]["a_gflops"]
+    assert all(0 <= s["a_outside_step_time_share"] < 1 for s in report["summary"])  # sampling left out of both
 
 
 PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
