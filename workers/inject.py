@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from workers.arch import PrefixShape, arch_of, decoder_layers, prefix_shape
+from workers.fused import CompiledLayers, unsupported_reason
 
 
 class PrefixShapeError(ValueError):
@@ -183,6 +184,20 @@ class PrefixedModel:
             p.requires_grad_(False)
         self._active_cache: Cache | None = None  # the prefix cache of the forward in progress
         self._hooks: list = []
+        self.compiled: CompiledLayers | None = None
+
+    def compile_layers(self) -> str | None:
+        """Run the decoder layers compiled (`workers/fused.py`) in training forwards, where supported.
+
+        Returns None when they now do, else the reason they cannot (the eager path stays in use).
+        Evaluation and generation are unaffected: only forwards with autograd on are compiled."""
+        if self.seq2seq:
+            return f"{self.arch.model_type} is an encoder-decoder; compiled layers exist for decoder-only models"
+        layers = decoder_layers(self.model)
+        reason = unsupported_reason(self.model, layers)
+        if reason is None:
+            self.compiled = CompiledLayers(self.model, layers)
+        return reason
 
     @property
     def dtype(self) -> torch.dtype:
@@ -199,6 +214,7 @@ class PrefixedModel:
         Non-reentrant checkpointing only: the prefix reaches the layers through the cache, not as an
         input of the checkpointed function, and reentrant checkpointing would back-propagate through the
         shared prefix graph once per layer ("backward through the graph a second time")."""
+        self.compiled = None  # recomputation runs the layers' own forward
         self.model.activation_checkpointing_enable({"use_reentrant": False})
         index = self.arch.cache_arg_dropped_when_checkpointing
         for layer in decoder_layers(self.model):
@@ -254,6 +270,9 @@ class PrefixedModel:
         cache = training_cache(kv, seq2seq=self.seq2seq)
         self._active_cache = cache
         try:
+            if self.compiled is not None and torch.is_grad_enabled():
+                with self.compiled.installed(cache):
+                    return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
             return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
         finally:
             self._active_cache = None

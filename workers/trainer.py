@@ -25,6 +25,7 @@ rank applies the same update and the result equals one process's (up to float su
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -49,6 +50,8 @@ from workers.generate import generate_texts
 from workers.inject import PrefixedModel
 from workers.metrics import generation_metrics
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear", "cosine")
 PADDING_WASTE = 0.25  # a micro-batch is cut before padding would exceed this share of its real tokens
@@ -185,9 +188,14 @@ class MultiTaskTrainer:
         *,
         micro_batch_size: int = 16,
         checkpointing: bool = False,
+        compile_layers: bool = False,
         data_cache_dir: str | None = None,
         dist: Any = None,
     ):
+        """compile_layers: run the decoder layers of training forwards as one `torch.compile`d graph
+        (`workers/fused.py`; Llama, Mistral, Qwen2 without ZeRO-3 partitioning or checkpointing). The first
+        steps pay the compilation (tens of seconds on a CPU core); the results equal the eager path's to
+        float rounding. Where it cannot apply, the eager path is kept and `compile_note` says why."""
         self.prefixed = PrefixedModel(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -204,6 +212,12 @@ class MultiTaskTrainer:
             self.prefixed.enable_checkpointing()
         else:
             model.eval()
+        self.compile_note: str | None = None
+        """Why compiled layers were asked for and not used; None when they are in use or not asked for."""
+        if compile_layers:
+            self.compile_note = self.prefixed.compile_layers()
+            if self.compile_note:
+                log.warning("compile_layers: keeping the eager layers: %s", self.compile_note)
 
     @property
     def device(self) -> torch.device:

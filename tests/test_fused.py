@@ -1,0 +1,118 @@
+"""Compiled decoder layers (workers/fused.py): the same losses, gradients and training as the eager path."""
+
+import pytest
+import torch
+
+from tests.test_trainer import TASKS, prefix_tensor, run, task_config
+from tests.tiny import char_tokenizer, tiny_model
+from workers.inject import PrefixedModel
+from workers.trainer import MultiTaskTrainer
+
+FUSABLE = ("llama", "mistral", "qwen2")
+
+
+def mixed_batch(prefixed: PrefixedModel, seed: int = 0):
+    """Two prefixes of different lengths over three right-padded rows, labels on the second half."""
+    gen = torch.Generator().manual_seed(seed)
+    width = prefixed.shape.num_layers * 2 * prefixed.shape.token_dim
+    prefixes = [torch.randn(3, width, generator=gen).requires_grad_(),
+                torch.randn(6, width, generator=gen).requires_grad_()]
+    ids = torch.randint(4, 90, (3, 11), generator=gen)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    return prefixes, torch.tensor([0, 1, 0]), ids, mask, labels
+
+
+def loss_and_grads(prefixed: PrefixedModel, prefixes, rows, ids, mask, labels):
+    for p in prefixes:
+        p.grad = None
+    out = prefixed.forward(prefixes, rows, ids, mask, labels, logits="targets")
+    (out.row_loss_sums() * torch.tensor([1.0, 2.0, 0.5])).sum().backward()
+    return out.token_loss.detach(), [p.grad.clone() for p in prefixes]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("model_type", FUSABLE)
+def test_compiled_layers_give_the_eager_losses_and_gradients(model_type):
+    model = tiny_model(model_type, seed=3)
+    eager, compiled = PrefixedModel(model), PrefixedModel(model)
+    assert compiled.compile_layers() is None
+    batch = mixed_batch(eager)
+    loss_e, grads_e = loss_and_grads(eager, *batch)
+    loss_c, grads_c = loss_and_grads(compiled, *batch)
+    assert relative(loss_c, loss_e) < 1e-5
+    for g_c, g_e in zip(grads_c, grads_e):
+        assert relative(g_c, g_e) < 1e-5
+    layers = model.model.layers
+    # it really ran compiled: every layer but the first, whose input needs no gradient
+    assert (compiled.compiled.calls, compiled.compiled.eager_calls) == (len(layers) - 1, 1)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # and gave the layers back
+
+
+def test_only_autograd_forwards_are_compiled_and_a_failing_forward_restores_the_layers():
+    model = tiny_model("llama")
+    prefixed = PrefixedModel(model)
+    prefixed.compile_layers()
+    prefixes, rows, ids, mask, labels = mixed_batch(prefixed)
+    with torch.no_grad():  # evaluation: the eager layers
+        prefixed.forward(prefixes, rows, ids, mask, labels)
+    assert prefixed.compiled.calls == 0
+    bad = ids.clone()
+    bad[0, 0] = model.config.vocab_size + 5  # the embedding lookup fails inside the swapped-in block
+    with pytest.raises(IndexError):
+        prefixed.forward(prefixes, rows, bad, mask, labels)
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    PrefixedModel(model).forward(prefixes, rows, ids, mask, labels)  # the model is whole
+
+
+def test_unsupported_models_say_why_and_keep_the_eager_path(tmp_path, monkeypatch):
+    assert "model_type 'gpt2'" in PrefixedModel(tiny_model("gpt2")).compile_layers()
+    assert "encoder-decoder" in PrefixedModel(tiny_model("t5")).compile_layers()
+
+    gelu = tiny_model("llama")
+    gelu.config.hidden_act = "gelu"
+    assert "hidden_act 'gelu'" in PrefixedModel(gelu).compile_layers()
+
+    partitioned = tiny_model("llama")
+    next(partitioned.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    assert "ZeRO-3" in PrefixedModel(partitioned).compile_layers()
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in PrefixedModel(tiny_model("llama")).compile_layers()
+    monkeypatch.undo()
+
+    checkpointed = MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), checkpointing=True, compile_layers=True)
+    assert "checkpointing" in checkpointed.compile_note and checkpointed.prefixed.compiled is None
+    checkpointed.add_task(task_config(tmp_path, "rev", steps=2))
+    assert run(checkpointed)["job-rev"].steps == 2
+
+
+def test_trainer_with_compiled_layers_trains_as_eager_and_cotenants_stay_independent(tmp_path):
+    """Rows of different lengths (so the compiled graph meets several shapes), three tasks with different
+    prefix lengths: jointly compiled = each alone compiled (1e-5), and = eager (float rounding)."""
+
+    def trainer(compile_layers):
+        return MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), micro_batch_size=5,
+                                compile_layers=compile_layers)
+
+    joint = trainer(True)
+    assert joint.compile_note is None and joint.prefixed.compiled is not None
+    for name in TASKS:
+        joint.add_task(task_config(tmp_path, name, steps=8, out=tmp_path / "joint" / name))
+    together = run(joint)
+    assert joint.prefixed.compiled.calls == joint.prefixed.compiled.eager_calls * (len(joint.model.model.layers) - 1)
+    for name in TASKS:
+        outcomes = {}
+        for compiled in (True, False):
+            alone = trainer(compiled)
+            alone.add_task(task_config(tmp_path, name, steps=8, out=tmp_path / f"alone-{compiled}" / name))
+            outcomes[compiled] = prefix_tensor(run(alone)[f"job-{name}"])
+        ours = prefix_tensor(together[f"job-{name}"])
+        assert (ours - outcomes[True]).abs().max().item() < 1e-5, name
+        assert relative(ours, outcomes[False]) < 1e-4, name

@@ -1,0 +1,211 @@
+"""Compiled decoder layers for training: Llama, Mistral and Qwen2, each layer one `torch.compile` graph.
+
+Why: with a frozen base and 4-row micro-batches, about a quarter of a training step on a CPU is not
+matrix products but the elementwise work around them (RMSNorm, RoPE, SiLU x up, residual adds, their
+backwards) and the autograd bookkeeping of ~40 small ops per layer. Compiled, each layer's forward and
+backward become a few fused loops around the same matrix products (Inductor generates them; on CPU
+they are C++/OpenMP kernels built with the machine's compiler, on GPU Triton kernels). See
+`benchmarks/multitask.py --compare-eager` for what it buys.
+
+How: `CompiledLayers.installed(cache)` swaps each decoder layer's `forward` for a call to one
+compiled function, `decoder_layer`, for the duration of one `PrefixedModel` training forward, then puts
+the layers back. The function is pure: it takes the layer's weights, the prefix's keys and values, the
+rotary cos/sin and the attention mask as arguments, so all layers share one compiled graph (a compiled
+`LlamaDecoderLayer.forward` would be traced once per layer index and stop at dynamo's recompile limit).
+The first layer stays eager: its input needs no gradient, and compiling it too would double the graphs.
+Dynamo compiles a graph for the first shape, then one with dynamic batch and length after the first change
+(and one for single-row batches); Inductor caches the compiled kernels on disk, so the next process
+with the same model and shapes starts in seconds.
+The model's own forward still runs around it (embeddings, rotary tables, the masks, the final norm, the
+LM head), so masks (sliding windows included) and positions are the model's.
+
+What it computes is `LlamaDecoderLayer.forward` with prefixd's read-only prefix cache: the same math,
+in the same dtype conventions (RMSNorm in fp32, cast back before the weight); results match the eager
+path to float rounding (~1e-6 relative in fp32), not bitwise.
+
+Where it does not apply (`unsupported_reason` says why, and the trainer keeps the eager path):
+other architectures; models whose parameters ZeRO-3 partitions (their weights exist only inside
+DeepSpeed's per-module hooks, which this path would bypass); activation checkpointing; attention
+implementations other than "sdpa" and "eager"; biases or activations the function does not know.
+Evaluation and generation (no autograd) always use the eager path: only the training forward is
+compiled, so one process compiles one graph family.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalised in fp32, cast back to the input dtype, then scaled."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, H_kv, S, D] -> [B, H_kv * groups, S, D], each key/value head serving `groups` query heads."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def decoder_layer(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    weights: tuple[torch.Tensor | None, ...],
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scaling: float,
+) -> torch.Tensor:
+    """One pre-norm decoder layer with a prefix: the eager computation that `torch.compile` fuses.
+
+    hidden: [B, T, width]; mask: the model's 4D attention mask over [prefix slots + T] (bool, or
+    additive float); cos, sin: [B, T, head_dim]; prefix_keys/values: [B, H_kv, P, head_dim];
+    weights: `layer_weights(layer)`.
+    """
+    (in_norm, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, post_norm, gate_w, gate_b, up_w, up_b, down_w, down_b) = weights
+    b, t, _ = hidden.shape
+    x = _rms_norm(hidden, in_norm, eps)
+    q = F.linear(x, q_w, q_b).view(b, t, heads, head_dim).transpose(1, 2)
+    k = F.linear(x, k_w, k_b).view(b, t, kv_heads, head_dim).transpose(1, 2)
+    v = F.linear(x, v_w, v_b).view(b, t, kv_heads, head_dim).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    k = _repeat_kv(torch.cat([prefix_keys, k], dim=-2), heads // kv_heads)
+    v = _repeat_kv(torch.cat([prefix_values, v], dim=-2), heads // kv_heads)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, heads * head_dim), o_w, o_b)
+    x = _rms_norm(hidden, post_norm, eps)
+    return hidden + F.linear(F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b), down_w, down_b)
+
+
+def layer_weights(layer: torch.nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """The tensors `decoder_layer` takes, in its order (biases None where the layer has none)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        layer.input_layernorm.weight,
+        attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+        attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+        mlp.down_proj.weight, mlp.down_proj.bias,
+    )
+
+
+def unsupported_reason(model: torch.nn.Module, layers: list[torch.nn.Module]) -> str | None:
+    """Why `decoder_layer` cannot stand in for these layers, or None when it can."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FUSABLE_MODEL_TYPES:
+        return f"model_type {model_type!r}: compiled layers exist for {', '.join(FUSABLE_MODEL_TYPES)}"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        return (f"attention implementation {implementation!r}: compiled layers accept "
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {config.hidden_act!r}: compiled layers implement 'silu'"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return f"pretraining_tp {config.pretraining_tp}: compiled layers need 1"
+    compiler = _missing_compiler(next(model.parameters()).device.type)
+    if compiler:
+        return compiler
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "the parameters are partitioned by DeepSpeed ZeRO-3 (only its module hooks gather them)"
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            return "activation checkpointing is on (it recomputes through the layers' own forward)"
+        needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+        if not all(hasattr(layer, name) for name in needed):
+            return f"{type(layer).__name__} does not have the pre-norm attention + gated-MLP layout"
+    return None
+
+
+def _missing_compiler(device_type: str) -> str | None:
+    """Inductor builds CPU kernels with a C++ compiler, and Triton a C launcher for GPU kernels."""
+    if device_type == "cpu":
+        found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        return None if found else "no C++ compiler (Inductor builds the CPU kernels with one: install g++ or set CXX)"
+    found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    return None if found else "no C compiler (Triton builds its kernel launchers with one: install gcc or set CC)"
+
+
+class CompiledLayers:
+    """Swaps a model's decoder layers to the compiled `decoder_layer` during training forwards."""
+
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]):
+        reason = unsupported_reason(model, layers)
+        if reason is not None:
+            raise ValueError(f"compiled layers: {reason}")
+        self.layers = layers
+        config = model.config
+        attn = layers[0].self_attn
+        self.constants = dict(
+            eps=float(layers[0].input_layernorm.variance_epsilon), heads=int(config.num_attention_heads),
+            kv_heads=int(config.num_key_value_heads), head_dim=int(attn.head_dim), scaling=float(attn.scaling),
+        )
+        self.function = torch.compile(decoder_layer)
+        self.calls = 0        # layer calls that ran compiled
+        self.eager_calls = 0  # layer calls handed to the layer's own forward (see `_forward`)
+
+    @contextmanager
+    def installed(self, cache: Any) -> Iterator[None]:
+        """Within this block the layers run compiled, reading the prefix from `cache` (a PrefixCache)."""
+        saved = [layer.__dict__.get("forward") for layer in self.layers]  # a forward set on the instance
+        for index, (layer, previous) in enumerate(zip(self.layers, saved)):
+            eager = previous or type(layer).forward.__get__(layer)
+            layer.forward = self._forward(layer, eager, cache.layers[index])
+        try:
+            yield
+        finally:
+            for layer, previous in zip(self.layers, saved):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+
+    def _forward(self, layer: torch.nn.Module, eager, prefix: Any):
+        """The stand-in forward of `layer`: `eager` is what it replaces, `prefix` its cache layer."""
+        weights = layer_weights(layer)
+
+        def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                    position_embeddings=None, **kwargs):
+            # The eager layer for the first layer, whose input (the embeddings of a frozen model) needs
+            # no gradient: compiled, it would be a second graph family (dynamo specialises on
+            # requires_grad), doubling the compile time for 1/L of the layers. And for anything the
+            # compiled function does not model: no mask (the model decided causal attention needs none),
+            # no rotary tables, or no prefix in the cache.
+            if (not hidden_states.requires_grad or not isinstance(attention_mask, torch.Tensor)
+                    or position_embeddings is None or not getattr(prefix, "is_initialized", False) or use_cache):
+                self.eager_calls += 1
+                return eager(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+            self.calls += 1
+            cos, sin = position_embeddings
+            return self.function(hidden_states, attention_mask, cos, sin, prefix.keys, prefix.values, weights,
+                                 **self.constants)
+
+        return forward
