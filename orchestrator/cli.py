@@ -603,6 +603,15 @@ _SCHEDULER_FLAGS = (  # flag, config field, type, help
     ("--max-groups", "max_groups", int, "most worker groups (base models) at once (default 2)"),
     ("--group-capacity", "group_capacity", int, "most tasks per group (default 8)"),
     ("--micro-batch-size", "micro_batch_size", int, "rows per forward pass (default 16)"),
+    ("--workers-per-group", "workers_per_group", int,
+     "ranks (processes) per worker group; the base model is partitioned across them with ZeRO-3 (default 1)"),
+    ("--gpus-per-worker", "gpus_per_worker", float, "GPUs each rank reserves from Ray (default 0)"),
+    ("--zero-offload", "zero_offload", None, "ZeRO-3: keep the base-weight partitions in CPU memory"),
+    ("--zero-stage", "zero_stage", int,
+     "DeepSpeed ZeRO stage of each group's base model: 3 partitions it across the group's ranks, 0 and 2 keep "
+     "a full copy on each (default 3)"),
+    ("--compile-layers", "compile_layers", None,
+     "run the decoder layers compiled (Llama/Mistral/Qwen2; needs --zero-stage 0 or 2; default off)"),
     ("--idle-timeout", "idle_timeout_s", float, "seconds before an idle group is released (default 30)"),
     ("--heartbeat", "heartbeat_s", float, "seconds between heartbeats (default 5)"),
     ("--stale-after", "stale_after_s", float,
@@ -613,7 +622,10 @@ _SCHEDULER_FLAGS = (  # flag, config field, type, help
 
 def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     for flag, dest, type_, help_text in _SCHEDULER_FLAGS:
-        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_text)
+        if type_ is None:  # an on/off switch
+            p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=dest, type=type_, default=None, help=help_text)
 
 
 def _scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:

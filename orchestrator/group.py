@@ -58,6 +58,7 @@ class GroupSettings:
     zero_stage: int = 3
     zero_offload: bool = False
     zero_persistence_threshold: int | None = None
+    compile_layers: bool = False
 
     def zero(self):
         from workers.zero import ZeroSettings
@@ -206,7 +207,11 @@ class WorkerGroup:
             return
         where = (f"resumed from the checkpoint at step {progress.step} of {progress.total_steps}"
                  if progress.step > 0 else f"started at step 0 of {progress.total_steps}")
-        self.store.log(job.id, f"{where} in worker group {self.s.owner} (pid {os.getpid()})")
+        layers = ""
+        if self.s.compile_layers:  # asked for: say whether the model could take them
+            note = self.trainer.trainer.compile_note
+            layers = "; compiled layers" if note is None else f"; eager layers, not compiled: {note}"
+        self.store.log(job.id, f"{where} in worker group {self.s.owner} (pid {os.getpid()}){layers}")
         if self._progress(job.id, progress):  # cancelled while it was being set up
             self.trainer.remove_task(job.id)
             self.store.log(job.id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
@@ -384,7 +389,8 @@ class GroupChannel:
 
         model, tokenizer, shard = load_group_model(ref, self.s.zero(), cache_dir=self.s.model_cache)
         trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
-                                   data_cache_dir=self.s.data_cache, dist=dist if self.s.world > 1 else None)
+                                   compile_layers=self.s.compile_layers, data_cache_dir=self.s.data_cache,
+                                   dist=dist if self.s.world > 1 else None)
         self.shard = shard
         return ReplicatedTrainer(trainer, self)
 

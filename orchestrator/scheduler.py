@@ -281,7 +281,7 @@ class Orchestrator:
             data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
             micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
             world=cfg.workers_per_group, zero_stage=cfg.zero_stage, zero_offload=cfg.zero_offload,
-            zero_persistence_threshold=cfg.zero_persistence_threshold,
+            zero_persistence_threshold=cfg.zero_persistence_threshold, compile_layers=cfg.compile_layers,
         )
         actor, run_ref, followers = start_group(settings, num_cpus=cfg.cpus_per_group, num_gpus=cfg.gpus_per_worker)
         self.groups[base_key] = _Group(base_key, owner, actor, run_ref, time.time(), followers)

@@ -121,6 +121,23 @@ def test_config_reports_every_bad_setting(tmp_path):
     assert c.job_dir("j-1") == tmp_path.resolve() / "jobs" / "j-1"
 
 
+def test_group_settings_from_the_command_line_and_their_checks(tmp_path):
+    from orchestrator.cli import _scheduler_settings, build_parser
+
+    args = build_parser().parse_args(["run", "--zero-stage", "0", "--compile-layers"])
+    config = OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(args))
+    assert (config.zero_stage, config.compile_layers) == (0, True)
+    args = build_parser().parse_args(["run", "--workers-per-group", "2", "--zero-offload", "--gpus-per-worker", "1"])
+    config = OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(args))
+    assert (config.workers_per_group, config.zero_offload, config.gpus_per_worker, config.zero_stage) == (2, True, 1.0, 3)
+    assert OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(build_parser().parse_args(["run"]))
+                                       ).compile_layers is False
+    with pytest.raises(ValueError, match="compile_layers: needs zero_stage 0 or 2"):
+        OrchestratorConfig.from_env(home=tmp_path, compile_layers=True)  # the default stage is 3
+    with pytest.raises(ValueError, match="compile_layers: must be true or false, got 'yes'"):
+        OrchestratorConfig.from_env(home=tmp_path, zero_stage=0, compile_layers="yes")
+
+
 def test_progress_view_plain_and_terminal():
     from orchestrator.store import Job
 
@@ -185,6 +202,18 @@ def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
             assert any("started at step 0 of 10" in m for m in log)
             assert sum("succeeded" in m for m in log) == 1
     assert (home / "logs" / "orchestrator.log").is_file()
+
+
+def test_run_with_compiled_layers(ray_local, tiny_base, tmp_path, capsys):
+    """`--zero-stage 0 --compile-layers`: the group trains with compiled decoder layers and says so."""
+    home = tmp_path / "home"
+    [job_id] = submit(home, write_spec(tmp_path / "specs", "compiled", "reverse", tiny_base, steps=6))
+    code = main(["--home", str(home), "run", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "5",
+                 "--zero-stage", "0", "--compile-layers"])
+    assert code == 0, capsys.readouterr().out
+    with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
+        assert store.get(job_id).state == "succeeded"
+        assert any("started at step 0 of 6" in m and m.endswith("; compiled layers") for m in events(store, job_id))
 
 
 # ---- `prefixd run` killed and started again ---------------------------------------------------------------
