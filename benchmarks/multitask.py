@@ -10,8 +10,12 @@ a word-level tokenizer, so a row is exactly --seq-len tokens: the first half pro
 target + eos, labels on the second half), `examples_per_step` = 4 rows per task per step, P = 10, AdamW,
 gradient clipping at 1.0. What is compared, for each N:
   (a) prefixd: one `MultiTaskTrainer` holding all N tasks; a step trains every task once, in mixed-task
-      micro-batches of --micro-batch rows (default 4, see benchmarks/README.md). Timed around `step()`
-      (StepReport.step_time_s, forward + backward + optimizer steps without the step's bookkeeping, is recorded too).
+      micro-batches of --micro-batch rows (default 4, see benchmarks/README.md), with compiled decoder
+      layers (`compile_layers=True`, workers/fused.py; --eager: without). Timed around `step()`
+      (StepReport.step_time_s, forward + backward + optimizer steps without the step's bookkeeping, is
+      recorded too). The compilation happens in the warm-up step and is reported apart.
+  (a0) with --compare-eager: a second trainer over the same base and tasks, eager layers, timed in the
+      same rounds, so the table shows what compiling the layers buys.
   (b) PEFT one task after another in the same process, over the same base model object (no reloading):
       a fresh PeftModel per task, its own AdamW, the same steps per task, batches read from the same
       tokenized datasets with the same collate function. Creating each PeftModel is timed apart (setup).
@@ -44,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -205,7 +210,10 @@ def worker_joint(args) -> dict:
     tok = word_tokenizer(model.config.vocab_size)
     paths = json.loads(Path(args.data_index).read_text())[: args.n]
     out_dir = Path(args.work_dir) / f"out-n{args.n}"
-    trainer = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir)
+    trainer = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir,
+                               compile_layers=not args.eager)
+    if trainer.compile_note:
+        raise SystemExit(f"compiled layers unavailable: {trainer.compile_note}")
     configs = [task_config(p, i, args.seq_len, out_dir) for i, p in enumerate(paths)]
 
     # Warm-up: one step of the first tasks, as many as fill one micro-batch (the steady-state shape).
@@ -225,8 +233,10 @@ def worker_joint(args) -> dict:
     result = {"n": args.n, "steps": args.steps, "parameters": params, "head_parameters": head, "a_wall_s": [], "a_cpu_s": [],
               "a_step_time_s": [], "a_tokens": [], "b_wall_s": [], "b_cpu_s": [], "b_tokens": [],
               "b_setup_s": 0.0, "matmul_gflops": [], "a_sampling_s": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
+              "a_compiled": not args.eager, "a0_cpu_s": [], "a0_wall_s": [], "a0_tokens": [],
               "torch": torch.__version__}
     peft_task = None
+    eager = None  # (a0), created after (a)'s peak RSS is read
 
     during = MatmulDuringSteps(trainer.prefixed)
 
@@ -240,6 +250,13 @@ def worker_joint(args) -> dict:
         result["a_sampling_s"].append(during.spent["cpu"])
         result["a_step_time_s"].append(report.step_time_s - during.spent["wall"])  # sampling ran inside it
         result["a_tokens"].append(report.tokens)
+
+    def run_a0():
+        timer = Timer.empty()
+        report = timer.measure(eager.step)
+        result["a0_wall_s"].append(timer.wall[0])
+        result["a0_cpu_s"].append(timer.cpu[0])
+        result["a0_tokens"].append(report.tokens)
 
     def run_b(chunk):
         nonlocal peft_task
@@ -263,13 +280,23 @@ def worker_joint(args) -> dict:
             run_a()
             if k == 0:
                 result["a_peak_rss_bytes"] = peak_rss_bytes()  # (a) alone: PEFT not yet imported
+                if args.compare_eager:  # (a0)'s tasks and warm-up step, after the RSS reading
+                    eager = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch,
+                                             data_cache_dir=args.cache_dir)
+                    for cfg in configs:
+                        eager.add_task(replace(cfg, out_dir=cfg.out_dir + "-eager"))
+                    eager.step()
                 warnings.filterwarnings("ignore")  # PEFT's `past_key_values` FutureWarning on every call
                 PeftTask(model, datas[0], seed=10**6, pad_id=trainer.pad_id).step()  # (b)'s warm-up
+            if eager:
+                run_a0()
             result["matmul_gflops"].append(matmul_gflops())
             run_b(chunk)
         else:
             run_b(chunk)
             result["matmul_gflops"].append(matmul_gflops())
+            if eager:
+                run_a0()
             run_a()
     result["matmul_gflops"].append(matmul_gflops())
     result["matmul_gflops_during_a"] = during.samples
@@ -300,7 +327,8 @@ def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: 
     cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--steps", str(steps),
            "--threads", str(args.threads), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
            "--data-index", str(data_index), "--work-dir", str(work_dir), "--cache-dir", str(work_dir / "cache"),
-           "--worker-out", str(out)] + (["--tiny"] if args.tiny else [])
+           "--worker-out", str(out)] + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else []) \
+        + (["--compare-eager"] if args.compare_eager and kind == "joint" else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -348,7 +376,16 @@ def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_le
         "a_rss_over_single_peft_process": joint["a_peak_rss_bytes"] / peft_single["peak_rss_bytes"],
         # the step's bookkeeping (drawing rows, collating, progress records) beside its compute
         "a_outside_step_time_share": 1 - sum(joint["a_step_time_s"]) / sum(joint["a_wall_s"]),
-    }
+        "a_compiled": joint["a_compiled"], "a_warmup_s": joint["a_warmup_s"],
+    } | eager_summary(joint, clock, a_rate)
+
+
+def eager_summary(joint: dict, clock: str, a_rate: float) -> dict:
+    """(a0)'s rate and (a)'s speed-up over it, when --compare-eager ran it."""
+    if not joint["a0_tokens"]:
+        return {}
+    a0_rate = sum(joint["a0_tokens"]) / sum(joint[f"a0_{clock}_s"])
+    return {"a0_tokens_per_s": a0_rate, "speedup_a_over_a0": a_rate / a0_rate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prefixd's micro_batch_size in rows (default 4, one task's rows: the activations "
                              "of a single-task run, which the memory target needs; 8 and 16 are faster per "
                              "token and cost ~0.45 GiB per 4 extra rows, see benchmarks/README.md)")
+    parser.add_argument("--eager", action="store_true",
+                        help="(a) without compiled decoder layers (prefixd's compile_layers=False)")
+    parser.add_argument("--compare-eager", action="store_true",
+                        help="also time (a0): the same tasks in a second trainer with eager layers, same rounds")
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 16-token rows: under a minute")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the SmolLM2 shape")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
@@ -414,26 +455,34 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"multitask: {model_name(args.tiny)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
           f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
           f"prefixd micro_batch_size {args.micro_batch}; rates on {clock} time")
-    print("(a) prefixd MultiTaskTrainer, all N tasks jointly   (b) PEFT, one task after another, same process "
+    layers = "eager layers" if args.eager else "compiled layers"
+    print(f"(a) prefixd MultiTaskTrainer, all N tasks jointly, {layers}" + (
+        "   (a0) the same, eager layers" if args.compare_eager else "") + "   (b) PEFT, one task after another, same process "
           "and base   (c) N single-task PEFT processes (memory: N x one measured process)")
     print(f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
           f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a)")
     print()
+    compared = all("a0_tokens_per_s" in s for s in summary)
     rows = []
     for s in summary:
         rows.append([
-            str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}", f"{s['b_tokens_per_s']:.1f}",
+            str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}",
+            *([f"{s['a0_tokens_per_s']:.1f}", f"{s['speedup_a_over_a0']:.3f}"] if compared else []),
+            f"{s['b_tokens_per_s']:.1f}",
             f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}", f"{s['a_gflops']:.1f}",
             f"{s['matmul_gflops']:.1f}",
             f"{100 * s['a_share_of_matmul']:.0f}%", f"{100 * s['a_executed_share_of_matmul']:.0f}%",
             f"{s['a_peak_rss_bytes'] / GiB:.2f}",
             f"{s['c_peak_rss_bytes'] / GiB:.2f}", f"{s['a_rss_over_single_task']:.2f}",
         ])
-    print(format_table(["N", "steps", "(a) tok/s", "(b) tok/s", "wall a/b", "cpu a/b", "(a) GFLOP/s",
+    print(format_table(["N", "steps", "(a) tok/s", *(["(a0) tok/s", "a/a0"] if compared else []), "(b) tok/s", "wall a/b", "cpu a/b", "(a) GFLOP/s",
                         "matmul GFLOP/s", "(a)/matmul", "executed", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
     single_rss = peft_single["peak_rss_bytes"]
     print(f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
           f"24 GiB; (a) at N=1: {joints[1]['a_peak_rss_bytes'] / GiB:.2f} GiB")
+    warmups = ", ".join(f"N={s['n']} {s['a_warmup_s']:.0f} s" for s in summary)
+    print(f"(a)'s warm-up step (one micro-batch; {'' if args.eager else 'includes compiling the layers; '}"
+          f"not in the rates): {warmups}")
     print("wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
           "(< 1: prefixd faster); tok/s counts every input token")
     print("(a)/matmul: the nominal rate (4 x all parameters x tokens) over the matmul's; executed: the FLOPs (a) "
@@ -463,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "benchmark": "multitask",
         "config": {"model": model_name(args.tiny), "parameters": params, "threads": args.threads,
                    "seq_len": args.seq_len, "examples_per_step": EXAMPLES_PER_STEP, "prefix_len": PREFIX_LEN,
-                   "micro_batch_size": args.micro_batch, "tasks": ns, "flops_per_token": 4 * params,
+                   "micro_batch_size": args.micro_batch, "compiled_layers": not args.eager, "tasks": ns, "flops_per_token": 4 * params,
                    "clock": clock, "matmul_shape": MATMUL_SHAPE, "torch": joints[1]["torch"]},
         "summary": summary,
         "targets": [t.as_dict() for t in targets],

@@ -16,7 +16,8 @@ Writes into --out (default benchmarks/results/):
                             PEFT one task after another (one single-task PEFT process: it holds one task
                             at a time), and N single-task PEFT processes side by side (N x that).
 The multitask JSON fields read (multitask.py's format): summary[i].n, .a_tokens_per_s, .b_tokens_per_s,
-.clock, .a_peak_rss_bytes, .c_peak_rss_bytes; raw.peft_single.peak_rss_bytes. Either input may be left
+.clock, .a_peak_rss_bytes, .c_peak_rss_bytes; raw.peft_single.peak_rss_bytes; .a0_tokens_per_s when the run
+had --compare-eager (then a third line: prefixd with eager layers). Either input may be left
 out; its plots are then skipped with a note.
 """
 
@@ -110,7 +111,8 @@ def read_multitask(path: Path) -> tuple[list[dict], str]:
         single_peft = report["raw"]["peft_single"]["peak_rss_bytes"]
         points = [{"n": s["n"], "a_tokens_per_s": s["a_tokens_per_s"], "b_tokens_per_s": s["b_tokens_per_s"],
                    "clock": s.get("clock", "?"), "a_rss": s["a_peak_rss_bytes"], "b_rss": single_peft,
-                   "c_rss": s["c_peak_rss_bytes"]} for s in report["summary"]]
+                   "c_rss": s["c_peak_rss_bytes"], "a0_tokens_per_s": s.get("a0_tokens_per_s")}
+                  for s in report["summary"]]
     except (KeyError, TypeError) as e:
         raise SystemExit(f"plots: {path}: not multitask.py's JSON format (missing {e}); see this script's docstring")
     model = report.get("config", {}).get("model", "model not recorded")
@@ -126,6 +128,8 @@ def plot_throughput(points: list[dict], model: str, out: Path) -> Path:
     n = [p["n"] for p in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(n, [p["a_tokens_per_s"] for p in points], "o-", label="prefixd: one trainer, N tasks jointly")
+    if all(p["a0_tokens_per_s"] for p in points):  # --compare-eager ran
+        ax.plot(n, [p["a0_tokens_per_s"] for p in points], "^:", label="prefixd, eager layers")
     ax.plot(n, [p["b_tokens_per_s"] for p in points], "s--", label="PEFT: one task after another")
     for p in points:  # the ratio, on the side of prefixd's point away from PEFT's line
         below = p["a_tokens_per_s"] < p["b_tokens_per_s"]
@@ -133,7 +137,8 @@ def plot_throughput(points: list[dict], model: str, out: Path) -> Path:
                     textcoords="offset points", xytext=(0, -13 if below else 7), ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(n, [str(x) for x in n])
-    ax.set_ylim(bottom=0)
+    highest = max(max(p["a_tokens_per_s"], p["b_tokens_per_s"], p["a0_tokens_per_s"] or 0) for p in points)
+    ax.set_ylim(bottom=0, top=highest * 1.12)  # room for the ratio labels above the points
     ax.set_xlabel("number of tasks N")
     ax.set_ylabel(f"training tokens/s ({points[0]['clock']} clock)")
     ax.set_title(f"Training throughput against task count (labels: prefixd / PEFT)\n{model}", fontsize=10)

@@ -52,12 +52,12 @@ def test_prefix_overhead_quick(tmp_path):
 
 def test_multitask_quick(tmp_path):
     out_file = tmp_path / "multitask.json"
-    out = run_script("multitask.py", "--tiny", "--quick", "--json", str(out_file))
-    header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*\(a\) RSS / N=1$", out,
-                       re.M)
+    out = run_script("multitask.py", "--tiny", "--quick", "--compare-eager", "--json", str(out_file))
+    header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(a0\) tok/s\s+a/a0\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*"
+                       r"\(a\) RSS / N=1$", out, re.M)
     assert header, out
-    for n in (1, 2):  # --quick: N = 1, 2, one step; then 11 columns: 6 numbers, 2 percentages, 3 numbers
-        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 6 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
+    for n in (1, 2):  # --quick: N = 1, 2, one step; then 13 columns: 8 numbers, 2 percentages, 3 numbers
+        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 8 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
         assert re.search(row, out, re.M), (n, out)
     for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"), ("\\(a\\) FLOP/s / matmul FLOP/s",
                                                                               ">= 0.75"),
@@ -78,6 +78,9 @@ def test_multitask_quick(tmp_path):
     assert 0 < raw["a_sampling_s"][0] and all(t > 0 for t in raw["a_cpu_s"])
     assert 0 < report["summary"][1]["a_executed_gflops"] < report["summary"][1]["a_gflops"]
     assert all(0 <= s["a_outside_step_time_share"] < 1 for s in report["summary"])  # sampling left out of both
+    # (a) ran with compiled layers, (a0) the same tasks eagerly in the same rounds
+    assert report["config"]["compiled_layers"] and all(s["a_compiled"] for s in report["summary"])
+    assert raw["a0_tokens"] == raw["a_tokens"] and all(s["speedup_a_over_a0"] > 0 for s in report["summary"])
 
 
 PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
