@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         ns = sorted({int(x) for x in (args.tasks or ("1,2" if args.quick else "1,4,16,64")).split(",")})
     except ValueError:
         parser.error(f"--tasks {args.tasks!r}: expected comma-separated integers, e.g. 1,4,16")
+    if args.eager and args.compare_eager:
+        parser.error("--compare-eager times eager layers beside (a)'s compiled ones; with --eager (a) is eager too")
     if ns[0] < 1 or (args.steps is not None and args.steps < 1) or args.threads < 1 or args.micro_batch < 1:
         parser.error("--tasks, --steps, --threads and --micro-batch must be >= 1")
     steps_for = (lambda n: args.steps) if args.steps else (lambda n: 1 if args.quick else default_steps(n))

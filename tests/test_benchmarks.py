@@ -107,3 +107,9 @@ def test_multitask_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit):
         multitask.main(argv)
     assert "--tasks" in capsys.readouterr().err
+
+
+def test_multitask_refuses_to_compare_eager_with_eager(capsys):
+    with pytest.raises(SystemExit):
+        multitask.main(["--eager", "--compare-eager"])
+    assert "--compare-eager" in capsys.readouterr().err

@@ -153,13 +153,23 @@ def _missing_compiler(device_type: str) -> str | None:
     return None if found else "no C compiler (Triton builds its kernel launchers with one: install gcc or set CC)"
 
 
+class UnsupportedLayers(ValueError):
+    """`decoder_layer` cannot stand in for a model's layers; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"compiled layers: {reason}")
+        self.reason = reason
+
+
 class CompiledLayers:
-    """Swaps a model's decoder layers to the compiled `decoder_layer` during training forwards."""
+    """Swaps a model's decoder layers to the compiled `decoder_layer` during training forwards.
+
+    Raises UnsupportedLayers (see `unsupported_reason`) for layers it cannot stand in for."""
 
     def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]):
         reason = unsupported_reason(model, layers)
         if reason is not None:
-            raise ValueError(f"compiled layers: {reason}")
+            raise UnsupportedLayers(reason)
         self.layers = layers
         config = model.config
         attn = layers[0].self_attn

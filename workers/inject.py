@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from workers.arch import PrefixShape, arch_of, decoder_layers, prefix_shape
-from workers.fused import CompiledLayers, unsupported_reason
+from workers.fused import CompiledLayers, UnsupportedLayers
 
 
 class PrefixShapeError(ValueError):
@@ -193,11 +193,11 @@ class PrefixedModel:
         Evaluation and generation are unaffected: only forwards with autograd on are compiled."""
         if self.seq2seq:
             return f"{self.arch.model_type} is an encoder-decoder; compiled layers exist for decoder-only models"
-        layers = decoder_layers(self.model)
-        reason = unsupported_reason(self.model, layers)
-        if reason is None:
-            self.compiled = CompiledLayers(self.model, layers)
-        return reason
+        try:
+            self.compiled = CompiledLayers(self.model, decoder_layers(self.model))
+        except UnsupportedLayers as e:
+            return e.reason
+        return None
 
     @property
     def dtype(self) -> torch.dtype:
