@@ -37,9 +37,12 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("model_type", FUSABLE)
-def test_compiled_layers_give_the_eager_losses_and_gradients(model_type):
+@pytest.mark.parametrize("model_type, attention", [(m, "sdpa") for m in FUSABLE] + [("llama", "eager")])
+def test_compiled_layers_give_the_eager_losses_and_gradients(model_type, attention):
+    """sdpa models hand the layers a boolean mask, eager-attention models an additive float one."""
     model = tiny_model(model_type, seed=3)
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
     eager, compiled = PrefixedModel(model), PrefixedModel(model)
     assert compiled.compile_layers() is None
     batch = mixed_batch(eager)

@@ -58,12 +58,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, H_kv, S, D] -> [B, H_kv * groups, S, D], each key/value head serving `groups` query heads."""
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v, each key/value head serving its group of query heads.
+
+    q: [B, H, T, D]; k, v: [B, H_kv, S, D]; mask: [B or 1, 1 or H, T, S], bool (True = attend) or additive
+    float. Two batched matmuls over [B, H_kv, groups * T, D] queries, so the keys and values are never
+    repeated per query head, and the scale, mask and softmax fuse into the compiled graph around them.
+    On a CPU this is faster than `scaled_dot_product_attention` at prefix-tuning sizes (tens of keys; its
+    flash kernel's backward is slow there and zero-fills its gradient buffers). The softmax runs in fp32,
+    as the eager attention's does; masked scores are set to the dtype's lowest finite value, not -inf, so
+    a row with nothing to attend to (none exists with a prefix: every row sees its prefix) would average
+    its values instead of producing NaN.
+    """
+    b, h, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[-2]
+    groups = h // kv_heads
+    scores = torch.matmul(q.reshape(b, kv_heads, groups * t, d), k.transpose(-1, -2))
+    scores = scores.view(b, kv_heads, groups, t, s) * scaling
+    mask = mask.unsqueeze(2) if mask.shape[1] == 1 else mask.view(mask.shape[0], kv_heads, groups, t, s)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs.view(b, kv_heads, groups * t, s), v).view(b, h, t, d)
 
 
 def decoder_layer(
@@ -95,12 +114,21 @@ def decoder_layer(
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    k = _repeat_kv(torch.cat([prefix_keys, k], dim=-2), heads // kv_heads)
-    v = _repeat_kv(torch.cat([prefix_values, v], dim=-2), heads // kv_heads)
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    k = torch.cat([prefix_keys, k], dim=-2)
+    v = torch.cat([prefix_values, v], dim=-2)
+    attn = _grouped_attention(q, k, v, mask, scaling)
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, heads * head_dim), o_w, o_b)
     x = _rms_norm(hidden, post_norm, eps)
     return hidden + F.linear(F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b), down_w, down_b)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32: [K, vocab] logits, [K] targets -> [K] losses.
+
+    Compiled (`CompiledLayers.cross_entropy`), the log-softmax, the pick of the target and, in backward,
+    softmax minus one-hot become one pass each over the [K, vocab] logits, instead of eager's log-softmax
+    output (as large as the logits) written, kept and read back."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def layer_weights(layer: torch.nn.Module) -> tuple[torch.Tensor | None, ...]:
@@ -178,6 +206,7 @@ class CompiledLayers:
             kv_heads=int(config.num_key_value_heads), head_dim=int(attn.head_dim), scaling=float(attn.scaling),
         )
         self.function = torch.compile(decoder_layer)
+        self.cross_entropy = torch.compile(token_cross_entropy)  # the loss of the same training forwards
         self.calls = 0        # layer calls that ran compiled
         self.eager_calls = 0  # layer calls handed to the layer's own forward (see `_forward`)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from workers.arch import PrefixShape, arch_of, decoder_layers, prefix_shape
-from workers.fused import CompiledLayers, UnsupportedLayers
+from workers.fused import CompiledLayers, UnsupportedLayers, token_cross_entropy
 
 
 class PrefixShapeError(ValueError):
@@ -313,7 +313,9 @@ class PrefixedModel:
             return PrefixedOutput(logits=logits, token_loss=empty, target_mask=empty.bool())
         target_mask = targets != -100
         at_targets = logits if targets_only else logits[target_mask]  # [K, vocab] either way
-        loss = F.cross_entropy(at_targets.float(), targets[target_mask], reduction="none")
+        cross_entropy = self.compiled.cross_entropy if self.compiled is not None and torch.is_grad_enabled() \
+            else token_cross_entropy
+        loss = cross_entropy(at_targets, targets[target_mask])
         token_loss = loss.new_zeros(targets.shape).masked_scatter(target_mask, loss)
         return PrefixedOutput(logits=logits, token_loss=token_loss, target_mask=target_mask)
 
