@@ -2,26 +2,28 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.test_trainer import TASKS, prefix_tensor, run, task_config
 from tests.tiny import char_tokenizer, tiny_model
+from workers import fused
 from workers.inject import PrefixedModel
 from workers.trainer import MultiTaskTrainer
 
 FUSABLE = ("llama", "mistral", "qwen2")
 
 
-def mixed_batch(prefixed: PrefixedModel, seed: int = 0):
+def mixed_batch(prefixed: PrefixedModel, seed: int = 0, length: int = 11):
     """Two prefixes of different lengths over three right-padded rows, labels on the second half."""
     gen = torch.Generator().manual_seed(seed)
     width = prefixed.shape.num_layers * 2 * prefixed.shape.token_dim
     prefixes = [torch.randn(3, width, generator=gen).requires_grad_(),
                 torch.randn(6, width, generator=gen).requires_grad_()]
-    ids = torch.randint(4, 90, (3, 11), generator=gen)
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[1, 7:] = 0
+    ids = torch.randint(4, 90, (3, length), generator=gen)
+    mask = torch.ones(3, length, dtype=torch.long)
+    mask[1, length * 2 // 3:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :5] = -100
+    labels[:, :length // 2] = -100
     return prefixes, torch.tensor([0, 1, 0]), ids, mask, labels
 
 
@@ -37,15 +39,17 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("model_type, attention", [(m, "sdpa") for m in FUSABLE] + [("llama", "eager")])
-def test_compiled_layers_give_the_eager_losses_and_gradients(model_type, attention):
-    """sdpa models hand the layers a boolean mask, eager-attention models an additive float one."""
+@pytest.mark.parametrize("model_type, attention, length",
+                         [(m, "sdpa", 11) for m in FUSABLE] + [("llama", "eager", 11), ("llama", "sdpa", 40)])
+def test_compiled_layers_give_the_eager_losses_and_gradients(model_type, attention, length):
+    """sdpa models hand the layers a boolean mask, eager-attention models an additive float one; 40-token
+    rows take the fused attention kernel instead of the grouped matmuls (see test_attention_forms)."""
     model = tiny_model(model_type, seed=3)
     model.set_attn_implementation(attention)
     assert model.config._attn_implementation == attention
     eager, compiled = PrefixedModel(model), PrefixedModel(model)
     assert compiled.compile_layers() is None
-    batch = mixed_batch(eager)
+    batch = mixed_batch(eager, length=length)
     loss_e, grads_e = loss_and_grads(eager, *batch)
     loss_c, grads_c = loss_and_grads(compiled, *batch)
     assert relative(loss_c, loss_e) < 1e-5
@@ -55,6 +59,23 @@ def test_compiled_layers_give_the_eager_losses_and_gradients(model_type, attenti
     # it really ran compiled: every layer but the first, whose input needs no gradient
     assert (compiled.compiled.calls, compiled.compiled.eager_calls) == (len(layers) - 1, 1)
     assert all("forward" not in layer.__dict__ for layer in layers)  # and gave the layers back
+
+
+@pytest.mark.parametrize("t, s, grouped", [(11, 17, True), (40, 46, False)])
+def test_attention_forms(t, s, grouped):
+    """Both forms of `_attention` equal the fused kernel over repeated keys/values, for boolean and additive
+    masks; which one runs follows the memory rule (head_dim 8: T * S <= 8 * (2S + T))."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, t, 8, generator=gen)
+    k, v = torch.randn(2, 2, s, 8, generator=gen), torch.randn(2, 2, s, 8, generator=gen)
+    keep = torch.ones(2, 1, t, s, dtype=torch.bool).tril(diagonal=s - t)
+    keep[1, :, :, :3] = False  # a prefix slot row 1 does not have
+    assert (t * s <= 8 * (2 * s + t)) is grouped
+    for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)):
+        expected = F.scaled_dot_product_attention(q, fused._repeat_kv(k, 2), fused._repeat_kv(v, 2),
+                                                  attn_mask=mask, scale=0.3)
+        assert torch.allclose(fused._attention(q, k, v, mask, 0.3), expected, atol=1e-6)
+        assert torch.allclose(fused._grouped_attention(q, k, v, mask, 0.3), expected, atol=1e-6)
 
 
 def test_only_autograd_forwards_are_compiled_and_a_failing_forward_restores_the_layers():

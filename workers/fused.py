@@ -58,6 +58,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, H_kv, S, D] -> [B, H_kv * groups, S, D], each key/value head serving `groups` query heads."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, H_kv, S, D] (prefix + own keys) under the model's mask.
+
+    Short rows (the common prefix-tuning case: tens of keys) take `_grouped_attention`, which keeps its
+    [T, S] probabilities for backward; once those would outgrow what `scaled_dot_product_attention`
+    keeps (keys and values repeated per head, and the output: D * (2S + T) per head), the fused kernel
+    takes over, so memory grows with the sequence as it does in the eager layers, not with its square.
+    Under `torch.compile` the test is a guard on the sizes: a graph per side of it."""
+    t, s, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if t * s <= d * (2 * s + t):
+        return _grouped_attention(q, k, v, mask, scaling)
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
+                                          scale=scaling)
+
+
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        scaling: float) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) v, each key/value head serving its group of query heads.
@@ -116,7 +140,7 @@ def decoder_layer(
     k = k * c + _rotate_half(k) * s
     k = torch.cat([prefix_keys, k], dim=-2)
     v = torch.cat([prefix_values, v], dim=-2)
-    attn = _grouped_attention(q, k, v, mask, scaling)
+    attn = _attention(q, k, v, mask, scaling)
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, heads * head_dim), o_w, o_b)
     x = _rms_norm(hidden, post_norm, eps)
     return hidden + F.linear(F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b), down_w, down_b)
