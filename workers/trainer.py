@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from workers import allocator
 from workers.data import (
     DataSettings,
     ExampleStream,
@@ -191,11 +192,17 @@ class MultiTaskTrainer:
         compile_layers: bool = False,
         data_cache_dir: str | None = None,
         dist: Any = None,
+        retain_freed_memory: bool = True,
     ):
         """compile_layers: run the decoder layers of training forwards as one `torch.compile`d graph
         (`workers/fused.py`; Llama, Mistral, Qwen2 without ZeRO-3 partitioning or checkpointing). The first
         steps pay the compilation (tens of seconds on a CPU core); the results equal the eager path's to
-        float rounding. Where it cannot apply, the eager path is kept and `compile_note` says why."""
+        float rounding. Where it cannot apply, the eager path is kept and `compile_note` says why.
+        retain_freed_memory: keep the memory each micro-batch frees in the process for the next one
+        (`workers/allocator.py`: glibc's malloc thresholds, process-wide) instead of faulting it back in
+        from the kernel every micro-batch; resident memory then stays at its peak between steps."""
+        if retain_freed_memory:
+            allocator.retain_freed_memory()
         self.prefixed = PrefixedModel(model)
         self.model = model
         self.tokenizer = tokenizer
