@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 64; --quick 16)")
     parser.add_argument("--micro-batch", type=int, default=4,
                         help="prefixd's micro_batch_size in rows (default 4, one task's rows: the activations "
-                             "of a single-task run, which the memory target needs; 8 and 16 are faster per "
-                             "token and cost ~0.45 GiB per 4 extra rows, see benchmarks/README.md)")
+                             "of a single-task run, which the memory target needs; 8 rows cost ~0.3 GiB more "
+                             "and were no faster on one CPU core, see benchmarks/README.md)")
     parser.add_argument("--eager", action="store_true",
                         help="(a) without compiled decoder layers (prefixd's compile_layers=False)")
     parser.add_argument("--compare-eager", action="store_true",

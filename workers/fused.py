@@ -2,9 +2,11 @@
 
 Why: with a frozen base and 4-row micro-batches, about a quarter of a training step on a CPU is not
 matrix products but the elementwise work around them (RMSNorm, RoPE, SiLU x up, residual adds, their
-backwards) and the autograd bookkeeping of ~40 small ops per layer. Compiled, each layer's forward and
-backward become a few fused loops around the same matrix products (Inductor generates them; on CPU
-they are C++/OpenMP kernels built with the machine's compiler, on GPU Triton kernels). See
+backwards), attention over a few dozen keys, and the autograd bookkeeping of ~40 small ops per layer.
+Compiled, each layer's forward and backward become a few fused loops around the same matrix products
+(Inductor generates them; on CPU they are C++/OpenMP kernels built with the machine's compiler, on GPU
+Triton kernels). Attention is two batched matmuls over grouped queries with the mask and softmax fused
+between them (`_attention`), and the loss's cross-entropy is compiled too (`token_cross_entropy`). See
 `benchmarks/multitask.py --compare-eager` for what it buys.
 
 How: `CompiledLayers.installed(cache)` swaps each decoder layer's `forward` for a call to one
