@@ -417,7 +417,11 @@ def test_broken_data_fails_after_its_attempts_without_holding_up_others(served):
 def test_killed_worker_comes_back_and_resumes_to_the_same_result(served, tmp_path):
     victim = served.submit("kill-a", "next", steps=60, checkpoint_every=5, eval_every=20)
     other = served.submit("kill-b", "reverse", steps=60, checkpoint_every=5, eval_every=20)
+    # Both jobs in the group and past a checkpoint before the kill: the second one is admitted at a later
+    # step boundary, and on a fast machine the first can be at step 12 before the second has joined.
     served.wait_step(victim, 12)
+    served.wait_step(other, 12)
+    assert served.store.get(victim).state == "running", "the first job ended before the second reached step 12"
     [status] = served.orchestrator.group_statuses().values()
     os.kill(status["pid"], signal.SIGKILL)  # the worker process dies mid-training
 
