@@ -364,6 +364,9 @@ def served(ray_local, tiny_base, tmp_path_factory):
 def test_job_joins_a_training_group_without_reloading(served):
     long = served.submit("join-long", "reverse", steps=100_000, eval_every=100_000, checkpoint_every=100_000)
     served.wait_step(long, 3, timeout=150)  # the group is up and training
+    # the group's status is read from the worker and can trail the job's step by a moment
+    wait_for(lambda: [s["loads"] for s in served.orchestrator.group_statuses().values()] == [1], 30,
+             "the group to report its one model load")
     [status] = served.orchestrator.group_statuses().values()
     assert status["loads"] == 1
 
