@@ -199,6 +199,10 @@ class PrefixedModel:
             return e.reason
         return None
 
+    def _compiled_now(self) -> CompiledLayers | None:
+        """The compiled layers and loss, for a forward with autograd on; None otherwise (eager)."""
+        return self.compiled if torch.is_grad_enabled() else None
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -270,7 +274,7 @@ class PrefixedModel:
         cache = training_cache(kv, seq2seq=self.seq2seq)
         self._active_cache = cache
         try:
-            if self.compiled is not None and torch.is_grad_enabled():
+            if self._compiled_now() is not None:
                 with self.compiled.installed(cache):
                     return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
             return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
@@ -313,8 +317,8 @@ class PrefixedModel:
             return PrefixedOutput(logits=logits, token_loss=empty, target_mask=empty.bool())
         target_mask = targets != -100
         at_targets = logits if targets_only else logits[target_mask]  # [K, vocab] either way
-        cross_entropy = self.compiled.cross_entropy if self.compiled is not None and torch.is_grad_enabled() \
-            else token_cross_entropy
+        compiled = self._compiled_now()
+        cross_entropy = compiled.cross_entropy if compiled is not None else token_cross_entropy
         loss = cross_entropy(at_targets, targets[target_mask])
         token_loss = loss.new_zeros(targets.shape).masked_scatter(target_mask, loss)
         return PrefixedOutput(logits=logits, token_loss=token_loss, target_mask=target_mask)
