@@ -1,6 +1,6 @@
 """N tasks trained jointly by prefixd against the same N tasks trained with PEFT (issue 3).
 
-    python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~15 min on 1 core
+    python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~20 min on 1 core
     python benchmarks/multitask.py --tasks 1,4,16 --steps 3
     python benchmarks/multitask.py --quick                # N = 1, 2, 16-token rows: < 60 s
     python benchmarks/multitask.py --tiny --quick         # 2-layer model: the smoke test
@@ -26,8 +26,10 @@ micro-batch, then the rest join; (b) warms up with one step of a throwaway PeftM
 the --steps rounds: one (a) step and the next N task-steps of (b)'s one-after-another sequence, in the
 order A B in even rounds and B A in odd ones (interleaved, so both see the same machine). The reference,
 an fp32 matmul [1024 x 576] @ [576 x 1536], is timed during (a): 5 calls before each of its micro-batches
-(their time taken back out of (a)'s), since the machine's speed drifts within a minutes-long step; 30-call
-samples before, between and after the variants are kept in the JSON for comparison. (a)'s peak RSS is
+(their time taken back out of (a)'s), since the machine's speed drifts within a minutes-long step; and
+during (b) the same way, 5 calls before each task-step (outside its timing), which gives the a/b ratio at
+equal machine speed beside the raw one (`drift_corrected`); 30-call samples before, between and after the
+variants are kept in the JSON for comparison. (a)'s peak RSS is
 read after its first full step, before PEFT is imported, so it is (a) alone in a fresh process.
 Achieved FLOP/s of (a) = 4 x all parameters (134.5M; the tied embedding counted once, as the LM head it
 is a real matmul) x tokens per step / step time: forward 2 x params x tokens, backward 2 x params x tokens
@@ -234,7 +236,7 @@ def worker_joint(args) -> dict:
               "a_step_time_s": [], "a_tokens": [], "b_wall_s": [], "b_cpu_s": [], "b_tokens": [],
               "b_setup_s": 0.0, "matmul_gflops": [], "a_sampling_s": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
               "a_compiled": not args.eager, "a0_cpu_s": [], "a0_wall_s": [], "a0_tokens": [],
-              "torch": torch.__version__}
+              "matmul_during_a_by_round": [], "matmul_during_b_by_round": [], "torch": torch.__version__}
     peft_task = None
     eager = None  # (a0), created after (a)'s peak RSS is read
 
@@ -243,8 +245,10 @@ def worker_joint(args) -> dict:
     def run_a():
         timer = Timer.empty()
         during.active, during.spent = True, {"cpu": 0.0, "wall": 0.0}
+        first = len(during.samples)
         report = timer.measure(trainer.step)
         during.active = False
+        result["matmul_during_a_by_round"].append(during.samples[first:])
         result["a_wall_s"].append(timer.wall[0] - during.spent["wall"])
         result["a_cpu_s"].append(timer.cpu[0] - during.spent["cpu"])
         result["a_sampling_s"].append(during.spent["cpu"])
@@ -260,13 +264,15 @@ def worker_joint(args) -> dict:
 
     def run_b(chunk):
         nonlocal peft_task
-        timer, tokens = Timer.empty(), 0
+        timer, tokens, samples = Timer.empty(), 0, []
         for i, s in chunk:
             if s == 0:  # the next task: a fresh PeftModel over the same base (setup timed apart)
                 start = time.perf_counter()
                 peft_task = PeftTask(model, datas[i], seed=i, pad_id=trainer.pad_id)
                 result["b_setup_s"] += time.perf_counter() - start
+            samples.append(matmul_gflops(repeats=5))  # as before each of (a)'s micro-batches; not timed
             tokens += timer.measure(peft_task.step)
+        result["matmul_during_b_by_round"].append(samples)
         result["b_wall_s"].append(sum(timer.wall))
         result["b_cpu_s"].append(sum(timer.cpu))
         result["b_tokens"].append(tokens)
@@ -340,10 +346,10 @@ def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: 
 # The parent: run the workers, print the tables
 
 
-def default_steps(n: int) -> int:
-    """Timed steps (rounds) per task: 3 up to N = 16, 2 beyond (one N = 64 round is ~4 minutes of one core;
-    keeps the default run near 15 minutes)."""
-    return 3 if n <= 16 else 2
+# Timed steps (rounds) per task at every N. One N = 64 round of (a), (a0) and (b) is ~5 minutes of one core,
+# so the default run with --compare-eager takes ~25 minutes; fewer rounds leave a ratio at the mercy of one slow
+# minute (single rounds of a/b ranged from 0.95 to 1.56 on this machine).
+ROUNDS = 3
 
 
 def executed_flops_per_token(parameters: int, head_parameters: int, seq_len: int) -> float:
@@ -377,7 +383,28 @@ def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_le
         # the step's bookkeeping (drawing rows, collating, progress records) beside its compute
         "a_outside_step_time_share": 1 - sum(joint["a_step_time_s"]) / sum(joint["a_wall_s"]),
         "a_compiled": joint["a_compiled"], "a_warmup_s": joint["a_warmup_s"],
-    } | eager_summary(joint, clock, a_rate)
+    } | eager_summary(joint, clock, a_rate) | drift_corrected(joint, clock)
+
+
+def drift_corrected(joint: dict, clock: str) -> dict:
+    """(a)'s tokens/s over (b)'s at equal machine speed. The machine's matmul rate drifts by +-15% within
+    minutes, which moves a round's raw ratio as much as the code does; so each side's time is weighed by the
+    reference matmul's rate sampled before each of its own micro-batches (a) or task-steps (b), the same
+    5-call sampling on both sides: tokens per GFLOP of reference-matmul work, (a) over (b). Raw ratios per
+    round are kept beside the corrected ones."""
+    def rate(side: str, r: int) -> tuple[float, float]:
+        mm = statistics.median(x[clock] for x in joint[f"matmul_during_{side}_by_round"][r])
+        return joint[f"{side}_tokens"][r], joint[f"{side}_{clock}_s"][r] * mm
+
+    rounds = range(len(joint["a_tokens"]))
+    a, b = [rate("a", r) for r in rounds], [rate("b", r) for r in rounds]
+    pooled = (sum(t for t, _ in a) / sum(w for _, w in a)) / (sum(t for t, _ in b) / sum(w for _, w in b))
+    return {
+        "speedup_at_equal_matmul_rate": pooled,
+        "speedup_at_equal_matmul_rate_by_round": [(ta / wa) / (tb / wb) for (ta, wa), (tb, wb) in zip(a, b)],
+        "speedup_by_round": [(joint["a_tokens"][r] / joint[f"a_{clock}_s"][r]) / (joint["b_tokens"][r] / joint[f"b_{clock}_s"][r])
+                             for r in rounds],
+    }
 
 
 def eager_summary(joint: dict, clock: str, a_rate: float) -> dict:
@@ -392,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=None, help="comma-separated N values (default 1,4,16,64; --quick 1,2)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per task (default: 3 for N <= 4, 1 for larger N; --quick 1)")
+                        help="timed steps (rounds) per task (default 3; --quick 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)")
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--compare-eager times eager layers beside (a)'s compiled ones; with --eager (a) is eager too")
     if ns[0] < 1 or (args.steps is not None and args.steps < 1) or args.threads < 1 or args.micro_batch < 1:
         parser.error("--tasks, --steps, --threads and --micro-batch must be >= 1")
-    steps_for = (lambda n: args.steps) if args.steps else (lambda n: 1 if args.quick else default_steps(n))
+    steps_for = (lambda n: args.steps) if args.steps else (lambda n: 1 if args.quick else ROUNDS)
     run_ns = sorted(set(ns) | {1})  # N = 1 is the single-task memory reference
     vocab_size = TINY_VOCAB if args.tiny else SMOLLM2_VOCAB
     started = time.perf_counter()
@@ -462,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "   (a0) the same, eager layers" if args.compare_eager else "") + "   (b) PEFT, one task after another, same process "
           "and base   (c) N single-task PEFT processes (memory: N x one measured process)")
     print(f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
-          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a)")
+          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a) and task-step of (b)")
     print()
     compared = all("a0_tokens_per_s" in s for s in summary)
     rows = []
@@ -471,13 +498,15 @@ def main(argv: list[str] | None = None) -> dict | None:
             str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}",
             *([f"{s['a0_tokens_per_s']:.1f}", f"{s['speedup_a_over_a0']:.3f}"] if compared else []),
             f"{s['b_tokens_per_s']:.1f}",
-            f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}", f"{s['a_gflops']:.1f}",
+            f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}",
+            f"{s['speedup_a_over_b']:.3f}", f"{s['speedup_at_equal_matmul_rate']:.3f}", f"{s['a_gflops']:.1f}",
             f"{s['matmul_gflops']:.1f}",
             f"{100 * s['a_share_of_matmul']:.0f}%", f"{100 * s['a_executed_share_of_matmul']:.0f}%",
             f"{s['a_peak_rss_bytes'] / GiB:.2f}",
             f"{s['c_peak_rss_bytes'] / GiB:.2f}", f"{s['a_rss_over_single_task']:.2f}",
         ])
-    print(format_table(["N", "steps", "(a) tok/s", *(["(a0) tok/s", "a/a0"] if compared else []), "(b) tok/s", "wall a/b", "cpu a/b", "(a) GFLOP/s",
+    print(format_table(["N", "steps", "(a) tok/s", *(["(a0) tok/s", "a/a0"] if compared else []), "(b) tok/s", "wall a/b", "cpu a/b",
+                        "speed-up", "at eq. mm", "(a) GFLOP/s",
                         "matmul GFLOP/s", "(a)/matmul", "executed", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
     single_rss = peft_single["peak_rss_bytes"]
     print(f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
@@ -487,6 +516,11 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"not in the rates): {warmups}")
     print("wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
           "(< 1: prefixd faster); tok/s counts every input token")
+    print("speed-up: (a) tok/s over (b) tok/s; at eq. mm: the same with each side's time weighed by the matmul "
+          "rate sampled before each of its micro-batches (a) or task-steps (b), i.e. at equal machine speed")
+    for s in summary:
+        print(f"N={s['n']} speed-up by round: " + " ".join(f"{x:.3f}" for x in s["speedup_by_round"])
+              + "; at eq. mm: " + " ".join(f"{x:.3f}" for x in s["speedup_at_equal_matmul_rate_by_round"]))
     print("(a)/matmul: the nominal rate (4 x all parameters x tokens) over the matmul's; executed: the FLOPs (a) "
           "really runs, the LM head only at the target half of each row")
     print()
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         n = s["n"]
         targets += [
             Target(f"N={n}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
+            Target(f"N={n}: the same at equal matmul rate", s["speedup_at_equal_matmul_rate"], ">=", TARGET_SPEEDUP),
             Target(f"N={n}: (a) FLOP/s / matmul FLOP/s", s["a_share_of_matmul"], ">=", TARGET_MATMUL_SHARE),
             Target(f"N={n}: (a) peak RSS / single-task run (N=1)", s["a_rss_over_single_task"], "<=",
                    TARGET_MEMORY),

@@ -7,6 +7,7 @@ check is the one the math fixes: prefixd and PEFT give the same loss and prefix 
 import json
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,12 @@ def test_multitask_quick(tmp_path):
     header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(a0\) tok/s\s+a/a0\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*"
                        r"\(a\) RSS / N=1$", out, re.M)
     assert header, out
-    for n in (1, 2):  # --quick: N = 1, 2, one step; then 13 columns: 8 numbers, 2 percentages, 3 numbers
-        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 8 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
+    for n in (1, 2):  # --quick: N = 1, 2, one step; then 15 columns: 10 numbers, 2 percentages, 3 numbers
+        row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 10 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
         assert re.search(row, out, re.M), (n, out)
-    for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"), ("\\(a\\) FLOP/s / matmul FLOP/s",
-                                                                              ">= 0.75"),
+    for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"),
+                        ("the same at equal matmul rate", ">= 1.15"),
+                        ("\\(a\\) FLOP/s / matmul FLOP/s", ">= 0.75"),
                         ("\\(a\\) peak RSS / single-task run \\(N=1\\)", "<= 1.20")):
         assert re.search(rf"^N=2: {what}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (what, out)
     report = json.loads(out_file.read_text())
@@ -75,6 +77,13 @@ def test_multitask_quick(tmp_path):
     # the reference matmul was sampled before each of (a)'s micro-batches (one per task at 4 rows), and
     # the sampling time was taken out of (a)'s
     assert len(raw["matmul_gflops_during_a"]) == 2 and len(raw["a_sampling_s"]) == 1
+    # ... and before each of (b)'s task-steps, outside its timing: the ratio at equal machine speed
+    assert [len(r) for r in raw["matmul_during_a_by_round"]] == [len(r) for r in raw["matmul_during_b_by_round"]] == [2]
+    two = report["summary"][1]
+    assert two["speedup_by_round"] == [pytest.approx(two["speedup_a_over_b"])]
+    mm_a, mm_b = (statistics.median(x["cpu"] for x in raw[f"matmul_during_{side}_by_round"][0]) for side in "ab")
+    assert two["speedup_at_equal_matmul_rate"] == pytest.approx(two["speedup_a_over_b"] * mm_b / mm_a)
+    assert re.search(r"^N=2 speed-up by round: [\d.]+; at eq. mm: [\d.]+$", out, re.M), out
     assert 0 < raw["a_sampling_s"][0] and all(t > 0 for t in raw["a_cpu_s"])
     assert 0 < report["summary"][1]["a_executed_gflops"] < report["summary"][1]["a_gflops"]
     assert all(0 <= s["a_outside_step_time_share"] < 1 for s in report["summary"])  # sampling left out of both
