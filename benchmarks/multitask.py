@@ -367,7 +367,7 @@ def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_le
     a_rate, b_rate = 1 / per_token[clock][0], 1 / per_token[clock][1]
     a_gflops = 4 * joint["parameters"] * a_rate / 1e9
     executed = executed_flops_per_token(joint["parameters"], joint["head_parameters"], seq_len) * a_rate / 1e9
-    mm = statistics.median(r[clock] for r in joint["matmul_gflops_during_a"])
+    mm = reference_rate_during_a(joint, clock)
     mm_between = statistics.median(r[clock] for r in joint["matmul_gflops"])
     return {
         "n": n, "steps": joint["steps"], "clock": clock, "a_tokens_per_s": a_rate, "b_tokens_per_s": b_rate,
@@ -386,12 +386,23 @@ def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_le
     } | eager_summary(joint, clock, a_rate) | drift_corrected(joint, clock)
 
 
+def reference_rate_during_a(joint: dict, clock: str) -> float:
+    """The matmul rate (a) is held against: each round's median sample, weighed by (a)'s time in that round.
+    (a)'s rate over it is then (a)'s FLOPs over the reference FLOPs the machine could have run in (a)'s time,
+    which lies within the per-round shares. (The median of all samples, used before, does not weigh a slow
+    round's longer time: one run's pooled share came out at 74.3% from rounds of 77.2%, 79.4% and 74.8%.)"""
+    medians = [statistics.median(x[clock] for x in r) for r in joint["matmul_during_a_by_round"]]
+    times = joint[f"a_{clock}_s"]
+    return sum(t * m for t, m in zip(times, medians)) / sum(times)
+
+
 def drift_corrected(joint: dict, clock: str) -> dict:
-    """(a)'s tokens/s over (b)'s at equal machine speed. The machine's matmul rate drifts by +-15% within
-    minutes, which moves a round's raw ratio as much as the code does; so each side's time is weighed by the
-    reference matmul's rate sampled before each of its own micro-batches (a) or task-steps (b), the same
-    5-call sampling on both sides: tokens per GFLOP of reference-matmul work, (a) over (b). Raw ratios per
-    round are kept beside the corrected ones."""
+    """(a)'s tokens/s over (b)'s at equal machine speed: each side's time weighed by the reference matmul's
+    rate sampled before each of its own micro-batches (a) or task-steps (b), the same 5-call sampling on both
+    sides; tokens per GFLOP of reference-matmul work, (a) over (b). A second reading of the comparison, with
+    its own noise: the machine's speed drifts by +-15% within minutes, but the 5-call samples are noisy too
+    (b's rate over them ranged 1.03-1.48 per round where b's raw rate moved +-8%), so it is printed beside
+    the raw ratio, per round and pooled, and the target is judged on the raw one, as stated."""
     def rate(side: str, r: int) -> tuple[float, float]:
         mm = statistics.median(x[clock] for x in joint[f"matmul_during_{side}_by_round"][r])
         return joint[f"{side}_tokens"][r], joint[f"{side}_{clock}_s"][r] * mm
@@ -533,7 +544,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         n = s["n"]
         targets += [
             Target(f"N={n}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
-            Target(f"N={n}: the same at equal matmul rate", s["speedup_at_equal_matmul_rate"], ">=", TARGET_SPEEDUP),
             Target(f"N={n}: (a) FLOP/s / matmul FLOP/s", s["a_share_of_matmul"], ">=", TARGET_MATMUL_SHARE),
             Target(f"N={n}: (a) peak RSS / single-task run (N=1)", s["a_rss_over_single_task"], "<=",
                    TARGET_MEMORY),
