@@ -391,9 +391,13 @@ def reference_rate_during_a(joint: dict, clock: str) -> float:
     (a)'s rate over it is then (a)'s FLOPs over the reference FLOPs the machine could have run in (a)'s time,
     which lies within the per-round shares. (The median of all samples, used before, does not weigh a slow
     round's longer time: one run's pooled share came out at 74.3% from rounds of 77.2%, 79.4% and 74.8%.)"""
-    medians = [statistics.median(x[clock] for x in r) for r in joint["matmul_during_a_by_round"]]
     times = joint[f"a_{clock}_s"]
-    return sum(t * m for t, m in zip(times, medians)) / sum(times)
+    return sum(t * m for t, m in zip(times, round_matmul_rates(joint, "a", clock))) / sum(times)
+
+
+def round_matmul_rates(joint: dict, side: str, clock: str) -> list[float]:
+    """Per round, the median of the matmul samples taken before (a)'s micro-batches or (b)'s task-steps."""
+    return [statistics.median(x[clock] for x in r) for r in joint[f"matmul_during_{side}_by_round"]]
 
 
 def drift_corrected(joint: dict, clock: str) -> dict:
@@ -403,12 +407,13 @@ def drift_corrected(joint: dict, clock: str) -> dict:
     its own noise: the machine's speed drifts by +-15% within minutes, but the 5-call samples are noisy too
     (b's rate over them ranged 1.03-1.48 per round where b's raw rate moved +-8%), so it is printed beside
     the raw ratio, per round and pooled, and the target is judged on the raw one, as stated."""
-    def rate(side: str, r: int) -> tuple[float, float]:
-        mm = statistics.median(x[clock] for x in joint[f"matmul_during_{side}_by_round"][r])
-        return joint[f"{side}_tokens"][r], joint[f"{side}_{clock}_s"][r] * mm
+    def tokens_and_work(side: str) -> list[tuple[float, float]]:
+        """Per round: tokens, and time x matmul rate (the reference GFLOPs the machine could have run)."""
+        times, rates = joint[f"{side}_{clock}_s"], round_matmul_rates(joint, side, clock)
+        return [(tokens, t * mm) for tokens, t, mm in zip(joint[f"{side}_tokens"], times, rates)]
 
     rounds = range(len(joint["a_tokens"]))
-    a, b = [rate("a", r) for r in rounds], [rate("b", r) for r in rounds]
+    a, b = tokens_and_work("a"), tokens_and_work("b")
     pooled = (sum(t for t, _ in a) / sum(w for _, w in a)) / (sum(t for t, _ in b) / sum(w for _, w in b))
     return {
         "speedup_at_equal_matmul_rate": pooled,

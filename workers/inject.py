@@ -274,8 +274,9 @@ class PrefixedModel:
         cache = training_cache(kv, seq2seq=self.seq2seq)
         self._active_cache = cache
         try:
-            if self._compiled_now() is not None:
-                with self.compiled.installed(cache):
+            compiled = self._compiled_now()
+            if compiled is not None:
+                with compiled.installed(cache):
                     return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
             return self._forward_with_cache(cache, packed, input_ids, attention_mask, labels, targets_only)
         finally:
