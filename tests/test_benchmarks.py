@@ -103,6 +103,12 @@ def test_matmul_reference_weighs_rounds_by_time():
     assert min(shares) <= pooled <= max(shares)
 
 
+def test_matmul_rows_quick():
+    out = run_script("matmul_rows.py", "--quick")
+    for rows in (256, 512):
+        assert re.search(rf"^{rows}" + rf"\s+{NUMBER}" * 4 + r"\s+\d+%$", out, re.M), out
+
+
 PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
            "benchmarks/multitask.py": multitask.build_parser}
 
