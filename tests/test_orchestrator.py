@@ -391,6 +391,8 @@ def test_cancel_stops_at_the_next_step_and_others_carry_on(served):
     victim = served.submit("cancel-me", "next", steps=100_000, eval_every=100_000, checkpoint_every=100_000)
     other = served.submit("carry-on", "reverse", steps=40)
     served.wait_step(victim, 3)
+    # the other job is admitted at a later step boundary; cancel once both train, so it is a co-tenant
+    served.wait_step(other, 1)
     step_at_request = served.store.get(victim).step
     served.store.request_cancel(victim)
     cancelled = served.wait_state(victim, {"cancelled"}, timeout=30)
