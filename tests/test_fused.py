@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from tests.test_trainer import TASKS, prefix_tensor, run, task_config
-from tests.tiny import char_tokenizer, tiny_model
+from tests.tiny import char_tokenizer, tiny_config, tiny_model
 from workers import fused
 from workers.inject import PrefixedModel
 from workers.trainer import MultiTaskTrainer
@@ -71,11 +72,52 @@ def test_attention_forms(t, s, grouped):
     keep = torch.ones(2, 1, t, s, dtype=torch.bool).tril(diagonal=s - t)
     keep[1, :, :, :3] = False  # a prefix slot row 1 does not have
     assert (t * s <= 8 * (2 * s + t)) is grouped
-    for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)):
+    additive = fused.additive_mask(keep, torch.float32)
+    assert additive.dtype == torch.float32 and fused.additive_mask(additive, torch.float32) is additive
+    assert torch.equal(additive == 0, keep) and (additive[~keep] == torch.finfo(torch.float32).min).all()
+    for mask in (keep, additive):
         expected = F.scaled_dot_product_attention(q, fused._repeat_kv(k, 2), fused._repeat_kv(v, 2),
                                                   attn_mask=mask, scale=0.3)
         assert torch.allclose(fused._attention(q, k, v, mask, 0.3), expected, atol=1e-6)
         assert torch.allclose(fused._grouped_attention(q, k, v, mask, 0.3), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_written_out_cross_entropy_gives_the_losses_and_gradients_of_f_cross_entropy(dtype):
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(7, 50, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, 50, (7,), generator=gen)
+    targets[3] = targets[4]  # two rows, one target id
+    weights = torch.rand(7, generator=gen)
+    results = []
+    for loss_fn in (fused.token_cross_entropy, fused.fused_token_cross_entropy,
+                    torch.compile(fused.fused_token_cross_entropy)):
+        x = logits.clone().requires_grad_()
+        loss = loss_fn(x, targets)
+        (loss * weights).sum().backward()
+        assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+        results.append((loss.detach(), x.grad.float()))
+    (loss_ref, grad_ref), *others = results
+    for loss, grad in others:
+        assert torch.allclose(loss, loss_ref, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(grad, grad_ref, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_the_boolean_mask_is_made_additive_once_per_forward(monkeypatch):
+    """Every layer gets the model's one mask object: it is converted for the first compiled layer, reused by
+    the others, and let go when the forward ends."""
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3  # two compiled layers
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    prefixed = PrefixedModel(model)
+    prefixed.compile_layers()
+    converted = []
+    real = fused.additive_mask
+    monkeypatch.setattr(fused, "additive_mask", lambda mask, dtype: converted.append(mask.dtype) or real(mask, dtype))
+    loss_and_grads(prefixed, *mixed_batch(prefixed))
+    assert converted == [torch.bool]
+    assert prefixed.compiled.calls == len(model.model.layers) - 1 > 1
+    assert prefixed.compiled._masks is None
 
 
 def test_only_autograd_forwards_are_compiled_and_a_failing_forward_restores_the_layers():
