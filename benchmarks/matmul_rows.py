@@ -138,11 +138,11 @@ def profile_step(tasks: int) -> None:
     print(f"\none {tasks}-task step, 4-row micro-batches, compiled layers: matrix products (aten::mm) "
           f"{100 * share:.1f}% of self CPU time")
     print(format_table(["op", "shapes", "calls", "of step", "GFLOP/s"], rows))
-    fused = sum(e.self_cpu_time_total for e in events if e.key.startswith("## Call CompiledFxGraph")) / total
+    graphs = sum(e.self_cpu_time_total for e in events if e.key.startswith("## Call CompiledFxGraph")) / total
     batched = sum(e.self_cpu_time_total for e in events if e.key == "aten::bmm") / total
     print(f"the rest: the compiled graphs' own kernels (fused elementwise loops, softmax, cross-entropy) "
-          f"{100 * fused:.1f}%, batched matmuls (attention) {100 * batched:.1f}%, "
-          f"everything else (eager ops, autograd and dispatch) {100 * (1 - share - fused - batched):.1f}%")
+          f"{100 * graphs:.1f}%, batched matmuls (attention) {100 * batched:.1f}%, "
+          f"everything else (eager ops, autograd and dispatch) {100 * (1 - share - graphs - batched):.1f}%")
 
 
 def main(argv: list[str] | None = None) -> None:
