@@ -103,6 +103,15 @@ def test_matmul_reference_weighs_rounds_by_time():
     assert min(shares) <= pooled <= max(shares)
 
 
+def test_compiled_kernels_quick():
+    out = run_script("compiled_kernels.py", "--quick")
+    diffs = re.findall(r"outputs and gradients differ by at most (\d\.\de[-+]\d+)\)$", out, re.M)
+    assert len(diffs) == 2 and all(float(d) < 1e-5 for d in diffs), out  # both variants compute the same thing
+    for before, now in (("boolean mask", "additive mask"), ("F.cross_entropy", "written-out backward")):
+        assert re.search(rf"^{before} \(before\)\s+{NUMBER}$", out, re.M), out
+        assert re.search(rf"^{now} \(now\)\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
+
+
 def test_matmul_rows_quick():
     out = run_script("matmul_rows.py", "--quick")
     for rows in (256, 512):

@@ -155,9 +155,9 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Why: in the compiled layer's softmax, a boolean mask is read as one byte per score and widened into a
     vector mask for a blend, and its backward needs it again; an added float mask is one load and an add,
-    with nothing to keep for backward. On a CPU the compiled softmax runs ~2x faster (in isolation, one
-    SmolLM2 layer's scores for a 4-row micro-batch, 4 x 9 x 64 x 74: ~1,000 -> ~440 us). Same probabilities:
-    exp of the lowest value minus the row's maximum is 0, as for a filled one."""
+    with nothing to keep for backward. On a CPU one SmolLM2 layer's compiled attention for a 4-row micro-batch
+    takes ~0.75x the time, forward + backward (`benchmarks/compiled_kernels.py`). Same probabilities: exp of
+    the lowest value minus the row's maximum is 0, as for a filled one."""
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -177,8 +177,8 @@ class TokenCrossEntropy(torch.autograd.Function):
     times the incoming gradient, minus it at each row's target: one pass over the [K, vocab] logits.
     Why not the compiled `F.cross_entropy`: the gradient Inductor derives from it (log-softmax backward
     through nll_loss) spends a separate pass summing a one-hot over the whole vocabulary per row; on a CPU
-    that made its backward ~3x slower than this one (its kernel in isolation, SmolLM2, 128 target tokens:
-    ~10.5 -> ~3.5 ms).
+    this one takes ~0.7x the time, forward + backward (SmolLM2's vocabulary, 128 target tokens:
+    `benchmarks/compiled_kernels.py`).
     The values are the same up to float rounding (the log-softmax subtracts in the other order)."""
 
     @staticmethod
