@@ -36,12 +36,12 @@ def rank_main(args) -> None:
     from workers.trainer import MultiTaskTrainer, TaskConfig
     from workers.zero import ZeroSettings, init_group, load_group_model
 
-    init_group(args.rank, args.world, "127.0.0.1", args.port)
+    coll = init_group(args.rank, args.world, "127.0.0.1", args.port)
     ref = (BaseModelRef(kind="path", location=args.model) if args.model
            else BaseModelRef(kind="builtin", location="smollm2-135m", dtype=args.dtype))
-    model, tok, info = load_group_model(ref, ZeroSettings(stage=3, persistence_threshold=0))
+    model, tok, info = load_group_model(ref, ZeroSettings(stage=3, persistence_threshold=0), coll)
     element_bytes = next(model.parameters()).element_size()
-    trainer = MultiTaskTrainer(model, tok, micro_batch_size=16, dist=dist)
+    trainer = MultiTaskTrainer(model, tok, micro_batch_size=16, collectives=coll, device=coll.device)
     work = Path(args.work)
     for i in range(4):
         trainer.add_task(TaskConfig(

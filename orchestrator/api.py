@@ -108,6 +108,7 @@ class JobOut(BaseModel):
     registration_attempts: int = 0
     registration_error: str | None = None
     next_registration_at: float | None = None
+    waiting: str | None = None
 
 
 class SubmitOut(BaseModel):

@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 
 from jobs.spec import Problem, SpecError, load_spec, spec_json_schema
 from orchestrator.client import ApiClient, ApiError
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig, read_group_shapes
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
 
@@ -221,7 +221,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.progress import ProgressView
-    from orchestrator.scheduler import Orchestrator
+    from orchestrator.scheduler import Orchestrator, Unschedulable
 
     config = config_from_args(args, **_scheduler_settings(args))
     store = open_store(args)
@@ -234,7 +234,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     view = ProgressView(sys.stdout)
     with Orchestrator(config) as orchestrator:
-        summary = orchestrator.run_until_empty(progress_callback=view)
+        try:
+            summary = orchestrator.run_until_empty(progress_callback=view)
+        except Unschedulable as e:
+            raise CommandError(str(e)) from None
     counts = ", ".join(f"{summary.count(s)} {s}" for s in FINAL_STATES if summary.count(s))
     print(f"done: {counts or 'no jobs'}; results under {config.jobs_dir}")
     for job in summary.jobs.values():
@@ -599,8 +602,17 @@ def main(argv: list[str] | None = None) -> int:
 
 _SCHEDULER_FLAGS = (  # flag, config field, type, help
     ("--num-cpus", "num_cpus", int, "CPUs of the local Ray (default: all)"),
-    ("--cpus-per-group", "cpus_per_group", float, "Ray CPUs per worker group (default 1)"),
-    ("--max-groups", "max_groups", int, "most worker groups (base models) at once (default 2)"),
+    ("--cpus-per-group", "cpus_per_group", float,
+     "CPUs each rank of a group reserves, its torch threads on CPU (default: a local Ray's CPUs split across "
+     "one group's ranks; 1 on a cluster)"),
+    ("--max-groups", "max_groups", int, "most worker groups at once, replicas included (default 2)"),
+    ("--max-groups-per-base", "max_groups_per_base", int,
+     "most groups serving one base model; another starts when its queue exceeds what they take (default 1)"),
+    ("--placement-strategy", "placement_strategy", str,
+     "how a group's ranks are placed: PACK (few nodes, default) or STRICT_PACK (one node)"),
+    ("--group-shapes", "group_shapes", "file",
+     "YAML/JSON table: base model -> group settings (workers_per_group, zero_stage, gpus_per_worker, "
+     "cpus_per_group, resources_per_worker, placement_strategy, max_groups)"),
     ("--group-capacity", "group_capacity", int, "most tasks per group (default 8)"),
     ("--micro-batch-size", "micro_batch_size", int, "rows per forward pass (default 16)"),
     ("--workers-per-group", "workers_per_group", int,
@@ -624,12 +636,20 @@ def _add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     for flag, dest, type_, help_text in _SCHEDULER_FLAGS:
         if type_ is None:  # an on/off switch
             p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+        elif type_ == "file":
+            p.add_argument(flag, dest=dest, metavar="FILE", default=None, help=help_text)
         else:
             p.add_argument(flag, dest=dest, type=type_, default=None, help=help_text)
 
 
 def _scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {dest: getattr(args, dest) for _, dest, _, _ in _SCHEDULER_FLAGS if getattr(args, dest) is not None}
+    settings = {dest: getattr(args, dest) for _, dest, _, _ in _SCHEDULER_FLAGS if getattr(args, dest) is not None}
+    if "group_shapes" in settings:
+        try:
+            settings["group_shapes"] = read_group_shapes(settings["group_shapes"])
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    return settings
 
 
 def _positive_int(text: str) -> int:
@@ -661,6 +681,8 @@ def _print_table(jobs: list[Job]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if any(j.cancel_requested and j.state == "running" for j in jobs):
         print("* cancel requested; stops at its next step")
+    for base, reason in sorted({(j.base_key, j.waiting) for j in jobs if j.state == "queued" and j.waiting}):
+        print(f"queued jobs of {base}: {reason}")
 
 
 def _registration(job: Job) -> str | None:
@@ -686,6 +708,7 @@ def _print_job(job: Job) -> None:
         ("attempts", f"{job.attempts} of {job.max_attempts}"), ("submitted", _clock(job.created_at)),
         ("started", _clock(job.started_at) if job.started_at else None),
         ("finished", _clock(job.finished_at) if job.finished_at else None),
+        ("waiting", job.waiting if job.state == "queued" else None),
         ("result", job.result_dir), ("error", job.error),
         ("registered", _registration(job)),
     ]

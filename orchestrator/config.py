@@ -18,6 +18,7 @@ PREFIXD_MODEL_CACHE), so several homes share one converted SmolLM2.
 from __future__ import annotations
 
 import os
+import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,92 @@ STORE_URL_ENV = "PREFIXD_STORE_URL"
 MODEL_CACHE_ENV = "PREFIXD_MODEL_CACHE"
 RAY_ADDRESS_ENV = "PREFIXD_RAY_ADDRESS"
 DEFAULT_HOME = "~/.prefixd"
+STRATEGIES = ("PACK", "STRICT_PACK")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupShape:
+    """How the worker groups of one base model are built and reserved (the operator's table, per base).
+
+    A group's ranks are reserved together as one Ray placement group of `workers_per_group` bundles of
+    {CPU: cpus_per_group, GPU: gpus_per_worker, **resources_per_worker}; nothing is held until every bundle
+    is. Data-parallel stage-0 groups suit models that fit one device, ZeRO-3 groups those that do not.
+
+        GroupShape(workers_per_group=8, zero_stage=3, gpus_per_worker=1, placement_strategy="STRICT_PACK")
+    """
+
+    workers_per_group: int = 1
+    """Ranks (processes) per group."""
+    zero_stage: int = 3
+    """3 partitions the base across the ranks; 0 and 2 keep a whole copy on each rank."""
+    zero_offload: bool = False
+    """Stage 3: keep the partitions in CPU memory."""
+    gpus_per_worker: float = 0.0
+    """GPUs each rank reserves (0 on CPU machines)."""
+    cpus_per_group: float | None = None
+    """CPUs each rank reserves, and its torch threads on a CPU host. None: with a local Ray, the machine's
+    CPUs split across one group's ranks (a single group gets them all); on a cluster, 1."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each rank reserves (e.g. {"a100": 1} to land on labelled nodes)."""
+    placement_strategy: str = "PACK"
+    """PACK: ranks on as few nodes as fit; STRICT_PACK: all on one node (a ZeRO-3 group's gathers stay
+    inside it)."""
+    max_groups: int | None = None
+    """Most groups of this base model at once (None: the orchestrator's max_groups_per_base)."""
+
+    FIELDS = ("workers_per_group", "zero_stage", "zero_offload", "gpus_per_worker", "cpus_per_group",
+              "resources_per_worker", "placement_strategy", "max_groups")
+
+    def problems(self, where: str) -> list[str]:
+        """Every setting out of range, each named after `where` ("" or e.g. "group_shapes['builtin:x'].")."""
+        out = []
+        if self.zero_stage not in (0, 2, 3):
+            out.append(f"{where}zero_stage: must be 0, 2 or 3, got {self.zero_stage!r}")
+        if self.zero_offload and self.zero_stage != 3:
+            out.append(f"{where}zero_offload: needs zero_stage 3")
+        if not _is_int(self.workers_per_group) or self.workers_per_group < 1:
+            out.append(f"{where}workers_per_group: must be an int >= 1, got {self.workers_per_group!r}")
+        if not _is_number(self.gpus_per_worker) or self.gpus_per_worker < 0:
+            out.append(f"{where}gpus_per_worker: must be a number >= 0, got {self.gpus_per_worker!r}")
+        if self.cpus_per_group is not None and (not _is_number(self.cpus_per_group) or not self.cpus_per_group > 0):
+            out.append(f"{where}cpus_per_group: must be a number > 0 (or unset), got {self.cpus_per_group!r}")
+        if not isinstance(self.resources_per_worker, dict) or not all(
+                isinstance(k, str) and k and _is_number(v) and v > 0 for k, v in self.resources_per_worker.items()):
+            out.append(f"{where}resources_per_worker: must map resource names to numbers > 0, "
+                       f"got {self.resources_per_worker!r}")
+        elif {"CPU", "GPU"} & set(self.resources_per_worker):
+            out.append(f"{where}resources_per_worker: CPU and GPU are set by cpus_per_group and gpus_per_worker")
+        if self.placement_strategy not in STRATEGIES:
+            out.append(f"{where}placement_strategy: must be one of {', '.join(STRATEGIES)}, "
+                       f"got {self.placement_strategy!r}")
+        if self.max_groups is not None and (not _is_int(self.max_groups) or self.max_groups < 1) and where:
+            out.append(f"{where}max_groups: must be an int >= 1 (or unset), got {self.max_groups!r}")
+        return out
+
+
+def read_group_shapes(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The operator's table from a YAML or JSON file: {base model: {GroupShape field: value}}, where a base
+    model is a job's base key ('builtin:smollm2-135m:bfloat16') or the same without its dtype
+    ('builtin:smollm2-135m'). Raises ValueError naming the file and what is wrong."""
+    import yaml
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"group_shapes: cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in data.items()):
+        raise ValueError(f"group_shapes: {path} must map base models to settings, e.g. "
+                         "{'builtin:smollm2-135m': {'workers_per_group': 1, 'gpus_per_worker': 1}}")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def default_model_cache() -> Path:
@@ -59,10 +146,14 @@ class OrchestratorConfig:
     127.0.0.1, which is shut down when the orchestrator closes."""
     num_cpus: int | None = None
     """CPUs of the local Ray started when ray_address is None; None lets Ray count the machine's."""
-    cpus_per_group: float = 1.0
-    """Ray CPUs reserved by each rank of a worker group (its torch thread count on CPU)."""
+    cpus_per_group: float | None = None
+    """Ray CPUs reserved by each rank of a worker group (its torch thread count on CPU). None: with a local
+    Ray, the machine's CPUs split across one group's ranks (a single group gets them all); on a cluster, 1."""
     max_groups: int = 2
-    """Most worker groups (resident base models) at once; further base models wait in the queue."""
+    """Most worker groups (resident base models, replicas included) at once; further work waits in the queue."""
+    max_groups_per_base: int = 1
+    """Most groups serving one base model at once: another starts when its queued jobs exceed what its
+    running groups can take (group_capacity each). A base's row in group_shapes may set its own."""
     group_capacity: int = 8
     """Most tasks one group trains at once; further jobs of its base model wait in the queue."""
     idle_timeout_s: float = 30.0
@@ -87,6 +178,13 @@ class OrchestratorConfig:
     """Ranks (processes) in each worker group; the base model is partitioned across them with ZeRO-3."""
     gpus_per_worker: float = 0.0
     """GPUs each rank of a group reserves from Ray (0 on CPU machines; NCCL is used when GPUs are there)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each rank reserves (node labels such as {"a100": 1})."""
+    placement_strategy: str = "PACK"
+    """How a group's ranks are placed: PACK (as few nodes as fit) or STRICT_PACK (one node)."""
+    group_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per base model, GroupShape fields that differ from the settings above (`read_group_shapes` reads the
+    operator's file; `prefixd serve --group-shapes FILE`)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage of each group's base model: 3 partitions it across the group's ranks; 0 and 2
     keep a full copy on each rank (a frozen base has nothing else for them to partition)."""
@@ -128,26 +226,29 @@ class OrchestratorConfig:
 
     def check(self) -> None:
         """Raise ValueError listing every setting out of range."""
-        problems = []
-        if self.zero_stage not in (0, 2, 3):
-            problems.append(f"zero_stage: must be 0, 2 or 3, got {self.zero_stage!r}")
-        if self.zero_offload and self.zero_stage != 3:
-            problems.append("zero_offload: needs zero_stage 3")
+        problems = self.shape_for(None).problems("")
         if not isinstance(self.compile_layers, bool):
             problems.append(f"compile_layers: must be true or false, got {self.compile_layers!r}")
         elif self.compile_layers and self.zero_stage == 3:
             problems.append("compile_layers: needs zero_stage 0 or 2 (ZeRO-3 partitions the weights the compiled "
                             "layers read)")
-        for name in ("max_groups", "group_capacity", "max_attempts", "micro_batch_size", "workers_per_group"):
+        for name in ("max_groups", "max_groups_per_base", "group_capacity", "max_attempts", "micro_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 problems.append(f"{name}: must be an int >= 1, got {value!r}")
-        if not isinstance(self.gpus_per_worker, (int, float)) or self.gpus_per_worker < 0:
-            problems.append(f"gpus_per_worker: must be a number >= 0, got {self.gpus_per_worker!r}")
-        for name in ("cpus_per_group", "idle_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
+        for name in ("idle_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not _is_number(value) or not value > 0:
                 problems.append(f"{name}: must be a number > 0, got {value!r}")
+        if not isinstance(self.group_shapes, dict):
+            problems.append(f"group_shapes: must map base models to settings, got {self.group_shapes!r}")
+        for base, row in (self.group_shapes.items() if isinstance(self.group_shapes, dict) else ()):
+            unknown = sorted(set(row) - set(GroupShape.FIELDS))
+            if unknown:
+                problems.append(f"group_shapes[{base!r}]: unknown settings {unknown}; accepted: "
+                                f"{', '.join(GroupShape.FIELDS)}")
+            else:
+                problems += self.shape_for(base).problems(f"group_shapes[{base!r}].")
         if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
             problems.append(f"num_cpus: must be an int >= 1 or None, got {self.num_cpus!r}")
         if not problems and self.stale_after_s <= 2 * self.heartbeat_s:
@@ -155,6 +256,15 @@ class OrchestratorConfig:
                             f"({self.heartbeat_s}), or live jobs would be taken back as stale")
         if problems:
             raise ValueError("orchestrator settings: " + "; ".join(problems))
+
+    def shape_for(self, base_key: str | None) -> GroupShape:
+        """The group shape for a base model: its row in group_shapes (by the whole base key, else the key
+        without its dtype) over the orchestrator's own settings."""
+        row: dict[str, Any] = {}
+        if base_key is not None:
+            row = self.group_shapes.get(base_key) or self.group_shapes.get(base_key.rsplit(":", 1)[0]) or {}
+        defaults = {name: getattr(self, name) for name in GroupShape.FIELDS if name != "max_groups"}
+        return GroupShape(**(defaults | {"max_groups": self.max_groups_per_base} | row))
 
     def with_(self, **changes: Any) -> OrchestratorConfig:
         """A copy with some fields changed (checked again)."""

@@ -1,4 +1,5 @@
-"""A worker group: one Ray actor per base model, training every job of that model it can hold at once.
+"""A worker group: one Ray actor (rank 0, plus followers) per copy of a base model, training every job of that
+model it can hold at once.
 
 The group loads its base model once, on its first job, and keeps it while jobs stream in and out between
 steps. Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
@@ -14,6 +15,10 @@ A heartbeat thread keeps the held jobs' heartbeats fresh every `heartbeat_s`, ev
 and notes jobs the store took back (requeued as stale); those are dropped at the next step boundary.
 The scheduler calls `status()` (a ping; also reports idleness and the model-load count) and `stop()`
 concurrently with `run()`, hence the actor's max_concurrency.
+
+Its ranks are reserved together (a Ray placement group, one bundle per rank, made by the scheduler) and
+start in it at once (`start_group`): rank 0 hosts the rendezvous and starts the followers, which run the
+rank protocol of `workers/ranks.py` (each rank's device and threads: `workers/devices.py`).
 
 A job's folder (`jobs/<job_id>/`) is the same on every attempt: `add_task` resumes the checkpoint found
 there, and a `result.json` left by an attempt that died between writing its result and recording it makes
@@ -59,12 +64,19 @@ class GroupSettings:
     zero_offload: bool = False
     zero_persistence_threshold: int | None = None
     compile_layers: bool = False
+    cpus_per_rank: float | None = None
+    """CPUs each rank reserved: its torch threads on a CPU host."""
 
-    def zero(self):
+    def ranks(self):
+        """What every rank needs (`workers.ranks.RankSettings`); each rank's device is decided there."""
+        from workers.ranks import RankSettings
         from workers.zero import ZeroSettings
 
-        return ZeroSettings(stage=self.zero_stage, offload_params=self.zero_offload,
+        zero = ZeroSettings(stage=self.zero_stage, offload_params=self.zero_offload,
                             persistence_threshold=self.zero_persistence_threshold)
+        return RankSettings(world=self.world, zero=zero, model_cache=self.model_cache, data_cache=self.data_cache,
+                            micro_batch_size=self.micro_batch_size, compile_layers=self.compile_layers,
+                            cpus=self.cpus_per_rank)
 
 
 class WorkerGroup:
@@ -84,18 +96,22 @@ class WorkerGroup:
         self._stopping = False
         self._idle_since: float | None = None
         self._done = threading.Event()
-        self.channel: GroupChannel | None = None
+        self.channel = None  # workers.ranks.GroupChannel, once the ranks have met
         self._rendezvous: tuple[str, int] | None = None
+        self._store = None  # the rendezvous store rank 0 hosts, alive as long as the group
         self.last_step: dict[str, float] = {}  # tokens/s, tasks and peak memory of the latest step
 
     # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
 
     def rendezvous(self) -> tuple[str, int]:
-        """Choose where the group's process group meets: this node's address and a free port on it
-        (rank 0 hosts it). Called once, before `run`; the followers are given the answer."""
+        """Where the group's process group meets: this node's address and the port of the store rank 0
+        hosts there (bound as it is opened, so no other process can take the port first)."""
         if self._rendezvous is None:
+            from workers.ranks import host_rendezvous
+
             addr = ray.util.get_node_ip_address()
-            self._rendezvous = (addr, _free_port(addr))
+            self._store, port = host_rendezvous(addr, self.s.world)
+            self._rendezvous = (addr, port)
         return self._rendezvous
 
     def status(self) -> dict[str, Any]:
@@ -119,21 +135,23 @@ class WorkerGroup:
 
     # ---- the loop ---------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train until stopped; returns a summary. Raises (after releasing every held job) on a failure
-        of the group itself, such as a step that raises."""
-        try:
-            import datasets
+    def run(self, followers: list | tuple = ()) -> dict[str, Any]:
+        """Host the rendezvous, start the followers' loops (ranks 1.., in order), then train until stopped;
+        returns a summary. Raises (after releasing every held job) on a failure of the group itself, such as
+        a step that raises."""
+        from workers.ranks import GroupChannel
 
-            datasets.disable_progress_bars()  # tokenizing bars would flood the driver's terminal
-        except ImportError:
-            pass
+        _quiet_datasets()
+        rendezvous = self.rendezvous()
+        for rank, follower in enumerate(followers, start=1):
+            follower.run.remote(self.s, rank, rendezvous)
         self.store = JobStore(self.s.store_url)
         beat = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         beat.start()
         last_claim = -math.inf
         try:
-            self.channel = GroupChannel.join(0, self.s, self.rendezvous())  # waits for the followers
+            # Waits for the followers: their actors exist already (their placement group is reserved).
+            self.channel = GroupChannel.join(0, self.s.ranks(), rendezvous, store=self._store)
             while True:
                 with self._lock:
                     active = len(self.trainer.active) if self.trainer else 0
@@ -330,183 +348,73 @@ class _ModelLoadFailed(RuntimeError):
     pass
 
 
-# ---- the group's ranks ------------------------------------------------------------------------------
-
-
-class GroupChannel:
-    """Rank 0 tells the other ranks what to do, one operation at a time, over the group's process group.
-
-    Every rank runs the same trainer operations in the same order (ZeRO-3 gathers weights collectively,
-    so the ranks must stay in lockstep): ("load", ref), ("add", TaskConfig), ("remove", task_id),
-    ("step",), ("noop",) while idle (keeps the collective from timing out), ("stop",).
-    With one rank nothing is sent: a group of one runs the same path.
-    """
-
-    KEEPALIVE_S = 60.0
-
-    def __init__(self, rank: int, settings: GroupSettings):
-        self.rank, self.s = rank, settings
-        self.broken = False
-        self._last_sent = time.monotonic()
-
-    @classmethod
-    def join(cls, rank: int, settings: GroupSettings, rendezvous: tuple[str, int]) -> "GroupChannel":
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        from workers.zero import init_group
-
-        init_group(rank, settings.world, *rendezvous, timeout=timedelta(seconds=10 * cls.KEEPALIVE_S))
-        dist.barrier()
-        return cls(rank, settings)
-
-    def send(self, op: tuple) -> None:
-        if self.s.world == 1 or self.broken:
-            return
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([op], src=0)
-        self._last_sent = time.monotonic()
-
-    def receive(self) -> tuple:
-        import torch.distributed as dist
-
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def keepalive(self) -> None:
-        if time.monotonic() - self._last_sent >= self.KEEPALIVE_S:
-            self.send(("noop",))
-
-    def load(self, ref) -> "ReplicatedTrainer":
-        """Every rank: load its share of the base model; returns this rank's trainer."""
-        import torch.distributed as dist
-
-        from workers.trainer import MultiTaskTrainer
-        from workers.zero import load_group_model
-
-        model, tokenizer, shard = load_group_model(ref, self.s.zero(), cache_dir=self.s.model_cache)
-        trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
-                                   compile_layers=self.s.compile_layers, data_cache_dir=self.s.data_cache,
-                                   dist=dist if self.s.world > 1 else None)
-        self.shard = shard
-        return ReplicatedTrainer(trainer, self)
-
-
-class ReplicatedTrainer:
-    """The trainer as rank 0 uses it: each call is sent to the other ranks, then run here."""
-
-    def __init__(self, trainer, channel: GroupChannel):
-        self.trainer, self.channel = trainer, channel
-
-    @property
-    def active(self) -> list[str]:
-        return self.trainer.active
-
-    def add_task(self, config):
-        self.channel.send(("add", config))
-        return _add_everywhere(self.trainer, config, self.channel)
-
-    def remove_task(self, task_id: str) -> None:
-        self.channel.send(("remove", task_id))
-        self.trainer.remove_task(task_id)
-
-    def step(self):
-        self.channel.send(("step",))
-        return self.trainer.step()
-
-
-def _add_everywhere(trainer, config, channel: GroupChannel):
-    """add_task on this rank, kept only if it worked on every rank (data must load alike everywhere)."""
-    error, progress = None, None
-    try:
-        progress = trainer.add_task(config)
-    except Exception as e:  # noqa: BLE001 - reported by rank 0 as the job's error
-        error = e
-    if channel.s.world > 1:
-        import torch
-        import torch.distributed as dist
-
-        ok = torch.tensor([0 if error else 1])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not ok.item() and error is None:
-            trainer.remove_task(config.task_id)
-            error = RuntimeError("the task could not start on another rank of the group")
-    if error is not None:
-        raise error
-    return progress
+# ---- the group's actors on Ray --------------------------------------------------------------------------
 
 
 class GroupFollower:
-    """Ranks 1.. of a group: join rank 0's process group and do what it sends until it says stop."""
+    """Ranks 1.. of a group as a Ray actor: `workers.ranks.follow` until rank 0 says stop."""
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, settings: GroupSettings, rank: int, rendezvous: tuple[str, int]) -> dict[str, Any]:
-        try:
-            import datasets
+        from workers.ranks import follow
 
-            datasets.disable_progress_bars()
-        except ImportError:
-            pass
-        channel = GroupChannel.join(rank, settings, rendezvous)
-        trainer, steps = None, 0
-        while True:
-            op = channel.receive()
-            if op[0] == "stop":
-                break
-            if op[0] == "load":
-                trainer = channel.load(op[1]).trainer
-            elif op[0] == "add":
-                try:
-                    _add_everywhere(trainer, op[1], channel)
-                except Exception:  # noqa: BLE001 - rank 0 reports it
-                    pass
-            elif op[0] == "remove":
-                trainer.remove_task(op[1])
-            elif op[0] == "step":
-                trainer.step()
-                steps += 1
-        return dict(rank=rank, steps=steps)
+        _quiet_datasets()
+        return follow(settings.ranks(), rank, rendezvous)
 
 
-def _free_port(addr: str) -> int:
-    import socket
+def _quiet_datasets() -> None:
+    try:
+        import datasets
 
-    with socket.socket() as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
+        datasets.disable_progress_bars()  # tokenizing bars would flood the driver's terminal
+    except ImportError:
+        pass
 
 
 _RemoteWorkerGroup = ray.remote(WorkerGroup)
 _RemoteFollower = ray.remote(GroupFollower)
 
 
-def start_group(settings: GroupSettings, *, num_cpus: float, num_gpus: float = 0, runtime_env: dict | None = None):
-    """Create the group's actors and start their loops; returns (rank-0 actor, its loop's ObjectRef,
-    [follower actors]).
+def group_bundles(world: int, *, cpus: float, gpus: float, resources: dict[str, float]) -> list[dict[str, float]]:
+    """One Ray bundle per rank: what each rank reserves (CPU, GPU and custom resources)."""
+    bundle = {"CPU": float(cpus), **{k: float(v) for k, v in resources.items()}}
+    if gpus:
+        bundle["GPU"] = float(gpus)
+    return [dict(bundle) for _ in range(world)]
+
+
+def start_group(settings: GroupSettings, placement_group, *, bundles: list[dict[str, float]],
+                runtime_env: dict | None = None):
+    """Create the group's actors in its (ready) placement group, one per bundle, and start rank 0's loop,
+    which starts the followers' once it hosts the rendezvous. Never waits on Ray: returns (rank-0 actor,
+    its loop's ObjectRef, [follower actors]) at once.
 
     The loop's ref resolves with a summary when the group stops, and raises RayActorError when the
     actor's process dies (or RayTaskError when the loop itself failed, e.g. because a follower died and
     the group's collectives broke). Followers are killed with the group by the scheduler.
     """
-    # max_concurrency: status() and stop() answer while run() occupies one thread. No Ray restarts: a dead
-    # group's jobs must be released (an attempt counted) before a new group takes them.
-    options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=4, max_restarts=0)
-    if runtime_env:
-        options["runtime_env"] = runtime_env
-    actor = _RemoteWorkerGroup.options(**options).remote(settings)
-    rendezvous = ray.get(actor.rendezvous.remote())
-    followers = []
-    for rank in range(1, settings.world):
-        follower = _RemoteFollower.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=2,
-                                           **({"runtime_env": runtime_env} if runtime_env else {})).remote()
-        follower.run.remote(settings, rank, rendezvous)
-        followers.append(follower)
-    return actor, actor.run.remote(), followers
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def options(index: int, concurrency: int) -> dict[str, Any]:
+        bundle = bundles[index]
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        # No Ray restarts: a dead group's jobs must be released (an attempt counted) before a new group takes them.
+        out: dict[str, Any] = dict(
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0, max_concurrency=concurrency,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=placement_group,
+                                                                 placement_group_bundle_index=index))
+        if custom:
+            out["resources"] = custom
+        if runtime_env:
+            out["runtime_env"] = runtime_env
+        return out
+
+    # max_concurrency: status() and stop() answer while run() occupies one thread.
+    actor = _RemoteWorkerGroup.options(**options(0, 4)).remote(settings)
+    followers = [_RemoteFollower.options(**options(rank, 2)).remote() for rank in range(1, settings.world)]
+    return actor, actor.run.remote(followers), followers
 
 
 # ---- result.json -----------------------------------------------------------------------------------

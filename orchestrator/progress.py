@@ -71,6 +71,8 @@ class ProgressView:
             parts.append(f"ETA {format_duration(self.eta_s(job, now))}")
         if job.state in FINAL_STATES and job.error:
             parts.append(f"error: {job.error.splitlines()[0]}")
+        elif job.state == "queued" and job.waiting:
+            parts.append(f"({job.waiting})")
         elif job.state == "queued" and job.attempts:
             parts.append(f"(attempt {job.attempts} of {job.max_attempts} ended: {(job.error or '').splitlines()[0]})"
                          if job.error else f"(after attempt {job.attempts})")

@@ -24,6 +24,7 @@ prefixd, or the repository on PYTHONPATH).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ PREFIX = "prefix"
 BASE_MODEL = "base_model"
 BASE_MODEL_FILE = "base_model.json"
 DEFAULT_MAX_NEW_TOKENS = 32
+DEVICE_ENV = "PREFIXD_DEVICE"  # where a loaded model generates: auto (default: the GPU if any), cpu, cuda, cuda:N
 PYFUNC_ENTRY = """\
 # prefixd: the MLflow pyfunc entry point of a registered prefix (models-from-code).
 from mlflow.models import set_model
@@ -135,15 +137,17 @@ class PrefixPyfuncModel(mlflow.pyfunc.PythonModel):
     """A frozen base model plus one trained prefix. Holds no state until `load_context`."""
 
     def load_context(self, context) -> None:
+        from workers.devices import resolve_device
         from workers.formats import load_peft_adapter
         from workers.inject import PrefixedModel
 
+        device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))  # the GPU when the serving host has one
         ref, sha256 = read_base_model_record(context.artifacts[BASE_MODEL])
         model, tokenizer = load_recorded_base(ref, sha256)
         _, encoder = load_peft_adapter(context.artifacts[ADAPTER], model.config)
-        self._prefixed = PrefixedModel(model)
+        self._prefixed = PrefixedModel(model.to(device))
         self._tokenizer = tokenizer
-        self._prefix = encoder.prompt_embeddings().detach()  # [P, num_layers * 2 * token_dim]
+        self._prefix = encoder.prompt_embeddings().detach().to(device)  # [P, num_layers * 2 * token_dim]
 
     def predict(self, context, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None) -> list[str]:
         """One generation per prompt, greedy; params: max_new_tokens (default 32).

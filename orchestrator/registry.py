@@ -804,10 +804,12 @@ class GenerationSet:
 
 
 def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias: str | None = None,
-                                 version: str | int | None = None) -> GenerationSet:
+                                 version: str | int | None = None, device: str = "auto") -> GenerationSet:
     """Resolve each task's version (alias, default champion; a version only with one task), download
-    the prefixes, load their common base model once. RegistryError when the tasks' base models differ
-    or the base model is not on this machine (naming it)."""
+    the prefixes, load their common base model once, on `device` ('auto': the GPU when there is one,
+    `workers.devices.resolve_device`). RegistryError when the tasks' base models differ, the base model is
+    not on this machine (naming it), or the device is not available."""
+    from workers.devices import resolve_device
     from workers.formats import PrefixFormatError, load_peft_adapter
     from workers.inject import PrefixedModel
     from orchestrator.pyfunc_model import load_recorded_base
@@ -815,6 +817,10 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
     tasks = list(tasks)
     if not tasks:
         raise RegistryError("give at least one task")
+    try:
+        where = resolve_device(device)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
     _check_selector(alias, version)
     if version is not None and len(tasks) > 1:
         raise RegistryError(f"a version number names one model's version; got {len(tasks)} tasks "
@@ -843,15 +849,15 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
                 _, encoder = load_peft_adapter(artifacts / ADAPTER, model.config)
             except PrefixFormatError as e:
                 raise RegistryError(f"{name} v{mv.version}: {e}") from None
-            prefixes.append(encoder.prompt_embeddings().detach())
+            prefixes.append(encoder.prompt_embeddings().detach().to(where))
         versions = [_version_dict(client, name, mv) for name, mv, *_ in picked]
-    return GenerationSet(prefixed=PrefixedModel(model), tokenizer=tokenizer, prefixes=prefixes,
+    return GenerationSet(prefixed=PrefixedModel(model.to(where)), tokenizer=tokenizer, prefixes=prefixes,
                          versions=versions, base_model=describe_base(ref))
 
 
 def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *, alias: str | None = None,
              version: str | int | None = None, max_new_tokens: int = 32,
-             with_base: bool = False) -> list[dict[str, Any]]:
+             with_base: bool = False, device: str = "auto") -> list[dict[str, Any]]:
     """Every prompt with every task's prefix, all rows in ONE mixed-prefix batch; per task (in the order
     given): {task, name, version, outputs: [text per prompt]}. with_base adds a last entry (task None)
     with the base model's own outputs, for comparison."""
@@ -860,7 +866,7 @@ def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *,
     prompts = list(prompts)
     if not prompts:
         raise RegistryError("give at least one prompt")
-    gs = load_prefixes_for_generation(tracking_uri, tasks, alias, version)
+    gs = load_prefixes_for_generation(tracking_uri, tasks, alias, version, device)
     owners = [j for j in range(len(tasks)) for _ in prompts]  # row order: task-major
     texts = generate_texts(gs.prefixed, gs.tokenizer, gs.prefixes, owners, prompts * len(tasks),
                            max_new_tokens=max_new_tokens, batch_size=len(owners))
@@ -932,6 +938,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the outputs as JSON")
     p.add_argument("--with-base", action="store_true", help="also show the base model's outputs without a prefix")
+    p.add_argument("--device", default="auto",
+                   help="where to generate: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="each prompt is run with every task")
     _add_uri_argument(p)
 
@@ -992,7 +1000,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         results = generate(tracking_uri_from_args(args), args.tasks, args.prompts, alias=args.alias,
                            version=args.version, max_new_tokens=args.max_new_tokens,
-                           with_base=getattr(args, "with_base", False))
+                           with_base=getattr(args, "with_base", False), device=getattr(args, "device", "auto"))
     except _errors() as e:
         return _fail("generate", e)
     if args.json:

@@ -6,13 +6,19 @@ One scheduling pass (`Orchestrator.tick`), every `poll_s`:
     watch groups         a group whose actor died -> its jobs released (one attempt counted; out of attempts
                          they fail with the error); the next pass starts a new group, which resumes them
                          from their checkpoints. A group idle for idle_timeout_s is asked to stop.
-    start groups         for each base model with queued work, highest priority first: a group if it has
-                         none and fewer than max_groups run (else its jobs wait in the queue)
+    start groups         for each base model with queued work, highest priority first: reserve a group's
+                         ranks together (a Ray placement group, one bundle per rank) when the base has no
+                         group, or when its queued jobs exceed what its groups can still take (up to its
+                         per-base limit), within max_groups; a reservation holds nothing until every
+                         bundle fits, and meanwhile the base's queued jobs say what they wait for
+                         ("waiting for 8 GPUs"); once reserved, the group's actors start in it
     register             succeeded jobs are logged and registered in MLflow (orchestrator/registry.py),
                          retried with backoff while MLflow is unreachable
 
-A group has `workers_per_group` ranks holding one ZeRO-partitioned copy of its base model
-(orchestrator/group.py, workers/zero.py); one rank is just the smallest group.
+A group's shape (ranks, ZeRO stage, GPUs/CPUs/custom resources per rank, placement strategy, replicas) comes
+from the operator's per-base table (`OrchestratorConfig.shape_for`); its ranks hold one copy of the base
+model, ZeRO-partitioned or replicated (orchestrator/group.py, workers/ranks.py); one rank is just the
+smallest group.
 
 `run_until_empty` repeats that until no job is queued or running (batch mode: `prefixd run`); `serve`
 repeats it until stopped (`prefixd serve`). Jobs reach the groups only through the store: a group claims
@@ -38,18 +44,20 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from orchestrator.config import OrchestratorConfig
-from orchestrator.group import GroupSettings, start_group
+from orchestrator.config import GroupShape, OrchestratorConfig
+from orchestrator.group import GroupSettings, group_bundles, start_group
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
 
 log = logging.getLogger("prefixd.orchestrator")
 REGISTRATION_EVERY_S = 2.0
+RESERVATION_GRACE_S = 2.0  # a reservation pending longer than this is reported as waiting (with its shortfall)
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """Start a private single-machine Ray whose every address is 127.0.0.1.
+def keep_ray_on_loopback() -> None:
+    """Make Ray processes started from here (a local Ray, or test nodes of `ray.cluster_utils.Cluster`) use
+    127.0.0.1 for every address.
 
     Ray turns `_node_ip_address="127.0.0.1"` into the machine's external address unless it believes it
     is on a laptop (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That variable is read when Ray is imported, so
@@ -59,6 +67,11 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a private single-machine Ray whose every address is 127.0.0.1 (`keep_ray_on_loopback`)."""
+    keep_ray_on_loopback()
     ray.init(
         address="local",  # never join a cluster named by RAY_ADDRESS by accident
         num_cpus=num_cpus,
@@ -84,9 +97,31 @@ class _Group:
     run_ref: Any
     started_at: float
     followers: list[Any] = field(default_factory=list)
+    placement_group: Any = None
+    capacity: int = 1
     ping_ref: Any = None
     status: dict[str, Any] | None = None
     stopping: bool = False
+
+    def free(self) -> int:
+        """Jobs it can still claim (by its last status; all of its capacity before the first)."""
+        return self.capacity - len(self.status["held"]) if self.status else self.capacity
+
+
+@dataclass
+class _Reservation:
+    """A group's ranks asked of Ray together, not yet all placed: it holds nothing meanwhile."""
+
+    base_key: str
+    shape: GroupShape
+    placement_group: Any
+    ready_ref: Any
+    bundles: list[dict[str, float]]
+    since: float
+
+
+class Unschedulable(RuntimeError):
+    """A worker group that cannot be placed on this Ray at all (batch mode on a private local Ray)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +148,9 @@ class Orchestrator:
         self.config = config
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.store = JobStore(config.store_url)
-        self.groups: dict[str, _Group] = {}
+        self.groups: dict[str, _Group] = {}  # owner -> a running group
+        self.reservations: dict[str, _Reservation] = {}  # owner-to-be -> ranks being reserved
+        self._waits: dict[str, str] = {}  # base_key -> what its queued jobs wait for (also in the store)
         self.groups_started = 0
         self.group_failures = 0
         self._loads: dict[str, int] = {}  # group owner -> model loads it reported
@@ -150,6 +187,8 @@ class Orchestrator:
         """Stop every group; jobs they held go back to the queue (resumable from their checkpoints)."""
         for group in list(self.groups.values()):
             self._remove(group, "the orchestrator stopped", kill=True)
+        self._cancel_reservations(set(self.reservations))
+        self._publish_waits({})
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
@@ -158,7 +197,7 @@ class Orchestrator:
         self._log_handler.close()
 
     def group_statuses(self) -> dict[str, dict[str, Any]]:
-        """base_key -> the last status each live group reported (pid, state, loads, held jobs, idle_s)."""
+        """owner -> the last status each live group reported (base_key, pid, state, loads, held jobs, idle_s)."""
         return {key: dict(g.status) for key, g in list(self.groups.items()) if g.status is not None}
 
     @property
@@ -177,6 +216,7 @@ class Orchestrator:
         self.connect()
         while True:
             self.tick()
+            self._check_feasible()
             jobs = self._watched_jobs()
             if progress_callback is not None:
                 progress_callback(jobs)
@@ -185,6 +225,7 @@ class Orchestrator:
             time.sleep(self.config.poll_s)
         for group in list(self.groups.values()):
             self._remove(group, "the batch is done", kill=True)
+        self._cancel_reservations(set(self.reservations))
         self._register_finished(now=True)
         jobs = self._watched_jobs()
         if progress_callback is not None:
@@ -207,6 +248,7 @@ class Orchestrator:
         finally:
             for group in list(self.groups.values()):
                 self._remove(group, "the orchestrator stopped", kill=True)
+            self._cancel_reservations(set(self.reservations))
 
     # ---- one pass ---------------------------------------------------------------------------------
 
@@ -259,40 +301,146 @@ class Orchestrator:
                          group.status["idle_s"])
 
     def _start_groups(self) -> None:
-        for base_key, queued in self.store.queued_base_keys():
-            if base_key in self.groups:
-                continue  # its group claims them (or, if stopping, a new one starts when it has gone)
-            if len(self.groups) >= self.config.max_groups:
+        self._start_reserved()
+        waits: dict[str, str] = {}
+        queued = self.store.queued_base_keys()
+        self._cancel_reservations({owner for owner, r in self.reservations.items()
+                                   if r.base_key not in {base for base, _ in queued}})
+        for base_key, count in queued:
+            shape = self.config.shape_for(base_key)
+            mine = [g for g in self.groups.values() if g.base_key == base_key]
+            pending = [r for r in self.reservations.values() if r.base_key == base_key]
+            if pending:  # one reservation at a time per base
+                if time.time() - pending[0].since >= RESERVATION_GRACE_S:
+                    waits[base_key] = self._shortfall(pending[0])
+                    self._free_an_idle_slot(base_key)
+                continue
+            if any(g.stopping for g in mine):
+                continue  # a new group starts once the stopping one has gone (one copy loaded at a time)
+            if mine and (count <= sum(g.free() for g in mine) or len(mine) >= shape.max_groups):
+                continue  # its groups claim them (or they wait for a slot in one of them)
+            if len(self.groups) + len(self.reservations) >= self.config.max_groups:
+                waits[base_key] = f"waiting for a worker group: all {self.config.max_groups} group slots are busy"
                 if base_key not in self._waiting_logged:
-                    log.info("%d job(s) for %s wait: all %d group slots are busy", queued, base_key,
+                    log.info("%d job(s) for %s wait: all %d group slots are busy", count, base_key,
                              self.config.max_groups)
                     self._waiting_logged.add(base_key)
-                self._free_an_idle_slot()
+                self._free_an_idle_slot(base_key)
                 continue
             self._waiting_logged.discard(base_key)
-            self._start(base_key)
+            self._reserve(base_key, shape)  # started by a later pass, once Ray has placed every rank
+        self._publish_waits(waits)
 
-    def _start(self, base_key: str) -> None:
+    def _reserve(self, base_key: str, shape: GroupShape) -> None:
+        """Ask Ray for every rank of a new group at once (a placement group); never waits."""
+        from ray.util import placement_group
+
         self.groups_started += 1
         owner = f"{self.id}/g{self.groups_started}"
-        cfg = self.config
-        settings = GroupSettings(
-            base_key=base_key, owner=owner, store_url=cfg.store_url, jobs_dir=str(cfg.jobs_dir),
-            data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
-            micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
-            world=cfg.workers_per_group, zero_stage=cfg.zero_stage, zero_offload=cfg.zero_offload,
-            zero_persistence_threshold=cfg.zero_persistence_threshold, compile_layers=cfg.compile_layers,
-        )
-        actor, run_ref, followers = start_group(settings, num_cpus=cfg.cpus_per_group, num_gpus=cfg.gpus_per_worker)
-        self.groups[base_key] = _Group(base_key, owner, actor, run_ref, time.time(), followers)
-        log.info("group %s started for %s (%d rank(s), ZeRO stage %d)", owner, base_key, cfg.workers_per_group,
-                 cfg.zero_stage)
+        bundles = group_bundles(shape.workers_per_group, cpus=self._cpus_per_rank(shape),
+                                gpus=shape.gpus_per_worker, resources=shape.resources_per_worker)
+        pg = placement_group(bundles, strategy=shape.placement_strategy, name=f"prefixd-{owner}")
+        self.reservations[owner] = _Reservation(base_key, shape, pg, pg.ready(), bundles, time.time())
 
-    def _free_an_idle_slot(self) -> None:
-        """Another base model waits: stop one group that has nothing to do, without waiting for its idle
-        timeout."""
+    def _start_reserved(self) -> None:
+        """Start the groups whose ranks are all reserved now."""
+        for owner, r in list(self.reservations.items()):
+            if not ray.wait([r.ready_ref], timeout=0)[0]:
+                continue
+            del self.reservations[owner]
+            cfg, shape = self.config, r.shape
+            settings = GroupSettings(
+                base_key=r.base_key, owner=owner, store_url=cfg.store_url, jobs_dir=str(cfg.jobs_dir),
+                data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
+                micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
+                world=shape.workers_per_group, zero_stage=shape.zero_stage, zero_offload=shape.zero_offload,
+                zero_persistence_threshold=cfg.zero_persistence_threshold, compile_layers=cfg.compile_layers,
+                cpus_per_rank=r.bundles[0]["CPU"],
+            )
+            actor, run_ref, followers = start_group(settings, r.placement_group, bundles=r.bundles)
+            self.groups[owner] = _Group(r.base_key, owner, actor, run_ref, time.time(), followers,
+                                        r.placement_group, cfg.group_capacity)
+            log.info("group %s started for %s (%d rank(s), ZeRO stage %d, %s per rank)", owner, r.base_key,
+                     shape.workers_per_group, shape.zero_stage, _describe(r.bundles[0]))
+
+    def _cpus_per_rank(self, shape: GroupShape) -> float:
+        """The shape's CPUs per rank; unset: with a local Ray, its CPUs split across one group's ranks (a
+        single group gets the machine), on a cluster 1."""
+        if shape.cpus_per_group is not None:
+            return float(shape.cpus_per_group)
+        if self.config.ray_address:
+            return 1.0
+        total = ray.cluster_resources().get("CPU", 1.0)
+        return float(max(1, int(total // shape.workers_per_group)))
+
+    def _shortfall(self, r: _Reservation) -> str:
+        """What a pending reservation waits for, in words: 'waiting for 8 GPUs (...)'."""
+        need: dict[str, float] = {}
+        for bundle in r.bundles:
+            for name, amount in bundle.items():
+                need[name] = need.get(name, 0.0) + amount
+        have = ray.cluster_resources()
+        order = sorted(need, key=lambda k: (k != "GPU", k != "CPU", k))
+        missing = [k for k in order if have.get(k, 0.0) < need[k]]
+        where = "on one node" if r.shape.placement_strategy == "STRICT_PACK" else "together"
+        text = f"waiting for {_amounts({k: need[k] for k in (missing or order)})}"
+        detail = f"{len(r.bundles)} rank(s) of {_describe(r.bundles[0])} each, reserved {where}"
+        if missing:
+            detail += f"; the cluster has {_amounts({k: have.get(k, 0.0) for k in missing})}"
+        else:
+            detail += "; the cluster has them, in use or on separate nodes"
+        return f"{text} ({detail})"
+
+    def _check_feasible(self) -> None:
+        """Batch mode on a private local Ray (no node can join it): a group whose ranks need more than the
+        whole machine offers would wait forever. Raise Unschedulable naming it; its jobs stay queued."""
+        if not self._owns_ray or self.config.ray_address:
+            return
+        have = ray.cluster_resources()
+        for r in self.reservations.values():
+            need: dict[str, float] = {}
+            for bundle in r.bundles:
+                for name, amount in bundle.items():
+                    need[name] = need.get(name, 0.0) + amount
+            short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+            if short:
+                raise Unschedulable(
+                    f"the jobs of {r.base_key} need {_amounts(short)} for one worker group "
+                    f"({len(r.bundles)} rank(s) of {_describe(r.bundles[0])}); this machine's Ray has "
+                    f"{_amounts({k: have.get(k, 0.0) for k in short})}. Change the group settings "
+                    "(--workers-per-group, --gpus-per-worker, --cpus-per-group, --group-shapes) or join a "
+                    "cluster (--ray-address); the jobs stay queued")
+
+    def _cancel_reservations(self, owners: set[str]) -> None:
+        from ray.util import remove_placement_group
+
+        for owner in owners:
+            r = self.reservations.pop(owner)
+            try:
+                remove_placement_group(r.placement_group)
+            except RayError:
+                pass
+
+    def _publish_waits(self, waits: dict[str, str]) -> None:
+        """Tell the store what each base model's queued jobs wait for (shown by `prefixd status`)."""
+        for base_key in set(self._waits) | set(waits):
+            if self._waits.get(base_key) != waits.get(base_key):
+                try:
+                    self.store.set_waiting(base_key, waits.get(base_key))
+                except Exception:  # noqa: BLE001 - a store hiccup: it is only a hint; the next pass retries
+                    log.warning("could not record what %s waits for", base_key, exc_info=True)
+                    continue
+                if base_key in waits:
+                    log.info("queued jobs of %s: %s", base_key, waits[base_key])
+                self._waits[base_key] = waits.get(base_key)
+        self._waits = {k: v for k, v in self._waits.items() if v is not None}
+
+    def _free_an_idle_slot(self, base_key: str) -> None:
+        """Another base model waits (for a slot or for resources): stop one group of another base that has
+        nothing to do, without waiting for its idle timeout."""
         for group in self.groups.values():
-            if not group.stopping and group.status and group.status["idle_s"] > 0 and self._ask_stop(group):
+            if (group.base_key != base_key and not group.stopping and group.status and group.status["idle_s"] > 0
+                    and self._ask_stop(group)):
                 log.info("group %s for %s: idle, released for a waiting base model", group.owner, group.base_key)
                 return
 
@@ -333,7 +481,14 @@ class Orchestrator:
                 ray.kill(actor, no_restart=True)
             except RayError:
                 pass
-        self.groups.pop(group.base_key, None)
+        self.groups.pop(group.owner, None)
+        if group.placement_group is not None:
+            from ray.util import remove_placement_group
+
+            try:
+                remove_placement_group(group.placement_group)
+            except RayError:
+                pass
         for job in self.store.list(state="running"):
             if job.owner != group.owner:
                 continue
@@ -357,6 +512,18 @@ class Orchestrator:
                 live[job_id] = job
         rows = list(live.values()) + list(self._ended_jobs.values())
         return sorted(rows, key=lambda j: (j.created_at, j.id))
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    """{'GPU': 8, 'CPU': 16} -> '8 GPUs, 16 CPUs'."""
+    def one(name: str, amount: float) -> str:
+        plural = "s" if name in ("GPU", "CPU") and amount != 1 else ""
+        return f"{amount:g} {name}{plural}"
+    return ", ".join(one(k, v) for k, v in resources.items())
+
+
+def _describe(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
 
 def _first_line(error: BaseException) -> str:

@@ -115,7 +115,21 @@ events_table = Table(
     Index("prefixd_job_events_job", "job_id", "seq"),
 )
 
+# What the queued jobs of a base model wait for (the scheduler's word: "waiting for 8 GPUs"), one row per
+# base model while it waits. A table of its own, so stores made before it gain it by `create_schema`.
+waits_table = Table(
+    "prefixd_waits",
+    metadata,
+    Column("base_key", String(512), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("since", Double, nullable=False),
+)
+
 _J = jobs_table.c
+_W = waits_table.c
+# Job rows as `get` and `list` read them: a queued job carries what its base model waits for.
+_JOB_SELECT = select(jobs_table, _W.reason.label("waiting")).outerjoin(
+    waits_table, (_W.base_key == _J.base_key) & (_J.state == "queued"))
 
 
 class UnknownJob(KeyError):
@@ -179,6 +193,9 @@ class Job:
     registration_error: str | None
     next_registration_at: float | None
     """Earliest time to retry a failed registration; None means as soon as possible."""
+    waiting: str | None = None
+    """Queued jobs: what the scheduler says their base model waits for (resources, a group slot); None
+    when nothing is known to hold them up. Read by `get` and `list` only."""
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
@@ -267,7 +284,7 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         """The job's current row; raises UnknownJob."""
         with self._tx(write=False) as c:
-            row = c.execute(select(jobs_table).where(_J.id == job_id)).one_or_none()
+            row = c.execute(_JOB_SELECT.where(_J.id == job_id)).one_or_none()
         if row is None:
             raise UnknownJob(job_id)
         return _to_job(row)
@@ -276,7 +293,7 @@ class JobStore:
         """Jobs in submission order, optionally only one state and/or task; `limit` keeps the newest that many."""
         if state is not None and state not in STATES:
             raise ValueError(f"state: {state!r} is not one of {', '.join(STATES)}")
-        q = select(jobs_table)
+        q = _JOB_SELECT
         if state is not None:
             q = q.where(_J.state == state)
         if task is not None:
@@ -500,6 +517,26 @@ class JobStore:
         with self._tx(write=False) as c:
             return [_to_job(r) for r in c.execute(q).all()]
 
+    # ---- what queued work waits for ------------------------------------------------------------------
+
+    def set_waiting(self, base_key: str, reason: str | None) -> None:
+        """Record what the queued jobs of `base_key` wait for (shown by `get`/`list` as Job.waiting);
+        None clears it. Kept until cleared, across scheduler passes."""
+        with self._tx(write=True) as c:
+            current = c.execute(select(_W.reason).where(_W.base_key == base_key)).scalar()
+            if reason is None:
+                if current is not None:
+                    c.execute(waits_table.delete().where(_W.base_key == base_key))
+            elif current is None:
+                c.execute(waits_table.insert(), {"base_key": base_key, "reason": reason, "since": self._clock()})
+            elif current != reason:
+                c.execute(waits_table.update().where(_W.base_key == base_key).values(reason=reason))
+
+    def waiting(self) -> dict[str, str]:
+        """base_key -> what its queued jobs wait for."""
+        with self._tx(write=False) as c:
+            return {k: r for k, r in c.execute(select(_W.base_key, _W.reason)).all()}
+
     # ---- logs -------------------------------------------------------------------------------------
 
     def log(self, job_id: str, message: str, level: str = "info") -> None:
@@ -613,7 +650,8 @@ def _event_row(job_id: str, now: float, level: str, message: str) -> dict:
 
 def _to_job(row) -> Job:
     m = row._mapping
-    values = {name: m[name] for name in _JOB_FIELDS}
+    values = {name: m[name] for name in _JOB_FIELDS if name != "waiting"}
+    values["waiting"] = m.get("waiting")
     values["spec"] = json.loads(m["spec"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["registered"] = bool(values["registered"])

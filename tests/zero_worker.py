@@ -31,13 +31,13 @@ def config(work, mode, world, name, steps=8):
 def main():
     rank, world, port = map(int, sys.argv[1:4])
     folder, work, mode = sys.argv[4], Path(sys.argv[5]), sys.argv[6]
-    init_group(rank, world, "127.0.0.1", port)
+    coll = init_group(rank, world, "127.0.0.1", port)
     import torch.distributed as dist
 
     model, tok, info = load_group_model(BaseModelRef(kind="path", location=folder),
-                                        ZeroSettings(stage=3, persistence_threshold=0))
+                                        ZeroSettings(stage=3, persistence_threshold=0), coll)
     print(f"SHARD {info.local_elements} {info.total_elements}", flush=True)
-    trainer = MultiTaskTrainer(model, tok, micro_batch_size=3, dist=dist)
+    trainer = MultiTaskTrainer(model, tok, micro_batch_size=3, collectives=coll, device=coll.device)
     names = list(TASKS) if mode == "together" else ["rev"]
     for name in names:
         trainer.add_task(config(work, mode, world, name))

@@ -46,6 +46,8 @@ def generate_texts(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     generate_kwargs.setdefault("do_sample", False)
+    if prefixes is not None:  # prefixes loaded elsewhere (a registry download is on the CPU) join the model
+        prefixes = [p.to(prefixed.device) for p in prefixes]
     texts: list[str] = []
     for lo in range(0, len(ids), batch_size):
         batch = {k: v.to(prefixed.device) for k, v in collate(ids[lo:lo + batch_size], pad).items()}

@@ -175,8 +175,11 @@ class PrefixedModel:
     per call, so any number of tasks can share this one object.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, device: torch.device | None = None):
+        """device: where batches and prefixes go; default the device of the model's first parameter (give it
+        for a ZeRO-3 model, whose parameters are empty placeholders between its gathers)."""
         self.model = model
+        self._device = torch.device(device) if device is not None else None
         self.arch = arch_of(model.config)
         self.shape = prefix_shape(model.config)
         self.seq2seq = self.shape.num_transformer_submodules == 2
@@ -209,7 +212,7 @@ class PrefixedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device or next(self.model.parameters()).device
 
     def enable_checkpointing(self) -> None:
         """Recompute activations in backward. PEFT refuses this with prefixes; here the read-only

@@ -17,9 +17,11 @@ One step, top to bottom (`MultiTaskTrainer.step`):
 Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
 model exists once; a task costs its prefix encoder and optimizer state.
 
-Data-parallel groups (`dist` given, e.g. a ZeRO-3 group): every rank draws the same rows and takes its
-share of each micro-batch; losses, token counts and prefix gradients are summed across ranks, so every
-rank applies the same update and the result equals one process's (up to float summation order).
+Data-parallel groups (`collectives` given, e.g. a ZeRO-3 group): every rank draws the same rows and takes
+its share of each micro-batch; losses, token counts and prefix gradients are summed across ranks (through
+`workers.devices.Collectives`, on the group's collective device), so every rank applies the same update and
+the result equals one process's (up to float summation order). The prefixes, their optimizer state and
+every micro-batch live on `device` (the rank's GPU, or the CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from workers import allocator
+from workers.devices import Collectives
 from workers.data import (
     DataSettings,
     ExampleStream,
@@ -191,7 +194,8 @@ class MultiTaskTrainer:
         checkpointing: bool = False,
         compile_layers: bool = False,
         data_cache_dir: str | None = None,
-        dist: Any = None,
+        collectives: Collectives | None = None,
+        device: torch.device | str | None = None,
         retain_freed_memory: bool = True,
     ):
         """compile_layers: run the decoder layers of training forwards as one `torch.compile`d graph
@@ -200,17 +204,20 @@ class MultiTaskTrainer:
         float rounding. Where it cannot apply, the eager path is kept and `compile_note` says why.
         retain_freed_memory: keep the memory each micro-batch frees in the process for the next one
         (`workers/allocator.py`: glibc's malloc thresholds, process-wide) instead of faulting it back in
-        from the kernel every micro-batch; resident memory then stays at its peak between steps."""
+        from the kernel every micro-batch; resident memory then stays at its peak between steps.
+        collectives: the group's `Collectives` when this is one rank of a data-parallel group, else None.
+        device: where prefixes, optimizer state and batches live (default: the model's first parameter's
+        device; `workers.devices.Placement` decides it for a group's rank)."""
         if retain_freed_memory:
             allocator.retain_freed_memory()
-        self.prefixed = PrefixedModel(model)
+        self.prefixed = PrefixedModel(model, device=device)
         self.model = model
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
         self.data_cache_dir = data_cache_dir
-        self.dist = dist  # torch.distributed (initialised) for data-parallel groups, else None
-        self.rank = dist.get_rank() if dist else 0
-        self.world = dist.get_world_size() if dist else 1
+        self.coll = collectives
+        self.rank = collectives.rank if collectives else 0
+        self.world = collectives.world if collectives else 1
         self.tasks: dict[str, _Task] = {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if checkpointing:
@@ -326,9 +333,8 @@ class MultiTaskTrainer:
             for j in updates[g]:  # the same tasks on every rank: the cuts depend on the shared order only
                 self._update(tasks[j])
 
-        if self.dist:
-            self.dist.all_reduce(loss_sums)
-            self.dist.all_reduce(real_tokens)
+        if self.coll:
+            self.coll.all_reduce_many([loss_sums, real_tokens])
         seconds = time.perf_counter() - start
         total_tokens = int(real_tokens.sum())
         progress, finished = {}, []
@@ -358,11 +364,11 @@ class MultiTaskTrainer:
         """Sum the task's prefix gradient over ranks, clip it, take its optimizer and schedule step,
         and free the gradient."""
         params = list(task.encoder.parameters())
-        if self.dist:
+        if self.coll:
             for p in params:
                 if p.grad is None:  # none of this task's rows fell to this rank in this step
                     p.grad = torch.zeros_like(p)
-                self.dist.all_reduce(p.grad)
+            self.coll.all_reduce_many([p.grad for p in params])
         if task.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, task.config.max_grad_norm)
         task.optimizer.step()
@@ -416,8 +422,8 @@ class MultiTaskTrainer:
             loss_sum += weight * out.token_loss.sum().item()
             count += int(weight * out.target_mask.sum())
         totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
-        if self.dist:
-            self.dist.all_reduce(totals)
+        if self.coll:
+            self.coll.all_reduce(totals)
         loss = totals[0].item() / max(totals[1].item(), 1.0)
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
         if task.config.eval_generation:

@@ -3,16 +3,18 @@
 Each of the W ranks of a group holds about 1/W of the base weights; DeepSpeed's parameter hooks gather
 each layer's weights just before it runs (forward and backward) and release them after. The task
 prefixes are small and stay whole on every rank, outside DeepSpeed: the trainer sums their gradients
-across ranks itself (`MultiTaskTrainer(dist=...)`), so tasks join and leave without touching the
+across ranks itself (`MultiTaskTrainer(collectives=...)`), so tasks join and leave without touching the
 DeepSpeed engine, which is built once per group and never re-partitioned.
 
 Stages: 3 partitions the frozen weights (optionally offloading them to CPU memory); 0 and 2 keep a full
 replica per rank: a frozen base has no gradients or optimizer state for those stages to partition,
-so they differ from plain data parallelism only in name. GPUs use NCCL, CPUs gloo.
+so they differ from plain data parallelism only in name. Devices and backends come from
+`workers.devices.Placement` (NCCL for GPU tensors, gloo for CPU ones).
 
-    init_group(rank, world, "127.0.0.1", port)            # one process group per worker group
-    model, tok, info = load_group_model(ref, ZeroSettings(stage=3))
-    trainer = MultiTaskTrainer(model, tok, dist=torch.distributed)
+    store, port = host_rendezvous("127.0.0.1", world)                      # rank 0
+    coll = init_group(rank, world, "127.0.0.1", port, store=store)          # every rank (store: rank 0's)
+    model, tok, info = load_group_model(ref, ZeroSettings(stage=3), coll)
+    trainer = MultiTaskTrainer(model, tok, collectives=coll, device=coll.device)
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import torch.distributed as dist
 # ("Signature mismatch ... tensor_pynew").
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: F401
 
+from workers.devices import Collectives, Placement
 from workers.models import BaseModelRef, load_base_model, resolve_folder
 
 STAGES = (0, 2, 3)
+DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,33 +67,44 @@ class ShardInfo:
     total_elements: int
 
 
-def init_group(rank: int, world: int, addr: str, port: int, *, backend: str | None = None,
-               timeout: timedelta | None = None) -> None:
-    """Join (or create) the worker group's process group; DeepSpeed reuses it.
+def host_rendezvous(addr: str, world: int, timeout: timedelta | None = None):
+    """Rank 0: open the group's rendezvous store on `addr`, on a port the OS picks as it binds (no port is
+    chosen, released and bound again, so no other process can take it in between).
 
-    Each rank is its own process with its own devices (Ray gives every actor its GPUs as device 0), so
-    LOCAL_RANK is 0. `timeout` bounds every collective (a rank that died breaks the others out of it).
+    Returns (store, port); keep the store alive until the group ends and give the port to the others."""
+    store = dist.TCPStore(addr, 0, world, is_master=True, wait_for_workers=False,
+                          timeout=timeout or DEFAULT_TIMEOUT)
+    return store, store.port
+
+
+def init_group(rank: int, world: int, addr: str, port: int, *, placement: Placement | None = None,
+               store=None, timeout: timedelta | None = None) -> Collectives:
+    """Join (or create) the worker group's process group; returns its `Collectives`.
+
+    Each rank is its own process with its own device (`placement`, default `Placement.detect()`: the GPU
+    Ray gave this process, else the CPU). Rank 0 passes the store from `host_rendezvous`; the others
+    connect to addr:port. `timeout` bounds every collective (a rank that died breaks the others out of it).
+    DeepSpeed, used for ZeRO-3 only, reuses this process group (`load_group_model`).
     """
-    import deepspeed
-
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    placement = placement or Placement.detect()
+    placement.apply()
+    timeout = timeout or DEFAULT_TIMEOUT
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(0)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                                timeout=timeout or timedelta(minutes=30))
-    deepspeed.init_distributed(dist_backend=backend)
+        if store is None:  # rank 0 hosts at the given port unless it brings the store of host_rendezvous
+            store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+        dist.init_process_group(placement.backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return Collectives(placement.device)
 
 
-def deepspeed_config(settings: ZeroSettings, dtype: str) -> dict[str, Any]:
+def deepspeed_config(settings: ZeroSettings, dtype: str, device: torch.device) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": settings.stage}
     if settings.stage == 3:
         if settings.persistence_threshold is not None:
             zero["stage3_param_persistence_threshold"] = settings.persistence_threshold
         if settings.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -99,25 +114,30 @@ def deepspeed_config(settings: ZeroSettings, dtype: str) -> dict[str, Any]:
     }
 
 
-def load_group_model(ref: BaseModelRef, settings: ZeroSettings, *, cache_dir=None,
+def load_group_model(ref: BaseModelRef, settings: ZeroSettings, coll: Collectives, *, cache_dir=None,
                      trust_remote_code: bool | None = None):
-    """Load the frozen base on this rank, partitioned when stage 3; returns (model, tokenizer, ShardInfo).
+    """Load the frozen base on this rank, on `coll.device`; partitioned when stage 3. Returns (model,
+    tokenizer, ShardInfo).
 
-    Needs the process group (`init_group`). The returned model is used like any transformers model; the
-    DeepSpeed engine that installs the gathering hooks is kept on it as `model._prefixd_engine`.
+    Needs the process group (`init_group`). Stage 0/2: the whole model moves to the rank's device (the GPU,
+    or stays on the CPU). Stage 3: DeepSpeed loads it straight into partitions on that device (or CPU memory
+    with offload_params); the engine that installs the gathering hooks is kept on the model as
+    `model._prefixd_engine`. The returned model is used like any transformers model.
     """
+    rank, world = coll.rank, coll.world
+    if settings.stage != 3:
+        model, tokenizer = load_base_model(ref, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        model.to(coll.device)
+        n = sum(p.numel() for p in model.parameters())
+        return model, tokenizer, ShardInfo(rank, world, n, n)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if settings.stage != 3:
-        model, tokenizer = load_base_model(ref, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-        n = sum(p.numel() for p in model.parameters())
-        return model, tokenizer, ShardInfo(rank, world, n, n)
-    config = deepspeed_config(settings, ref.dtype)
+    deepspeed.init_distributed(dist_backend=coll.deepspeed_backend)
+    config = deepspeed_config(settings, ref.dtype, coll.device)
     if rank == 0:
         resolve_folder(ref, cache_dir)  # convert a built-in model once, before the others look for it
-    dist.barrier()
+    coll.barrier()
     hf_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
     model, tokenizer = load_base_model(ref, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     engine, *_ = deepspeed.initialize(model=model, config=config)
