@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
 # starts workers and prints their results starts in a fraction of a second.
 
 SMOLLM2_VOCAB = 49152
+LLAMA_1B_VOCAB = 32000
 TINY_VOCAB = 512
 
 
@@ -44,6 +45,24 @@ def smollm2_config():
     )
 
 
+def llama_1b_config():
+    """A ~1B-parameter Llama (random weights; the shape only): hidden 2048, 16 layers, 32 query / 8 key-value
+    heads (head_dim 64), MLP 8192, vocab 32,000, embeddings tied: 1.04B parameters (973M in the layers).
+    Llama-3.2-1B's layer shape with a 32k vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=LLAMA_1B_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+
+
+SHAPES = {"smollm2": smollm2_config, "llama-1b": llama_1b_config}
+"""--shape choices: name -> config function (`--tiny` overrides with `tiny_config`)."""
+
+
 def tiny_config():
     """A 2-layer grouped-query Llama for smoke tests (same code paths, seconds instead of minutes)."""
     from transformers import LlamaConfig
@@ -55,24 +74,30 @@ def tiny_config():
     )
 
 
-def build_model(tiny: bool, seed: int = 0):
-    """A randomly initialised fp32 causal LM of the chosen shape, in eval mode (no dropout).
+def build_model(tiny: bool, seed: int = 0, *, shape: str = "smollm2", dtype: str = "float32", device: str = "cpu"):
+    """A randomly initialised causal LM of the chosen shape (`tiny`, else SHAPES[shape]) in `dtype`
+    ("float32" or "bfloat16") on `device`, in eval mode (no dropout).
 
     Initialised the way Llama's `_init_weights` does (normal(0, initializer_range) weights, unit norms) in
     one pass: transformers' own init, after torch's default init, takes ~8 s for the SmolLM2 shape on one
     loaded core; this takes ~2 s, which matters for the short runs that build the model per subprocess.
+    On a GPU the weights are created and initialised there (a 1B model never passes through the CPU).
     """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = tiny_config() if tiny else smollm2_config()
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if not tiny and shape not in SHAPES:
+        raise ValueError(f"shape {shape!r}; accepted: {', '.join(SHAPES)}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}; accepted: float32, bfloat16")
+    config = tiny_config() if tiny else SHAPES[shape]()
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.tie_weights()  # skipped with init_weights: the LM head must be the embedding (134.5M, not 162.8M)
     if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise RuntimeError("build_model: the LM head is not tied to the embedding")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied embedding appears once
             if name.endswith("norm.weight"):
@@ -84,8 +109,15 @@ def build_model(tiny: bool, seed: int = 0):
     return model.eval()
 
 
-def model_name(tiny: bool) -> str:
-    return "tiny Llama (2 layers, width 64)" if tiny else "SmolLM2-135M-shaped Llama (random weights)"
+def model_name(tiny: bool, shape: str = "smollm2") -> str:
+    if tiny:
+        return "tiny Llama (2 layers, width 64)"
+    return {"smollm2": "SmolLM2-135M-shaped Llama (random weights)",
+            "llama-1b": "1B Llama (16 layers, width 2048, 32/8 heads, vocab 32k; random weights)"}[shape]
+
+
+def vocab_size(tiny: bool, shape: str = "smollm2") -> int:
+    return TINY_VOCAB if tiny else {"smollm2": SMOLLM2_VOCAB, "llama-1b": LLAMA_1B_VOCAB}[shape]
 
 
 @dataclass

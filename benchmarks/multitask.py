@@ -4,6 +4,13 @@
     python benchmarks/multitask.py --tasks 1,4,16 --steps 3
     python benchmarks/multitask.py --quick                # N = 1, 2, 16-token rows: < 60 s
     python benchmarks/multitask.py --tiny --quick         # 2-layer model: the smoke test
+    python benchmarks/multitask.py --device cuda --dtype bfloat16 --shape llama-1b --tasks 1,16,64   # on a GPU
+
+On a GPU (`--device cuda`, or `auto` where one is visible) the same (a) and (b) run in one process with
+wall-clock timing around CUDA synchronisations and peak device memory per variant: benchmarks/multitask_gpu.py
+says what it measures. Shapes (`--shape`): smollm2 (the SmolLM2-135M shape, below) and llama-1b (1.04B
+parameters: hidden 2048, 16 layers, 32 query / 8 key-value heads, MLP 8192, vocab 32,000, tied embeddings;
+`common.llama_1b_config`), random weights. The CPU run is fp32; `--dtype bfloat16` needs a GPU.
 
 Every task trains on its own synthetic data (random token ids written as JSON lines, words "t<id>" read by
 a word-level tokenizer, so a row is exactly --seq-len tokens: the first half prompt, the second half
@@ -55,8 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    SMOLLM2_VOCAB,
-    TINY_VOCAB,
+    SHAPES,
     Target,
     Timer,
     build_model,
@@ -65,6 +71,7 @@ from common import (  # noqa: E402
     model_name,
     peak_rss_bytes,
     set_threads,
+    vocab_size,
 )
 
 PREFIX_LEN = 10
@@ -134,7 +141,7 @@ def task_config(path: str, index: int, seq_len: int, out_dir: Path):
 class PeftTask:
     """One task trained the plain PEFT way: its own PeftModel over the shared base, AdamW, clipping."""
 
-    def __init__(self, base, data, seed: int, pad_id: int):
+    def __init__(self, base, data, seed: int, pad_id: int, device=None):
         import peft
         import torch
 
@@ -144,7 +151,7 @@ class PeftTask:
                                                                        num_virtual_tokens=PREFIX_LEN))
         self.params = list(self.model.prompt_encoder["default"].parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
-        self.data, self.pad_id = data, pad_id
+        self.data, self.pad_id, self.device = data, pad_id, device
         self.stream = ExampleStream(len(data), seed=seed)
 
     def step(self) -> int:
@@ -154,11 +161,14 @@ class PeftTask:
         from workers.data import collate_causal
 
         batch = collate_causal([self.data[i] for i in self.stream.next_indices(EXAMPLES_PER_STEP)], self.pad_id)
+        tokens = int(batch["attention_mask"].sum())
+        if self.device is not None:  # the GPU run (multitask_gpu.py)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return tokens
 
 
 def matmul_gflops(repeats: int = 30) -> dict[str, float]:
@@ -206,7 +216,7 @@ def worker_joint(args) -> dict:
 
     from workers.trainer import MultiTaskTrainer
 
-    model = build_model(args.tiny)
+    model = build_model(args.tiny, shape=args.shape)
     params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
     tok = word_tokenizer(model.config.vocab_size)
@@ -314,7 +324,7 @@ def worker_peft_single(args) -> dict:
     """One task, plain PEFT, in a process of its own: the unit of (c)'s memory."""
     from workers.data import DataSettings, load_task_data
 
-    model = build_model(args.tiny)
+    model = build_model(args.tiny, shape=args.shape)
     tok = word_tokenizer(model.config.vocab_size)
     path = json.loads(Path(args.data_index).read_text())[0]
     data = load_task_data(DataSettings(train=path, input_column="input", target_column="target",
@@ -333,7 +343,8 @@ def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: 
     cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--steps", str(steps),
            "--threads", str(args.threads), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
            "--data-index", str(data_index), "--work-dir", str(work_dir), "--cache-dir", str(work_dir / "cache"),
-           "--worker-out", str(out)] + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else []) \
+           "--worker-out", str(out), "--shape", args.shape, "--device", "cpu"] \
+        + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else []) \
         + (["--compare-eager"] if args.compare_eager and kind == "joint" else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -431,6 +442,19 @@ def eager_summary(joint: dict, clock: str, a_rate: float) -> dict:
     return {"a0_tokens_per_s": a0_rate, "speedup_a_over_a0": a_rate / a0_rate}
 
 
+def chosen_device(args, parser) -> str:
+    """'cuda' or 'cpu' for --device (`workers.devices.resolve_device`: auto is the GPU if torch sees one);
+    a parser error names what is wrong."""
+    if args.device == "cpu":
+        return "cpu"  # without importing torch: the CPU parent only starts workers
+    from workers.devices import resolve_device
+
+    try:
+        return resolve_device(args.device).type
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=None, help="comma-separated N values (default 1,4,16,64; --quick 1,2)")
@@ -450,7 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-eager", action="store_true",
                         help="also time (a0): the same tasks in a second trainer with eager layers, same rounds")
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 16-token rows: under a minute")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the SmolLM2 shape")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the --shape")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="smollm2",
+                        help="model shape, random weights: smollm2 (134.5M) or llama-1b (1.04B; see the docstring)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): the GPU if one is visible, else the CPU")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="base model dtype (prefixes stay fp32); bfloat16 needs a GPU")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     # internal: one measurement in a fresh process
     for name in ("--worker", "--data-index", "--work-dir", "--cache-dir", "--worker-out"):
@@ -478,14 +508,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--compare-eager times eager layers beside (a)'s compiled ones; with --eager (a) is eager too")
     if ns[0] < 1 or (args.steps is not None and args.steps < 1) or args.threads < 1 or args.micro_batch < 1:
         parser.error("--tasks, --steps, --threads and --micro-batch must be >= 1")
+    device = chosen_device(args, parser)
+    if device == "cuda":
+        if args.compare_eager:
+            parser.error("--compare-eager: the CPU run's option; on a GPU run twice, with and without --eager")
+        import multitask_gpu
+
+        return multitask_gpu.main(args, ns)
+    if args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype}: the CPU run is fp32 (bfloat16 needs --device cuda on a GPU)")
     steps_for = (lambda n: args.steps) if args.steps else (lambda n: 1 if args.quick else ROUNDS)
     run_ns = sorted(set(ns) | {1})  # N = 1 is the single-task memory reference
-    vocab_size = TINY_VOCAB if args.tiny else SMOLLM2_VOCAB
+    vocab = vocab_size(args.tiny, args.shape)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefixd-bench-") as tmp:
         work = Path(tmp)
         rows = EXAMPLES_PER_STEP * (max(steps_for(n) for n in run_ns) + 2) + 8
-        paths = write_tasks(work / "data", max(run_ns), rows, args.seq_len, vocab_size)
+        paths = write_tasks(work / "data", max(run_ns), rows, args.seq_len, vocab)
         index = work / "data.json"
         index.write_text(json.dumps(paths))
         joints = {}
@@ -497,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     clock = choose_clock(args.clock, args.threads)
     summary = [summarize(joints[n], joints[1], peft_single, clock, args.seq_len) for n in ns]
     params = joints[1]["parameters"]
-    print(f"multitask: {model_name(args.tiny)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
+    print(f"multitask: {model_name(args.tiny, args.shape)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
           f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
           f"prefixd micro_batch_size {args.micro_batch}; rates on {clock} time")
     layers = "eager layers" if args.eager else "compiled layers"
@@ -562,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     report = {
         "benchmark": "multitask",
-        "config": {"model": model_name(args.tiny), "parameters": params, "threads": args.threads,
+        "config": {"model": model_name(args.tiny, args.shape), "parameters": params, "threads": args.threads,
                    "seq_len": args.seq_len, "examples_per_step": EXAMPLES_PER_STEP, "prefix_len": PREFIX_LEN,
                    "micro_batch_size": args.micro_batch, "compiled_layers": not args.eager, "tasks": ns, "flops_per_token": 4 * params,
                    "clock": clock, "matmul_shape": MATMUL_SHAPE, "torch": joints[1]["torch"]},

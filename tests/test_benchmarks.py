@@ -5,12 +5,14 @@ check is the one the math fixes: prefixd and PEFT give the same loss and prefix 
 """
 
 import json
+import os
 import re
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -53,7 +55,7 @@ def test_prefix_overhead_quick(tmp_path):
 
 def test_multitask_quick(tmp_path):
     out_file = tmp_path / "multitask.json"
-    out = run_script("multitask.py", "--tiny", "--quick", "--compare-eager", "--json", str(out_file))
+    out = run_script("multitask.py", "--tiny", "--quick", "--compare-eager", "--device", "cpu", "--json", str(out_file))
     header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(a0\) tok/s\s+a/a0\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*"
                        r"\(a\) RSS / N=1$", out, re.M)
     assert header, out
@@ -148,3 +150,90 @@ def test_multitask_refuses_to_compare_eager_with_eager(capsys):
     with pytest.raises(SystemExit):
         multitask.main(["--eager", "--compare-eager"])
     assert "--compare-eager" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU side: multitask_gpu.py's protocol run on the CPU, and benchmarks/gpu_check.sh in smoke mode
+
+
+def test_multitask_gpu_protocol_runs_on_the_cpu(tmp_path):
+    """multitask_gpu.main is device-generic: on the CPU it runs the GPU protocol (one process, (a) and (b)
+    per N, peak memory per variant) with RSS for memory. The table, the targets and the JSON are checked."""
+    out_file = tmp_path / "gpu.json"
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import multitask, multitask_gpu; "
+            f"args = multitask.build_parser().parse_args(['--tiny', '--quick', '--json', {str(out_file)!r}]); "
+            "args.seq_len = 16; multitask_gpu.main(args, [1, 2], device='cpu')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"^multitask \(cpu\): tiny Llama .* float32 base, fp32 prefixes; cpu", out, re.M), out
+    assert re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+a/b\s+\(a\) TFLOP/s\s+\(a\) peak GiB\s+"
+                     r"\(b\) peak GiB\s+\(c\) peak GiB\s+\(a\) peak / N=1$", out, re.M), out
+    for n in (1, 2):  # --quick: one round; 8 numbers
+        assert re.search(rf"^{n}\s+1" + rf"\s+{NUMBER}" * 8 + "$", out, re.M), (n, out)
+    for what, bound in (("(a) tokens/s / (b) tokens/s", ">= 1.50"),
+                        ("(a) peak memory / single-task run (N=1)", "<= 1.20")):
+        assert re.search(rf"^N=2: {re.escape(what)}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (what, out)
+    report = json.loads(out_file.read_text())
+    assert report["config"]["device"] == "cpu" and report["config"]["compiled_layers"]
+    assert [s["n"] for s in report["summary"]] == [1, 2]
+    raw = report["raw"]["joint"]["2"]
+    assert raw["a_tokens"] == raw["b_tokens"] == [2 * 4 * 16]  # N tasks x 4 rows x 16 tokens in (a) and (b)
+    assert all(s["a_compiled"] and s["a_tokens_per_s"] > 0 and s["b_tokens_per_s"] > 0 for s in report["summary"])
+    two = report["summary"][1]
+    assert two["c_peak_bytes"] == 2 * report["raw"]["peft_single"]["peak_bytes"]
+    assert two["speedup_a_over_b"] == pytest.approx(two["a_tokens_per_s"] / two["b_tokens_per_s"])
+    assert two["speedup_by_round"] == [pytest.approx(two["speedup_a_over_b"])]
+
+
+def test_multitask_device_and_dtype_arguments(capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            multitask.main(["--device", "cuda", "--tiny", "--quick"])
+        assert "--device: device 'cuda': this machine has no CUDA device visible; accepted here: auto, cpu" in \
+            capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        multitask.main(["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--quick"])
+    assert "--dtype bfloat16: the CPU run is fp32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        multitask.build_parser().parse_args(["--shape", "llama-7b"])
+    assert "invalid choice: 'llama-7b'" in capsys.readouterr().err
+
+
+def run_gpu_check(tmp_path, *args, **env):
+    environment = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path)) | env
+    return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=environment)
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The whole script in smoke mode: environment, the gpu tests (skipped without a GPU), a CPU benchmark."""
+    proc = run_gpu_check(tmp_path, "--smoke")
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    for step in ("environment", "gpu-tests", "multitask-smoke"):
+        assert re.search(rf"^== {step} \(timeout \d+s, at \d+s\)$", out, re.M), (step, out)
+        assert re.search(rf"^gpu_check: {step} rc=0$", out, re.M), (step, out)
+    assert re.search(r"^torch\s+\d+\.\d+", out, re.M) and re.search(r"^transformers\s+5\.", out, re.M), out
+    assert re.search(r"^gpu_check: total \d+s; results in " + re.escape(str(tmp_path)) + "$", out, re.M), out
+    assert (tmp_path / "gpu_check.log").read_text().strip().endswith("gpu_check: multitask-smoke rc=0")
+    suite = ElementTree.parse(tmp_path / "gpu_tests.xml").getroot().find("testsuite")
+    gpu_tests = int(suite.get("tests"))
+    assert gpu_tests >= 7 and suite.get("failures") == suite.get("errors") == "0"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "cuda available: False" in out and int(suite.get("skipped")) == gpu_tests
+    report = json.loads((tmp_path / "multitask_smoke.json").read_text())
+    assert [s["n"] for s in report["summary"]] == [1, 2]
+
+
+def test_gpu_check_arguments(tmp_path):
+    proc = run_gpu_check(tmp_path, "--fast")
+    assert proc.returncode == 2 and "unknown argument '--fast'; accepted: --smoke" in proc.stderr
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    proc = run_gpu_check(tmp_path, GPU_CHECK_SMOKE="0", GPU_CHECK_WHEELS=str(empty))  # only --smoke runs without
+    assert proc.returncode == 1 and f"no wheels in {empty}/; run 'bash benchmarks/fetch_gpu_wheels.sh'" in proc.stdout
