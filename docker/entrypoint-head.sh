@@ -11,7 +11,9 @@
 # Environment (see docker/.env.example): PREFIXD_STORE_URL, MLFLOW_TRACKING_URI and
 # PREFIXD_API_TOKENS are required; PREFIXD_API_HOST (0.0.0.0 inside the container),
 # PREFIXD_API_PORT (8765), RAY_GCS_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_HEAD_NUM_CPUS,
-# RAY_HEAD_NUM_GPUS, RAY_START_EXTRA_ARGS, PREFIXD_RAY_START_TIMEOUT (seconds, 180).
+# RAY_HEAD_NUM_GPUS, RAY_START_EXTRA_ARGS, PREFIXD_RAY_START_TIMEOUT (seconds, 180),
+# PREFIXD_GPUS_PER_WORKER (passed as --gpus-per-worker: GPUs each training rank reserves),
+# PREFIXD_STORAGE (where job folders live; prefixd reads it itself).
 set -euo pipefail
 
 : "${PREFIXD_STORE_URL:?PREFIXD_STORE_URL is not set (postgresql+psycopg://...)}"
@@ -70,8 +72,10 @@ until python "$here/healthcheck.py" gcs 2>/dev/null; do
 done
 
 echo "entrypoint-head: Ray is up; starting the prefixd API on ${api_host}:${api_port}" >&2
-prefixd serve --api --host "$api_host" --port "$api_port" --ray-address auto \
-  --store-url "$PREFIXD_STORE_URL" --mlflow-uri "$MLFLOW_TRACKING_URI" &
+serve_cmd=(prefixd serve --api --host "$api_host" --port "$api_port" --ray-address auto
+  --store-url "$PREFIXD_STORE_URL" --mlflow-uri "$MLFLOW_TRACKING_URI")
+if [[ -n "${PREFIXD_GPUS_PER_WORKER:-}" ]]; then serve_cmd+=(--gpus-per-worker "$PREFIXD_GPUS_PER_WORKER"); fi
+"${serve_cmd[@]}" &
 api_pid=$!
 children+=("$api_pid")
 

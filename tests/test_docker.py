@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_S3 = DOCKER / "docker-compose.s3.yml"
+COMPOSE_JOBS_S3 = DOCKER / "docker-compose.jobs-s3.yml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 KUBERAY = DOCKER / "kuberay"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
@@ -145,13 +146,13 @@ def test_only_the_api_the_dashboard_and_mlflow_are_published(compose):
 
 def test_every_variable_is_defined_in_env_example():
     defined = env_example()
-    for path in (COMPOSE, COMPOSE_S3):
+    for path in (COMPOSE, COMPOSE_S3, COMPOSE_JOBS_S3):
         for name in compose_variables(path):
             assert name in defined, f"{path.name} uses ${{{name}}}, which .env.example does not define"
 
 
 def test_env_example_has_no_unused_variable():
-    used = set(compose_variables(COMPOSE)) | set(compose_variables(COMPOSE_S3))
+    used = set().union(*(compose_variables(path) for path in (COMPOSE, COMPOSE_S3, COMPOSE_JOBS_S3)))
     unused = set(env_example()) - used
     assert not unused, f".env.example defines variables no compose file reads: {sorted(unused)}"
 
@@ -256,6 +257,71 @@ def test_s3_overlay_only_touches_mlflow():
     assert env_example()["MLFLOW_S3_ARTIFACTS_DESTINATION"].startswith("s3://")
 
 
+# --- job storage and GPUs: what the services need to train and resume anywhere -----------------------
+
+RAY_SERVICES = ("ray-head", "ray-worker", "ray-worker-gpu")
+
+
+def _default(value: str) -> str:
+    """${NAME:-default} -> default; a plain value as it is."""
+    m = re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", str(value))
+    return m.group(1) if m else str(value)
+
+
+def _mount_for(path: str, mounts: list[str]) -> tuple[str, str] | None:
+    """(source, target) of the mount that holds `path`, the deepest one."""
+    best = None
+    for mount in mounts:
+        source, _, rest = str(mount).partition(":")
+        target = rest.split(":")[0]
+        inside = path == target or path.startswith(target.rstrip("/") + "/")
+        if inside and (best is None or len(target) > len(best[1])):
+            best = (source, target)
+    return best
+
+
+def test_every_ray_container_reaches_the_same_job_storage(compose):
+    """The head registers from job folders and every worker checkpoints to and resumes from them: each Ray
+    container must mount the same named volume at PREFIXD_STORAGE (one host: a named volume is shared)."""
+    volumes = set(compose["volumes"])
+    sources = set()
+    for name in RAY_SERVICES:
+        service = compose["services"][name]
+        storage = _default(service["environment"]["PREFIXD_STORAGE"])
+        assert storage == env_example()["PREFIXD_STORAGE"]
+        mount = _mount_for(storage, service.get("volumes", []))
+        assert mount, f"{name}: nothing is mounted at PREFIXD_STORAGE ({storage}): job state would die with it"
+        assert mount[0] in volumes, f"{name}: {storage} is on {mount[0]!r}, not a named (shared) volume"
+        sources.add(mount[0])
+        home = _mount_for(_default(service["environment"]["PREFIXD_HOME"]), service.get("volumes", []))
+        assert home is None or home[0] not in sources or home == mount, name
+    assert len(sources) == 1, f"the Ray containers mount different volumes at PREFIXD_STORAGE: {sources}"
+
+
+def test_jobs_s3_overlay_gives_every_ray_container_the_store_and_its_credentials():
+    overlay = load_yaml(COMPOSE_JOBS_S3)
+    assert set(overlay["services"]) == set(RAY_SERVICES)
+    for name in RAY_SERVICES:
+        env = overlay["services"][name]["environment"]
+        assert env["PREFIXD_STORAGE"].startswith("${PREFIXD_S3_STORAGE:?"), name
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key].startswith(f"${{{key}:?"), (name, key)  # required, never defaulted
+    assert env_example()["PREFIXD_S3_STORAGE"].startswith("s3://")
+    assert "@" not in env_example()["PREFIXD_S3_STORAGE"]  # credentials never in the URI
+
+
+def test_gpu_workers_reserve_gpus_and_the_head_asks_ray_for_them(compose, tmp_path):
+    gpu = compose["services"]["ray-worker-gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"]
+    head = compose["services"]["ray-head"]["environment"]
+    assert head["PREFIXD_GPUS_PER_WORKER"] == "${PREFIXD_GPUS_PER_WORKER:-0}"
+    assert env_example()["PREFIXD_GPUS_PER_WORKER"] in ("0", "1")
+    # The head's entrypoint hands it to the orchestrator, which then reserves that many GPUs per rank.
+    api_args = _run_head(tmp_path, PREFIXD_GPUS_PER_WORKER="1")
+    assert api_args[api_args.index("--gpus-per-worker") + 1] == "1"
+
+
 # --- docker compose config, when a compose binary is here ----------------------------------------
 
 
@@ -287,8 +353,8 @@ def _run_compose(args: list[str], env_file: Path) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["--profile", "gpu"], ["-f", str(COMPOSE_S3)]],
-    ids=["default", "gpu-profile", "s3-overlay"],
+    [[], ["--profile", "gpu"], ["-f", str(COMPOSE_S3)], ["--profile", "gpu", "-f", str(COMPOSE_JOBS_S3)]],
+    ids=["default", "gpu-profile", "s3-overlay", "jobs-s3-overlay"],
 )
 def test_docker_compose_config_accepts_the_files(args):
     result = _run_compose(args, ENV_EXAMPLE)
@@ -361,6 +427,38 @@ def test_kuberay_gpu_worker_group(raycluster):
     assert set(refs) == {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"}
     assert {r["name"] for r in refs.values()} == {"prefixd-secrets"}
     assert "envFrom" not in container
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_kuberay_job_state_is_on_storage_every_pod_shares(raycluster):
+    """No job state on a pod's emptyDir: PREFIXD_STORAGE in every pod is on the same ReadWriteMany claim."""
+    (claim,) = list(yaml.safe_load_all((KUBERAY / "storage.yaml").read_text()))
+    assert claim["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    head, workers = _containers(raycluster)
+    for pod in (head, *workers):
+        container = pod["containers"][0]
+        storage = _env(container)["PREFIXD_STORAGE"]
+        if storage.startswith("s3://"):
+            refs = {e["name"] for e in container["env"] if "valueFrom" in e} | {"envFrom"} & set(container)
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= refs or "envFrom" in refs
+            continue
+        mount = _mount_for(storage, [f"{m['name']}:{m['mountPath']}" for m in container["volumeMounts"]])
+        assert mount, f"{container['name']}: nothing mounted at PREFIXD_STORAGE ({storage})"
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount[0]]
+        assert "emptyDir" not in volume and "hostPath" not in volume, f"{container['name']}: {volume}"
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_kuberay_head_asks_ray_for_the_gpus_each_worker_pod_has(raycluster):
+    head, workers = _containers(raycluster)
+    asked = float(_env(head["containers"][0])["PREFIXD_GPUS_PER_WORKER"])
+    assert asked >= 1
+    for pod in workers:
+        limits = pod["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= asked  # a rank fits one pod
 
 
 def test_kuberay_pods_are_locked_down(raycluster):
@@ -717,6 +815,18 @@ def test_head_entrypoint_serves_after_ray_and_stops_ray_when_the_api_exits(tmp_p
     assert api_args == ["serve", "--api", "--host", "0.0.0.0", "--port", "8765", "--ray-address", "auto",
                         "--store-url", HEAD_ENV["PREFIXD_STORE_URL"], "--mlflow-uri", HEAD_ENV["MLFLOW_TRACKING_URI"]]
     assert (tmp_path / "ray-stopped").read_text().strip() == "stopped"
+
+
+def _run_head(tmp_path: Path, **extra: str) -> list[str]:
+    """entrypoint-head.sh with stand-ins for ray and prefixd; the arguments prefixd got."""
+    ray = 'trap "exit 0" TERM; while :; do sleep 0.1; done\n'
+    bin_dir = _fake_bin(tmp_path, ray=ray, prefixd=RECORD_ARGS + "exit 3\n")
+    script = _head_copy(tmp_path, "import sys\nsys.exit(0)\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KUBERAY_", "PREFIXD_"))},
+           **HEAD_ENV, **extra, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "api-args")}
+    result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 3, result.stderr
+    return (tmp_path / "api-args").read_text().splitlines()
 
 
 def test_head_entrypoint_gives_up_when_ray_dies_before_the_gcs_is_up(tmp_path):
