@@ -1,26 +1,36 @@
-"""prefixd's HTTP API: submit, list, status, cancel, logs, lookup, models, behind bearer tokens.
+"""prefixd's HTTP API: submit, list, status, cancel, logs, lookup, models, behind bearer tokens, per tenant.
 
-    PREFIXD_API_TOKENS=s3cret prefixd serve --api [--host 127.0.0.1] [--port 8000] [--data-root DIR]
+    PREFIXD_API_TOKENS="alice=tok-a,bob=tok-b" PREFIXD_ADMIN_TOKENS="ops=tok-o" \
+        prefixd serve --api [--host 127.0.0.1] [--port 8000] [--data-root DIR]
 
     api = start_api(config, port=8000)        # uvicorn in a thread; returns once it listens
     api.url, api.stop()
-    app = create_app(ApiSettings(store_url=..., tokens=frozenset({...}), data_root=Path(...)))  # the app alone
+    app = create_app(ApiSettings(store_url=..., callers=parse_entries(["alice=tok-a"]), data_root=Path(...)))
 
 `orchestrator/client.py` (ApiClient) and `prefixd --server URL ...` talk to it.
 
-- Every /v1 route needs `Authorization: Bearer <token>`: none -> 401, a wrong one -> 403. Tokens come from
-  configuration or the environment (PREFIXD_API_TOKENS, comma-separated), never from code. /healthz and
-  the OpenAPI description (/openapi.json) are open.
-- Specs are validated exactly as `prefixd submit` validates them (jobs/spec.py); a bad spec gets 422 with
-  every problem and its field path, and nothing is stored. POST /v1/specs/validate checks one without
-  queueing it (the CLI checks every spec first, so a batch is queued all or none).
-- Paths in a spec submitted over HTTP are read on the server, relative to `data_root` (start_api: the
-  data_root argument, else $PREFIXD_DATA_ROOT, else <home>/data), and may not leave it (`../`, absolute
-  paths elsewhere, links pointing out are refused): users cannot make the server read its other files.
-  Nothing is uploaded: data files and local base-model folders must already be under the data root.
+- Every /v1 route needs `Authorization: Bearer <token>`: none -> 401, a wrong one -> 403. A token names a
+  tenant (orchestrator/tenants.py: `name=token` pairs, a bare token is a tenant of its own; tokens come
+  from the environment or token files, never from code). /healthz and /openapi.json are open.
+- Tenants. Each job records the tenant that submitted it. list, status, cancel and logs see only the
+  caller's own jobs: another tenant's job answers 404 exactly as a job that does not exist. Admin tokens
+  (PREFIXD_ADMIN_TOKENS) see and control every job. The registry routes (/v1/models) read the shared
+  registry; writing to it happens only through a tenant's own jobs (orchestrator/registry.py: a registered
+  model belongs to the tenant that created it). A spec naming another tenant's model is refused (422).
+- Quotas (the operator's, `tenant_quotas` / PREFIXD_QUOTAS): a submission past the tenant's max_queued or
+  max_priority gets 429 with the limit named; max_running holds its further jobs in the queue.
+- Specs are read by the same hardened reader as spec files (jobs/reader.py: YAML 1.2, duplicate keys,
+  tags, aliases, depth, size) and validated as `prefixd submit` validates them, within the operator's
+  bounds (jobs/bounds.py); a bad spec gets 422 with every problem and its field path, and nothing is
+  stored. POST /v1/specs/validate checks one without queueing it.
+- Paths in a spec are read on the server, relative to `data_root` (start_api: the data_root argument, else
+  $PREFIXD_DATA_ROOT, else <home>/data). Each is resolved (links followed) and must exist inside it, checked
+  before any file is opened; any other path gets one answer that tells nothing about it, and no refusal
+  quotes a file's bytes. Nothing is uploaded: data must already be under the data root.
+- Request bodies: over `max_body_bytes` gets 413, by Content-Length before anything is read and by the
+  bytes actually received otherwise (a chunked body is read only up to the limit).
 - start_api refuses to start without a token, and warns when it listens on a non-loopback address
   (plain HTTP: put a TLS proxy in front of it).
-- Request bodies above `max_body_bytes` get 413 before they are read whole.
 """
 
 from __future__ import annotations
@@ -28,31 +38,40 @@ from __future__ import annotations
 import errno
 import hmac
 import ipaddress
-import json
 import os
 import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.concurrency import run_in_threadpool
 
-from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_spec
-from orchestrator.store import STATES, InvalidTransition, JobStore, UnknownJob
+from jobs.bounds import SpecBounds
+from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
+from orchestrator.store import STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
+from orchestrator.tenants import (
+    ADMIN_TOKENS_ENV,
+    LOCAL_TENANT,
+    TOKENS_ENV,
+    Caller,
+    callers_from_env,
+    check_quotas,
+    merge_callers,
+    parse_entries,
+)
 
 if TYPE_CHECKING:
     from orchestrator.config import OrchestratorConfig
 
-TOKENS_ENV = "PREFIXD_API_TOKENS"
 DATA_ROOT_ENV = "PREFIXD_DATA_ROOT"
 registry: Any = None  # orchestrator.registry, imported by create_app when a tracking URI is configured
 
@@ -61,18 +80,23 @@ registry: Any = None  # orchestrator.registry, imported by create_app when a tra
 class ApiSettings:
     store_url: str
     """SQLAlchemy URL of the job store the API reads and writes."""
-    tokens: frozenset[str]
-    """Accepted bearer tokens; empty refuses every /v1 request."""
+    callers: Mapping[str, Caller]
+    """Accepted bearer tokens -> the tenant (and role) each acts as; empty refuses every /v1 request."""
     data_root: Path
     """Folder that relative data paths in submitted specs are read from; specs cannot leave it."""
     tracking_uri: str | None = None
     """MLflow tracking URI for /v1/models; None: those routes answer 503."""
     max_body_bytes: int = MAX_SPEC_BYTES
     max_attempts: int = 3
+    bounds: SpecBounds = field(default_factory=SpecBounds)
+    """The operator's upper bounds on spec numbers."""
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
+    """Per-tenant quotas ('*': every tenant not named; admins and the local tenant are exempt unless named)."""
 
 
-def tokens_from_env() -> frozenset[str]:
-    return frozenset(t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip())
+def tokens_from_env() -> dict[str, Caller]:
+    """{token: Caller} from the environment (orchestrator/tenants.py); ValueError on a conflicting entry."""
+    return callers_from_env()
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -109,6 +133,7 @@ class JobOut(BaseModel):
     registration_error: str | None = None
     next_registration_at: float | None = None
     waiting: str | None = None
+    tenant: str | None = None
 
 
 class SubmitOut(BaseModel):
@@ -161,36 +186,63 @@ class _SpecRefused(Exception):
         self.detail, self.problems = detail, problems
 
 
-class _BodyLimit(BaseHTTPMiddleware):
-    def __init__(self, app, limit: int):
-        super().__init__(app)
-        self.limit = limit
+class _BodyLimit:
+    """413 for a request whose Content-Length is over the limit, before the app reads a byte (plain ASGI:
+    nothing is buffered). A body without Content-Length is limited where it is read (`_read_body`)."""
 
-    async def dispatch(self, request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
-        return await call_next(request)
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413,
+                                   headers={"Connection": "close"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, reading at most limit + 1 bytes of it whatever the headers say; 413 past the limit."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body over {limit} bytes", headers={"Connection": "close"})
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="prefixd", version="1", description=__doc__)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     store = JobStore(settings.store_url)
+    store.set_quotas(_quota_table(settings))
     bearer = HTTPBearer(auto_error=False)
     data_root = settings.data_root.resolve()
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not any(hmac.compare_digest(credentials.credentials.encode(), t.encode()) for t in settings.tokens):
+        given = credentials.credentials.encode()
+        found = None
+        for token, caller in settings.callers.items():  # every token compared, in constant time each
+            if hmac.compare_digest(given, token.encode()):
+                found = caller
+        if found is None:
             raise HTTPException(403, "token not accepted")
+        return found
 
-    def job_or_404(job_id: str):
+    def visible_job(job_id: str, caller: Caller):
+        """The job if the caller may see it (its own, or any for an admin); else 404 as for no such job."""
         try:
-            return store.get(job_id)
+            job = store.get(job_id)
         except UnknownJob as e:
             raise HTTPException(404, str(e)) from None
+        if not caller.admin and job.tenant != caller.tenant:
+            raise HTTPException(404, str(UnknownJob(job_id)))
+        return job
 
     errors = {401: {"model": Error}, 403: {"model": Error}}
     if settings.tracking_uri:
@@ -210,65 +262,77 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def spec_refused(request: Request, e: _SpecRefused) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": e.detail, "problems": e.problems})
 
-    async def read_spec(request: Request) -> Any:
-        """The body as a validated JobSpec whose paths stay in the data root; raises _SpecRefused (422)."""
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            raise HTTPException(413, f"request body over {settings.max_body_bytes} bytes")
-        obj = _parse_body(raw, request.headers.get("content-type", ""))
+    def check_spec(raw: bytes, content_type: str, caller: Caller) -> Any:
+        """Parse and validate (in a worker thread: it may read files); raises _SpecRefused."""
         try:
-            spec = parse_spec(obj, base_dir=data_root, source="request body")
+            obj = parse_document(raw, "request body", fmt="json" if "json" in content_type else "yaml")
+            spec = parse_spec(obj, base_dir=data_root, data_root=data_root, source="request body",
+                              bounds=settings.bounds)
         except SpecError as e:
             raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
-        outside = _paths_outside(spec, data_root)
-        if outside:
-            raise _SpecRefused("paths outside the server's data root", outside)
+        owner = _model_owner(settings, spec)
+        if owner is not None and owner != caller.tenant:
+            problem = {"path": "registry.model_name",
+                       "message": f"{spec.registry.model_name!r} is a registered model of another tenant; only "
+                                  "its owner adds versions to it: choose a model name of your own"}
+            raise _SpecRefused("request body: 1 problem in the job spec\n  registry.model_name: "
+                               + problem["message"], [problem])
         return spec
 
-    @app.post("/v1/jobs", status_code=201, response_model=SubmitOut, dependencies=[Depends(authorize)],
-              responses=spec_refusals, openapi_extra=spec_body)
-    async def submit(request: Request,
+    async def read_spec(request: Request, caller: Caller) -> Any:
+        """The body as a validated JobSpec whose paths stay in the data root; raises _SpecRefused (422)."""
+        raw = await _read_body(request, settings.max_body_bytes)
+        return await run_in_threadpool(check_spec, raw, request.headers.get("content-type", ""), caller)
+
+    @app.post("/v1/jobs", status_code=201, response_model=SubmitOut,
+              responses=spec_refusals | {429: {"model": Error}}, openapi_extra=spec_body)
+    async def submit(request: Request, caller: Caller = Depends(authorize),
                      max_attempts: int | None = Query(None, ge=1, le=100,
                                                       description="default: the server's setting")) -> SubmitOut:
         """Submit one job spec (JSON object, or YAML text with content type application/yaml)."""
-        spec = await read_spec(request)
-        job_id = store.submit(spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-                              priority=spec.priority, max_attempts=max_attempts or settings.max_attempts)
+        spec = await read_spec(request, caller)
+        try:
+            job_id = await run_in_threadpool(
+                store.submit, spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
+                priority=spec.priority, max_attempts=max_attempts or settings.max_attempts, tenant=caller.tenant,
+                enforce_quota=not caller.admin)
+        except QuotaExceeded as e:
+            raise HTTPException(429, str(e)) from None
         return SubmitOut(job_id=job_id, task=spec.name)
 
-    @app.post("/v1/specs/validate", response_model=SpecOut, dependencies=[Depends(authorize)],
-              responses=spec_refusals, openapi_extra=spec_body)
-    async def validate(request: Request) -> SpecOut:
+    @app.post("/v1/specs/validate", response_model=SpecOut, responses=spec_refusals, openapi_extra=spec_body)
+    async def validate(request: Request, caller: Caller = Depends(authorize)) -> SpecOut:
         """Check one job spec as POST /v1/jobs would, without queueing it."""
-        spec = await read_spec(request)
+        spec = await read_spec(request, caller)
         return SpecOut(task=spec.name, base_key=spec.base_model.base_key, priority=spec.priority)
 
-    @app.get("/v1/jobs", response_model=list[JobOut], dependencies=[Depends(authorize)], responses=errors)
-    def list_jobs(state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
+    @app.get("/v1/jobs", response_model=list[JobOut], responses=errors)
+    def list_jobs(caller: Caller = Depends(authorize),
+                  state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
                   task: str | None = Query(None, max_length=64),
                   limit: int | None = Query(None, ge=1, le=10000)) -> list[JobOut]:
+        """The caller's jobs (an admin's: everyone's), in submission order."""
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state {state!r}; accepted: {', '.join(STATES)}")
-        return [_job_out(j) for j in store.list(state=state, task=task, limit=limit)]
+        tenant = None if caller.admin else caller.tenant
+        return [_job_out(j) for j in store.list(state=state, task=task, limit=limit, tenant=tenant)]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=[Depends(authorize)],
-             responses=errors | {404: {"model": Error}})
-    def status(job_id: str) -> JobOut:
-        return _job_out(job_or_404(job_id))
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors | {404: {"model": Error}})
+    def status(job_id: str, caller: Caller = Depends(authorize)) -> JobOut:
+        return _job_out(visible_job(job_id, caller))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, dependencies=[Depends(authorize)],
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
               responses=errors | {404: {"model": Error}, 409: {"model": Error}})
-    def cancel(job_id: str) -> JobOut:
-        job_or_404(job_id)
+    def cancel(job_id: str, caller: Caller = Depends(authorize)) -> JobOut:
+        visible_job(job_id, caller)
         try:
             return _job_out(store.request_cancel(job_id))
         except InvalidTransition as e:
             raise HTTPException(409, str(e)) from None
 
-    @app.get("/v1/jobs/{job_id}/logs", response_model=list[LogLine], dependencies=[Depends(authorize)],
-             responses=errors | {404: {"model": Error}})
-    def logs(job_id: str) -> list[LogLine]:
-        job_or_404(job_id)
+    @app.get("/v1/jobs/{job_id}/logs", response_model=list[LogLine], responses=errors | {404: {"model": Error}})
+    def logs(job_id: str, caller: Caller = Depends(authorize)) -> list[LogLine]:
+        visible_job(job_id, caller)
         return [LogLine(time=t, level=level, message=m) for t, level, m in store.logs(job_id)]
 
     @app.get("/v1/models", dependencies=[Depends(authorize)], responses=errors | {503: {"model": Error}})
@@ -301,38 +365,30 @@ def create_app(settings: ApiSettings) -> FastAPI:
     return app
 
 
+def _quota_table(settings: ApiSettings) -> dict[str, Quota]:
+    """The operator's quotas, plus 'no limit' rows for admins and the local tenant (unless named), so a
+    '*' default never applies to them."""
+    if not settings.quotas:
+        return {}
+    exempt = {c.tenant for c in settings.callers.values() if c.admin} | {LOCAL_TENANT}
+    return {t: Quota() for t in exempt} | dict(settings.quotas)
+
+
+def _model_owner(settings: ApiSettings, spec: Any) -> str | None:
+    """The tenant owning the spec's registered model, when MLflow says so now; None if free, unknown or
+    unreachable (registration checks again, and is the authority)."""
+    if registry is None or not settings.tracking_uri or not spec.registry.register:
+        return None
+    try:
+        return registry.model_owner(settings.tracking_uri, spec.registry.model_name)
+    except Exception:  # noqa: BLE001 - MLflow down: the registrar refuses a foreign model anyway
+        return None
+
+
 def _tracking(settings: ApiSettings) -> str:
     if not settings.tracking_uri:
         raise HTTPException(503, "no MLflow tracking URI configured for this server")
     return settings.tracking_uri
-
-
-def _parse_body(raw: bytes, content_type: str) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPException(422, "request body is not UTF-8 text") from None
-    try:
-        if "json" in content_type:
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise HTTPException(422, f"request body is not valid {'JSON' if 'json' in content_type else 'YAML'}: "
-                                 f"{str(e).splitlines()[0]}") from None
-
-
-def _paths_outside(spec: Any, root: Path) -> list[dict]:
-    """Spec paths (resolved, links followed) that are not inside the data root."""
-    candidates = {"data.train": spec.data.train, "data.validation": spec.data.validation,
-                  "base_model.path": spec.base_model.path}
-    problems = []
-    for field_path, value in candidates.items():
-        if value is None:
-            continue
-        resolved = Path(value).resolve()
-        if resolved != root and root not in resolved.parents:
-            problems.append({"path": field_path, "message": f"{value} is outside the server's data root"})
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -360,23 +416,36 @@ class ApiHandle:
 
 
 def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int = 8000,
-              tokens: frozenset[str] | None = None, data_root: str | Path | None = None,
-              startup_timeout_s: float = 60.0) -> ApiHandle:
+              tokens: Iterable[str] | None = None, admin_tokens: Iterable[str] | None = None,
+              data_root: str | Path | None = None, startup_timeout_s: float = 60.0) -> ApiHandle:
     """Serve create_app over the config's job store and MLflow registry; returns once it listens.
 
-    tokens: accepted bearer tokens, default $PREFIXD_API_TOKENS; none at all raises ApiStartError (the API
-    never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT, else <config.home>/data (created).
-    port 0 picks a free port (see .url). A host that is not a loopback address prints a warning on stderr:
-    the API is then reachable from other machines over plain HTTP.
+    tokens / admin_tokens: 'name=token' or bare-token entries (orchestrator/tenants.py); when neither is
+    given, the environment's ($PREFIXD_API_TOKENS, $PREFIXD_ADMIN_TOKENS and their _FILE forms). No token at
+    all raises ApiStartError (the API never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT,
+    else <config.home>/data (created). Bounds and quotas come from config.spec_bounds and
+    config.tenant_quotas. port 0 picks a free port (see .url). A host that is not a loopback address prints
+    a warning on stderr: the API is then reachable from other machines over plain HTTP.
+
+        api = start_api(config, port=0, tokens=["alice=tok-a", "bob=tok-b"], admin_tokens=["ops=tok-o"])
     """
-    tokens = frozenset(tokens) if tokens else tokens_from_env()
-    if not tokens:
-        raise ApiStartError(f"no API token configured: set {TOKENS_ENV} to one or more bearer tokens "
-                            "(comma-separated); the HTTP API does not serve without one")
+    try:
+        if tokens is None and admin_tokens is None:
+            callers = tokens_from_env()
+        else:
+            callers = merge_callers(parse_entries(tokens or ()), parse_entries(admin_tokens or (), admin=True))
+        quotas = check_quotas(config.tenant_quotas)
+        bounds = SpecBounds(config.spec_bounds)
+    except ValueError as e:
+        raise ApiStartError(str(e)) from None
+    if not callers:
+        raise ApiStartError(f"no API token configured: set {TOKENS_ENV} (or {ADMIN_TOKENS_ENV}) to one or more "
+                            "bearer tokens (comma-separated); the HTTP API does not serve without one")
     root = Path(data_root or os.environ.get(DATA_ROOT_ENV) or config.home / "data").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    settings = ApiSettings(store_url=config.store_url, tokens=tokens, data_root=root,
-                           tracking_uri=config.tracking_uri, max_attempts=config.max_attempts)
+    settings = ApiSettings(store_url=config.store_url, callers=callers, data_root=root,
+                           tracking_uri=config.tracking_uri, max_attempts=config.max_attempts, bounds=bounds,
+                           quotas=quotas)
     sock = _listen_socket(host, port)
     try:
         app = create_app(settings)

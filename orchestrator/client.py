@@ -10,9 +10,13 @@ Paths in a submitted spec are read by the server, relative to ITS data root (`pr
 on this machine: nothing is uploaded, so data files and local base-model folders must already be on the
 server, under its data root.
 
+The token names a tenant on the server: list, status, cancel and logs see that tenant's jobs only (an
+admin token's: everyone's), and another tenant's job answers 404 as a missing one does.
+
 Every refusal raises ApiError with the HTTP status (None when the server cannot be reached) and the
 server's detail; a refused spec (422) also carries every problem as (field path, message) pairs, and
-prints one per line. Each call is one request; nothing is held open between calls.
+prints one per line; a quota refusal is 429, its detail naming the limit. Each call is one request;
+nothing is held open between calls.
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ def test_client(server, tmp_path):
 
     with pytest.raises(ApiError) as e:
         client.submit("name: Bad\ntraining: {steps: 0}\n")
-    assert e.value.status_code == 422 and ("training.steps", "must be >= 1, got 0") in e.value.problems
-    assert "\n  training.steps: must be >= 1, got 0\n" in str(e.value) + "\n"  # one problem per line
+    assert e.value.status_code == 422 and ("training.steps", "must be >= 1 and <= 100000, got 0") in e.value.problems
+    assert "\n  training.steps: must be >= 1 and <= 100000, got 0\n" in str(e.value) + "\n"  # one problem per line
     with pytest.raises(ApiError) as e:
         client.status("j-nope")
     assert (e.value.status_code, str(e.value)) == (404, "no job with id 'j-nope' (`prefixd list` shows the known ones)")
