@@ -11,8 +11,11 @@
     prefixd lookup | models | generate           the trained-prefix registry (orchestrator/registry.py)
 
 Global flags (before or after the command): --home (PREFIXD_HOME, default ~/.prefixd), --store-url
-(PREFIXD_STORE_URL), --ray-address (PREFIXD_RAY_ADDRESS; default: a private local Ray on 127.0.0.1),
+(PREFIXD_STORE_URL), --storage (PREFIXD_STORAGE: where job folders live, default --home; a shared path or
+s3://bucket/prefix), --ray-address (PREFIXD_RAY_ADDRESS; default: a private local Ray on 127.0.0.1),
 --server (PREFIXD_SERVER). User errors print one clear message on stderr and exit 1; usage errors exit 2.
+Without --server the commands act on the store directly, as its local admin: they see every tenant's jobs,
+and `submit` records tenant 'local'. Specs are checked within the operator's bounds (PREFIXD_SPEC_BOUNDS).
 
 Remote mode. With `--server URL` (a `prefixd serve --api` elsewhere), submit, status, list, cancel, logs,
 lookup and models go through its HTTP API (orchestrator/client.py) instead of the local store and
@@ -40,11 +43,13 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from jobs.bounds import SpecBounds
 from jobs.spec import Problem, SpecError, load_spec, spec_json_schema
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig, read_group_shapes
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
+from orchestrator.tenants import LOCAL_TENANT
 
 
 SERVER_ENV = "PREFIXD_SERVER"
@@ -64,9 +69,20 @@ def config_from_args(args: argparse.Namespace, **settings: Any) -> OrchestratorC
     try:
         return OrchestratorConfig.from_env(home=getattr(args, "home", None),
                                            store_url=getattr(args, "store_url", None),
-                                           ray_address=getattr(args, "ray_address", None), **settings)
+                                           ray_address=getattr(args, "ray_address", None),
+                                           storage=getattr(args, "storage", None), **settings)
     except ValueError as e:
         raise CommandError(str(e)) from None
+
+
+def reachable_storage(config: OrchestratorConfig) -> OrchestratorConfig:
+    """The config, once its storage answers (write, read and delete a probe); else CommandError saying
+    what failed. For the commands that train or register: every job folder lives there."""
+    try:
+        config.check_storage()
+    except ValueError as e:  # StorageError: the setting, the URI and the fix, never a secret
+        raise CommandError(str(e)) from None
+    return config
 
 
 def open_store(args: argparse.Namespace) -> JobStore:
@@ -106,11 +122,13 @@ def api_client(args: argparse.Namespace) -> ApiClient | None:
         raise CommandError(str(e)) from None
 
 
-def _load_specs(paths: list[str]) -> tuple[list[tuple[str, Any]], list[SpecError]]:
+def _load_specs(paths: list[str], args: argparse.Namespace) -> tuple[list[tuple[str, Any]], list[SpecError]]:
+    """Each spec file read and checked within the operator's bounds (config.spec_bounds)."""
+    bounds = SpecBounds(config_from_args(args).spec_bounds)
     good, bad = [], []
     for path in paths:
         try:
-            good.append((path, load_spec(path)))
+            good.append((path, load_spec(path, bounds=bounds)))
         except SpecError as e:
             bad.append(e)
     return good, bad
@@ -128,7 +146,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    good, bad = _load_specs(args.specs)
+    good, bad = _load_specs(args.specs, args)
     if args.json:
         _print_json([{"spec": p, "valid": True, "name": s.name, "base_key": s.base_model.base_key,
                       "problems": []} for p, s in good]
@@ -150,12 +168,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = api_client(args)
     if client is not None:
         return _submit_to_server(client, args)
-    good, bad = _load_specs(args.specs)
+    good, bad = _load_specs(args.specs, args)
     _refuse_if_invalid(bad, len(args.specs))
     max_attempts = args.max_attempts or config_from_args(args).max_attempts
-    ids = _with_store(args, lambda store: store.submit_many([
+    ids = _with_store(args, lambda store: store.submit_many([  # on this machine: the local admin
         NewJob(spec=spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-               priority=spec.priority, max_attempts=max_attempts)
+               priority=spec.priority, max_attempts=max_attempts, tenant=LOCAL_TENANT)
         for _, spec in good
     ]))
     _print_submitted(args, [(job_id, path, spec.name, spec.base_model.base_key, spec.priority)
@@ -223,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.progress import ProgressView
     from orchestrator.scheduler import Orchestrator, Unschedulable
 
-    config = config_from_args(args, **_scheduler_settings(args))
+    config = reachable_storage(config_from_args(args, **_scheduler_settings(args)))
     store = open_store(args)
     try:
         queued, running = store.queued_base_keys(), store.list(state="running")
@@ -233,11 +251,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("nothing to run: no job is queued or running (prefixd submit SPEC queues one)")
         return 0
     view = ProgressView(sys.stdout)
+    stop = threading.Event()
     with Orchestrator(config) as orchestrator:
+        orchestrator.connect()
+        if threading.current_thread() is threading.main_thread():
+            # After Ray's start: ray.init installs its own SIGTERM handler (sys.exit(15)).
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            summary = orchestrator.run_until_empty(progress_callback=view)
+            summary = orchestrator.run_until_empty(progress_callback=view, stop_event=stop)
         except Unschedulable as e:
             raise CommandError(str(e)) from None
+    if stop.is_set():
+        waiting = [j for j in summary.jobs.values() if j.state not in FINAL_STATES]
+        print(f"stopped: {len(waiting)} job(s) queued again from their checkpoints, no attempt charged; "
+              "`prefixd run` resumes them", file=sys.stderr)
+        return 143
     counts = ", ".join(f"{summary.count(s)} {s}" for s in FINAL_STATES if summary.count(s))
     print(f"done: {counts or 'no jobs'}; results under {config.jobs_dir}")
     for job in summary.jobs.values():
@@ -253,7 +281,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator.scheduler import Orchestrator
 
-    config = config_from_args(args, **_scheduler_settings(args))
+    config = reachable_storage(config_from_args(args, **_scheduler_settings(args)))
     stop = threading.Event()
     api = _start_api(config, args) if args.api else None
     store_url = make_url(config.store_url).render_as_string(hide_password=True)
@@ -278,7 +306,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _add_scheduler_arguments(p)
     p.add_argument("--api", action="store_true",
-                   help="also serve the HTTP API (orchestrator.api); needs PREFIXD_API_TOKENS (comma-separated)")
+                   help="also serve the HTTP API (orchestrator.api); needs tokens: PREFIXD_API_TOKENS "
+                        "(comma-separated name=token pairs, one tenant each; a bare token is a tenant of its "
+                        "own), PREFIXD_ADMIN_TOKENS for admins (they see every job), or their _FILE forms; "
+                        "PREFIXD_QUOTAS and PREFIXD_SPEC_BOUNDS name the quota and bound files")
     p.add_argument("--host", default="127.0.0.1",
                    help="HTTP API address (default 127.0.0.1; another machine can reach it only with an "
                         "explicit address such as 0.0.0.0, and then put TLS in front)")
@@ -528,6 +559,10 @@ def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--home", default=default, help="state folder (PREFIXD_HOME, default ~/.prefixd)")
     p.add_argument("--store-url", default=default,
                    help="SQLAlchemy URL of the job store (PREFIXD_STORE_URL; default sqlite in --home)")
+    p.add_argument("--storage", default=default, metavar="URI",
+                   help="where job folders (checkpoints, results) live, reachable from every node (PREFIXD_STORAGE; "
+                        "default --home): a local or shared path, or s3://bucket/prefix[?endpoint_override=host:port"
+                        "&region=R&scheme=http]; S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     p.add_argument("--ray-address", default=default,
                    help="Ray cluster to join (PREFIXD_RAY_ADDRESS; a token-auth cluster needs RAY_AUTH_MODE=token); "
                         "default: start a private Ray on 127.0.0.1")
@@ -625,6 +660,8 @@ _SCHEDULER_FLAGS = (  # flag, config field, type, help
     ("--compile-layers", "compile_layers", None,
      "run the decoder layers compiled (Llama/Mistral/Qwen2; needs --zero-stage 0 or 2; default off)"),
     ("--idle-timeout", "idle_timeout_s", float, "seconds before an idle group is released (default 30)"),
+    ("--drain-timeout", "drain_timeout_s", float,
+     "on SIGTERM/Ctrl-C, seconds groups get to checkpoint and hand their jobs back uncharged (default 120)"),
     ("--heartbeat", "heartbeat_s", float, "seconds between heartbeats (default 5)"),
     ("--stale-after", "stale_after_s", float,
      "seconds without heartbeats before a running job is taken back (default 60)"),

@@ -6,6 +6,9 @@ Everything lives under one home folder (`--home`, `PREFIXD_HOME`, default `~/.pr
       jobs.db            the job store (sqlite); `--store-url` / PREFIXD_STORE_URL names another database
       jobs/<job_id>/     each job's out_dir: checkpoints while it trains, then adapter/, prefix/, result.json.
                          Named by the job id only, so whichever worker takes the job next resumes there.
+                         `--storage URI` / PREFIXD_STORAGE moves job folders elsewhere: a shared filesystem
+                         or s3://bucket/prefix (`workers/storage.py`), <storage>/jobs/<job_id>/, which
+                         every Ray node then reads and writes instead of its own disk.
       cache/data/        tokenized datasets (reused while file, settings and tokenizer stay the same)
       logs/              the orchestrator's own log (orchestrator.log)
 
@@ -27,6 +30,7 @@ HOME_ENV = "PREFIXD_HOME"
 STORE_URL_ENV = "PREFIXD_STORE_URL"
 MODEL_CACHE_ENV = "PREFIXD_MODEL_CACHE"
 RAY_ADDRESS_ENV = "PREFIXD_RAY_ADDRESS"
+STORAGE_ENV = "PREFIXD_STORAGE"
 DEFAULT_HOME = "~/.prefixd"
 STRATEGIES = ("PACK", "STRICT_PACK")
 
@@ -108,6 +112,42 @@ def read_group_shapes(path: str | Path) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _normalized_storage(uri: str) -> str:
+    """The storage URI in its normal form (local paths absolute); as given when malformed (`check` says why)."""
+    from workers.storage import JobStorage, StorageError
+
+    try:
+        return JobStorage.open(uri).uri
+    except StorageError:
+        return uri
+
+
+def _operator_files(settings: dict[str, Any]) -> dict[str, Any]:
+    """spec_bounds from $PREFIXD_SPEC_BOUNDS and tenant_quotas from $PREFIXD_QUOTAS (files), unless given."""
+    from jobs.bounds import BOUNDS_ENV, SpecBounds
+
+    if "spec_bounds" not in settings and os.environ.get(BOUNDS_ENV):
+        settings["spec_bounds"] = dict(SpecBounds.from_file(os.environ[BOUNDS_ENV]).overrides)
+    if "tenant_quotas" not in settings and os.environ.get("PREFIXD_QUOTAS"):
+        from orchestrator.tenants import read_quotas
+
+        settings["tenant_quotas"] = {t: {k: getattr(q, k) for k in ("max_queued", "max_running", "max_priority")}
+                                     for t, q in read_quotas(os.environ["PREFIXD_QUOTAS"]).items()}
+    return settings
+
+
+def _tenancy_problems(spec_bounds: Any, tenant_quotas: Any) -> list[str]:
+    from jobs.bounds import check_bounds
+    from orchestrator.tenants import check_quotas
+
+    problems = [f"spec_bounds: {p}" for p in check_bounds(spec_bounds)]
+    try:
+        check_quotas(tenant_quotas)
+    except ValueError as e:
+        problems.append(f"tenant_quotas: {e}")
+    return problems
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -141,6 +181,11 @@ class OrchestratorConfig:
     """SQLAlchemy URL of the job store; default sqlite:///<home>/jobs.db."""
     model_cache: Path = field(default_factory=default_model_cache)
     """Where built-in base models are converted to safetensors once (PREFIXD_MODEL_CACHE)."""
+    storage: str | None = None
+    """Where job folders live (jobs/<job_id>/: checkpoints, results): a local path, a shared filesystem path,
+    or s3://bucket/prefix[?endpoint_override=host:port&region=...] (`workers/storage.py`; credentials from
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). None: the home folder. Every node that trains or registers
+    must reach it; with several nodes, a folder only one node sees does not work."""
     ray_address: str | None = None
     """Ray cluster to join ('127.0.0.1:6379', 'auto', 'ray://...'); None starts a private local Ray bound to
     127.0.0.1, which is shut down when the orchestrator closes."""
@@ -158,6 +203,9 @@ class OrchestratorConfig:
     """Most tasks one group trains at once; further jobs of its base model wait in the queue."""
     idle_timeout_s: float = 30.0
     """A group with no task and nothing to claim for this long is released (its base model unloaded)."""
+    drain_timeout_s: float = 120.0
+    """On a graceful stop (SIGTERM, Ctrl-C), how long groups get to finish their step, checkpoint and hand
+    their jobs back without charging an attempt; a group still busy after that is killed (attempt charged)."""
     heartbeat_s: float = 5.0
     """Seconds between a group's heartbeats for the jobs it holds."""
     stale_after_s: float = 60.0
@@ -198,6 +246,12 @@ class OrchestratorConfig:
     a sqlite store under <home>/mlflow (MLFLOW_TRACKING_URI overrides)."""
     register: bool = True
     """Log and register finished jobs in MLflow (retried with backoff while MLflow is unreachable)."""
+    spec_bounds: dict[str, float] = field(default_factory=dict)
+    """Upper bounds on job-spec numbers that differ from the defaults, e.g. {"training.steps": 20000}
+    (jobs/bounds.py); PREFIXD_SPEC_BOUNDS names a YAML or JSON file of them."""
+    tenant_quotas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-tenant quotas of the HTTP API: {tenant or '*': {max_queued, max_running, max_priority}}
+    (orchestrator/tenants.py); PREFIXD_QUOTAS names a YAML or JSON file of them."""
 
     @classmethod
     def from_env(
@@ -208,8 +262,8 @@ class OrchestratorConfig:
         **settings: Any,
     ) -> OrchestratorConfig:
         """A config from explicit values, else the environment (PREFIXD_HOME, PREFIXD_STORE_URL,
-        PREFIXD_MODEL_CACHE, PREFIXD_RAY_ADDRESS), else the defaults. Raises ValueError naming every bad
-        setting."""
+        PREFIXD_MODEL_CACHE, PREFIXD_RAY_ADDRESS, PREFIXD_STORAGE), else the defaults. Raises ValueError
+        naming every bad setting."""
         home_path = Path(home or os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
         url = store_url or os.environ.get(STORE_URL_ENV) or f"sqlite:///{home_path / 'jobs.db'}"
         address = ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
@@ -218,8 +272,11 @@ class OrchestratorConfig:
         if unknown:
             raise ValueError(f"unknown orchestrator settings {unknown}; accepted: {', '.join(sorted(known))}")
         settings = {k: v for k, v in settings.items() if v is not None}
+        settings = _operator_files(settings)
         if "model_cache" in settings:
             settings["model_cache"] = Path(settings["model_cache"]).expanduser().resolve()
+        if settings.get("storage") or os.environ.get(STORAGE_ENV):
+            settings["storage"] = _normalized_storage(settings.get("storage") or os.environ[STORAGE_ENV])
         config = cls(home=home_path, store_url=url, ray_address=address, **settings)
         config.check()
         return config
@@ -236,7 +293,7 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 problems.append(f"{name}: must be an int >= 1, got {value!r}")
-        for name in ("idle_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
+        for name in ("idle_timeout_s", "drain_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 problems.append(f"{name}: must be a number > 0, got {value!r}")
@@ -249,6 +306,14 @@ class OrchestratorConfig:
                                 f"{', '.join(GroupShape.FIELDS)}")
             else:
                 problems += self.shape_for(base).problems(f"group_shapes[{base!r}].")
+        if self.storage is not None:
+            from workers.storage import JobStorage, StorageError
+
+            try:
+                JobStorage.open(self.storage)  # its form only: `check_storage` reaches it
+            except StorageError as e:
+                problems.append(str(e))
+        problems += _tenancy_problems(self.spec_bounds, self.tenant_quotas)
         if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
             problems.append(f"num_cpus: must be an int >= 1 or None, got {self.num_cpus!r}")
         if not problems and self.stale_after_s <= 2 * self.heartbeat_s:
@@ -273,8 +338,12 @@ class OrchestratorConfig:
         return config
 
     @property
-    def jobs_dir(self) -> Path:
-        return self.home / "jobs"
+    def jobs_dir(self) -> Path | str:
+        """<storage>/jobs: a Path when storage is local (the home folder by default), else its URI."""
+        if self.storage is None or "://" not in self.storage:
+            return Path(self.storage or self.home) / "jobs"
+        head, _, query = self.storage.partition("?")
+        return f"{head.rstrip('/')}/jobs" + (f"?{query}" if query else "")
 
     @property
     def data_cache(self) -> Path:
@@ -293,6 +362,17 @@ class OrchestratorConfig:
             return os.environ["MLFLOW_TRACKING_URI"]
         return default_tracking_uri(self.home)
 
-    def job_dir(self, job_id: str) -> Path:
+    def job_dir(self, job_id: str) -> Path | str:
         """The job's out_dir; the same for every attempt, so a new worker resumes the last checkpoint."""
-        return self.jobs_dir / job_id
+        if isinstance(self.jobs_dir, Path):
+            return self.jobs_dir / job_id
+        from orchestrator.results import job_folder
+
+        return job_folder(self.jobs_dir, job_id)
+
+    def check_storage(self) -> None:
+        """Reach the storage and write, read and delete a probe file in it; StorageError (a ValueError)
+        says what failed (unreachable endpoint, missing bucket, refused credentials)."""
+        from workers.storage import JobStorage
+
+        JobStorage.open(self.storage or self.home).check()

@@ -20,27 +20,31 @@ Its ranks are reserved together (a Ray placement group, one bundle per rank, mad
 start in it at once (`start_group`): rank 0 hosts the rendezvous and starts the followers, which run the
 rank protocol of `workers/ranks.py` (each rank's device and threads: `workers/devices.py`).
 
-A job's folder (`jobs/<job_id>/`) is the same on every attempt: `add_task` resumes the checkpoint found
-there, and a `result.json` left by an attempt that died between writing its result and recording it makes
-the next attempt record it without training again, so every job completes exactly once.
+A job's folder (`<storage>/jobs/<job_id>/`, a local path or an s3:// URI: `workers/storage.py`) is the same
+on every attempt and on every node: `add_task` resumes the newest complete checkpoint found there, and a
+`result.json` left by an attempt that died between writing its result and recording it makes the next
+attempt record it without training again (`orchestrator/results.py`), so every job completes exactly once.
+A node keeps only caches and staging of its own (under $PREFIXD_NODE_HOME when it sets one).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from orchestrator.results import RESULT_FILE, job_folder, read_result, write_result  # noqa: F401 - re-exported
 from orchestrator.store import InvalidTransition, JobStore, UnknownJob
 
-RESULT_FILE = "result.json"
+NODE_HOME_ENV = "PREFIXD_NODE_HOME"
+log = logging.getLogger("prefixd.group")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +56,9 @@ class GroupSettings:
     """Name the group claims jobs under (unique per group incarnation)."""
     store_url: str
     jobs_dir: str
+    """Where job folders live: the storage URI's jobs/ (a local or shared path, or s3://...)."""
     data_cache: str
+    """The orchestrator's data cache; a node that sets $PREFIXD_NODE_HOME keeps its own (`local_dirs`)."""
     model_cache: str
     capacity: int
     micro_batch_size: int
@@ -64,6 +70,8 @@ class GroupSettings:
     zero_offload: bool = False
     zero_persistence_threshold: int | None = None
     compile_layers: bool = False
+    store_patience_s: float = 60.0
+    """How long a store call that fails for the database's sake is retried before the group gives up."""
     cpus_per_rank: float | None = None
     """CPUs each rank reserved: its torch threads on a CPU host."""
 
@@ -74,9 +82,20 @@ class GroupSettings:
 
         zero = ZeroSettings(stage=self.zero_stage, offload_params=self.zero_offload,
                             persistence_threshold=self.zero_persistence_threshold)
-        return RankSettings(world=self.world, zero=zero, model_cache=self.model_cache, data_cache=self.data_cache,
+        data_cache, scratch = self.local_dirs()
+        return RankSettings(world=self.world, zero=zero, model_cache=self.model_cache, data_cache=data_cache,
                             micro_batch_size=self.micro_batch_size, compile_layers=self.compile_layers,
-                            cpus=self.cpus_per_rank)
+                            cpus=self.cpus_per_rank, scratch=scratch)
+
+    def local_dirs(self) -> tuple[str, str]:
+        """(data cache, scratch for staging checkpoints and results) on the node this runs on: under the
+        node's own $PREFIXD_NODE_HOME when it sets one, else beside the orchestrator's data cache. Nothing
+        in them is job state: that lives in storage."""
+        node_home = os.environ.get(NODE_HOME_ENV)
+        if node_home:
+            cache = Path(node_home).expanduser() / "cache"
+            return str(cache / "data"), str(cache / "scratch")
+        return self.data_cache, str(Path(self.data_cache).parent / "scratch")
 
 
 class WorkerGroup:
@@ -94,12 +113,14 @@ class WorkerGroup:
         self._held: dict[str, int] = {}  # job id -> attempt number of our claim
         self._lost: set[tuple[str, int]] = set()  # (job id, attempt) the store no longer gives us
         self._stopping = False
+        self._draining = False
         self._idle_since: float | None = None
         self._done = threading.Event()
         self.channel = None  # workers.ranks.GroupChannel, once the ranks have met
         self._rendezvous: tuple[str, int] | None = None
         self._store = None  # the rendezvous store rank 0 hosts, alive as long as the group
         self.last_step: dict[str, float] = {}  # tokens/s, tasks and peak memory of the latest step
+        self.placed: dict[str, Any] = {}  # rank 0's device and torch threads, once the ranks have met
 
     # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
 
@@ -122,7 +143,8 @@ class WorkerGroup:
                 idle = time.monotonic() - self._idle_since
             return dict(base_key=self.s.base_key, owner=self.s.owner, pid=os.getpid(), state=self.state,
                         loads=self.loads, steps=self.steps, held=sorted(self._held), idle_s=idle,
-                        stopping=self._stopping, last_step=dict(self.last_step))
+                        stopping=self._stopping, last_step=dict(self.last_step), **self.placed,
+                        node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None)
 
     def stop(self, only_if_idle: bool = True) -> bool:
         """Ask the loop to end. With only_if_idle, refused (False) while the group holds any job; else it
@@ -132,6 +154,13 @@ class WorkerGroup:
                 return False
             self._stopping = True
             return True
+
+    def drain(self) -> bool:
+        """Stop at the next step boundary: checkpoint every active task and hand its job back to the queue
+        without charging an attempt (a graceful stop of the service); then the loop ends."""
+        with self._lock:
+            self._draining = self._stopping = True
+        return True
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -145,14 +174,21 @@ class WorkerGroup:
         rendezvous = self.rendezvous()
         for rank, follower in enumerate(followers, start=1):
             follower.run.remote(self.s, rank, rendezvous)
-        self.store = JobStore(self.s.store_url)
+        self.store = PatientStore(JobStore(self.s.store_url), self.s.store_patience_s)
         beat = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         beat.start()
         last_claim = -math.inf
         try:
             # Waits for the followers: their actors exist already (their placement group is reserved).
             self.channel = GroupChannel.join(0, self.s.ranks(), rendezvous, store=self._store)
+            import torch
+
+            with self._lock:
+                self.placed = dict(device=str(self.channel.device), threads=torch.get_num_threads())
             while True:
+                if self._draining:
+                    self._hand_back_all()
+                    break
                 with self._lock:
                     active = len(self.trainer.active) if self.trainer else 0
                     if self._stopping and not self._held:
@@ -204,12 +240,16 @@ class WorkerGroup:
         from jobs.spec import JobSpec
         from orchestrator.plan import base_model_ref, task_config
 
-        job_dir = Path(self.s.jobs_dir) / job.id
-        previous = read_result(job_dir, job.id)
+        job_dir = job_folder(self.s.jobs_dir, job.id)
+        try:
+            previous = read_result(job_dir, job.id)
+        except OSError as e:  # StorageError: the storage cannot be read now; another attempt will look again
+            self._release(job.id, f"cannot read its job folder: {e}")
+            return
         if previous is not None:
             self.store.log(job.id, f"the result of an earlier attempt is complete in {job_dir}; recorded "
                                    "without training again")
-            self._finish(job.id, "succeeded", result_dir=str(job_dir))
+            self._finish(job.id, "succeeded", result_dir=job_dir)
             return
         try:
             spec = JobSpec.from_dict(job.spec)
@@ -251,6 +291,11 @@ class WorkerGroup:
         with self._lock:
             self.last_step = dict(tokens_per_s=report.tokens_per_s, tasks=len(report.progress),
                                   peak_memory_mib=report.peak_memory_bytes / 2**20)
+        for job_id, warning in report.warnings.items():
+            self.store.log(job_id, warning, "warning")
+        for job_id, error in report.failed.items():  # its own failure: this job alone ends, for good
+            self.store.log(job_id, f"failed in worker group {self.s.owner}, which trains on: {error}", "error")
+            self._finish(job_id, "failed", error=error)
         finished = {r.task_id: r for r in report.finished}
         for job_id, progress in report.progress.items():
             cancel = self._progress(job_id, progress)
@@ -258,11 +303,12 @@ class WorkerGroup:
                 continue
             if job_id in finished:
                 result = finished[job_id]
-                write_result(Path(self.s.jobs_dir) / job_id, result)
+                job_dir = job_folder(self.s.jobs_dir, job_id)
+                write_result(job_dir, result)
                 self.store.log(job_id, f"finished at step {progress.step}; the group was at "
                                        f"{report.tokens_per_s:.0f} tokens/s over {len(report.progress)} task(s), "
                                        f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
-                self._finish(job_id, "succeeded", result_dir=str(Path(self.s.jobs_dir) / job_id))
+                self._finish(job_id, "succeeded", result_dir=job_dir)
             elif cancel:
                 self.trainer.remove_task(job_id)
                 self.store.log(job_id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
@@ -319,6 +365,22 @@ class WorkerGroup:
         with self._lock:
             self._held.pop(job_id, None)
 
+    def _hand_back_all(self) -> None:
+        """Checkpoint each held job's task and queue the job again without charging its attempt."""
+        with self._lock:
+            held = list(self._held)
+        for job_id in held:
+            where = "before it started training"
+            if self.trainer and job_id in self.trainer.active:
+                where = f"checkpointed at step {self.trainer.checkpoint(job_id)}"
+                self.trainer.remove_task(job_id)
+            try:
+                self.store.hand_back(job_id, f"worker group {self.s.owner} stopped gracefully ({where})")
+            except (InvalidTransition, UnknownJob):
+                pass
+            with self._lock:
+                self._held.pop(job_id, None)
+
     def _release_all(self, error: str) -> None:
         with self._lock:
             held = list(self._held)
@@ -348,6 +410,42 @@ class _ModelLoadFailed(RuntimeError):
     pass
 
 
+class PatientStore:
+    """The job store as a group uses it: a call that fails because the database is unreachable or busy
+    (SQLAlchemy's OperationalError, InterfaceError) is retried with backoff for up to `patience_s`, so a
+    database hiccup costs no job an attempt; the store's own answers (InvalidTransition, UnknownJob) and
+    any other error pass at once. Other attributes are the store's.
+
+        store = PatientStore(JobStore(url), patience_s=60)
+        store.update_progress(job_id, step=3, ...)   # waits out a database restart of up to a minute
+    """
+
+    def __init__(self, store: JobStore, patience_s: float):
+        self._store, self._patience_s = store, patience_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            from sqlalchemy.exc import InterfaceError, OperationalError
+
+            deadline, delay = time.monotonic() + self._patience_s, 0.25
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except (OperationalError, InterfaceError) as e:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    log.warning("job store unreachable in %s (%s); retrying in %.1f s", name,
+                                str(e).splitlines()[0], delay)
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+
+        return call
+
+
 # ---- the group's actors on Ray --------------------------------------------------------------------------
 
 
@@ -375,14 +473,6 @@ def _quiet_datasets() -> None:
 
 _RemoteWorkerGroup = ray.remote(WorkerGroup)
 _RemoteFollower = ray.remote(GroupFollower)
-
-
-def group_bundles(world: int, *, cpus: float, gpus: float, resources: dict[str, float]) -> list[dict[str, float]]:
-    """One Ray bundle per rank: what each rank reserves (CPU, GPU and custom resources)."""
-    bundle = {"CPU": float(cpus), **{k: float(v) for k, v in resources.items()}}
-    if gpus:
-        bundle["GPU"] = float(gpus)
-    return [dict(bundle) for _ in range(world)]
 
 
 def start_group(settings: GroupSettings, placement_group, *, bundles: list[dict[str, float]],
@@ -415,32 +505,6 @@ def start_group(settings: GroupSettings, placement_group, *, bundles: list[dict[
     actor = _RemoteWorkerGroup.options(**options(0, 4)).remote(settings)
     followers = [_RemoteFollower.options(**options(rank, 2)).remote() for rank in range(1, settings.world)]
     return actor, actor.run.remote(followers), followers
-
-
-# ---- result.json -----------------------------------------------------------------------------------
-
-
-def write_result(job_dir: Path, result) -> Path:
-    """Write the TaskResult's fields as job_dir/result.json, atomically."""
-    path = Path(job_dir) / RESULT_FILE
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    data = asdict(result) | {"job_id": result.task_id, "finished_at": time.time()}
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def read_result(job_dir: Path, job_id: str) -> dict | None:
-    """The job's complete result.json, or None if there is none (or it is not this job's, or its adapter
-    folder is missing)."""
-    path = Path(job_dir) / RESULT_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("job_id") != job_id or not (Path(data.get("adapter_dir", "")) / "adapter_config.json").is_file():
-        return None
-    return data
 
 
 def _finite(x: float | None) -> float | None:

@@ -22,7 +22,14 @@ created with `create_model_version(source="models:/<logged model id>")` so that
 prefixd.job_id before anything is created: a job never gets two versions. Version tags: prefixd.job_id,
 prefixd.task, prefixd.base_model, prefixd.base_model_sha256, prefixd.metric.<name> for each final metric,
 prefixd.registry_metric / prefixd.direction, prefixd.num_virtual_tokens, prefixd.champion_reason and
-prefixd.champion_decision (promote | keep), and the spec's tags (prefixd.* keys are ours and win).
+prefixd.champion_decision (promote | keep), and the spec's tags (prefixd.* keys are ours: a spec's own
+are dropped, and specs refuse them at the entry).
+
+Ownership. A registered model belongs to the tenant whose job created it (model tag prefixd.owner; a job
+without a tenant counts as the local tenant, 'local'). A job of another tenant cannot add a version to it
+or move its aliases: its registration fails with a RegistryError naming the model, and nothing is written.
+A model made before owners existed (no prefixd.owner tag) is adopted by the first tenant that registers a
+version to it.
 
 Aliases. `latest` is MLflow's own: it is reserved (`set_registered_model_alias(..., "latest", ...)` is
 refused) and always resolves to the highest version (`models:/<name>@latest`), so nothing is set for it;
@@ -52,8 +59,9 @@ set MLFLOW_HTTP_REQUEST_MAX_RETRIES (e.g. 0-2) and MLFLOW_HTTP_REQUEST_TIMEOUT a
 Jobs whose spec says registry.register: false are logged (a run, no version) and then marked done in
 the store with registry_model 'runs:/<run id>' and registry_version '-'.
 
-One process registers at a time (the orchestrator's leader): the idempotence checks are
-search-then-create, not a lock.
+One process registers at a time: the orchestrators sharing a job store take the store's "registrar" lease
+before registering (`register_pending(..., keep_lease=)` renews it before each job and stops when it is
+lost). As a last guard, two versions found for one job after a create are reduced to the oldest.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,6 +95,7 @@ from orchestrator.pyfunc_model import (
 )
 from orchestrator.config import default_tracking_uri  # noqa: F401 - part of this module's API
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
+from orchestrator.results import fetch_result
 from workers.models import BaseModelRef, ModelLoadError, default_model_cache
 
 TAG = "prefixd."
@@ -98,6 +107,8 @@ MODEL_ID_TAG = "prefixd.model_id"
 METRIC_TAG = "prefixd.metric."
 REASON_TAG = "prefixd.champion_reason"
 DECISION_TAG = "prefixd.champion_decision"  # "promote" | "keep": written before the alias moves
+OWNER_TAG = "prefixd.owner"  # on a registered model: the tenant that created it
+LOCAL_TENANT = "local"  # orchestrator.tenants.LOCAL_TENANT: jobs without a tenant
 CHAMPION = "champion"
 LATEST = "latest"
 MODEL_NAME = "model"  # the logged pyfunc model's name within the run
@@ -180,10 +191,13 @@ def _already_exists(e: Exception) -> bool:
 @dataclass(frozen=True)
 class ResultFolder:
     root: Path
+    """The folder's files on this machine (a temporary copy when the job's folder is in remote storage)."""
     history: list[dict[str, Any]]
     """history.jsonl, one record per step."""
     metrics: dict[str, float]
     """metrics.json: the final evaluation (finite numbers only)."""
+    keep: Any = field(default=None, repr=False, compare=False)
+    """The temporary copy's TemporaryDirectory: removed once this folder is no longer referenced."""
 
     @property
     def adapter(self) -> Path:
@@ -195,18 +209,14 @@ class ResultFolder:
 
 
 def read_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolder:
-    """Check and read a job's result folder; RegistryError names what is missing or unreadable."""
+    """Check and read a job's result folder, a local path or a storage URI (`orchestrator/results.py`
+    fetches it to this machine); RegistryError names what is missing or unreadable."""
     if not result_dir:
         raise RegistryError(f"job {job_id}: it has no result_dir")
-    root = Path(result_dir)
-    needed = {"adapter/adapter_config.json": root / "adapter" / "adapter_config.json",
-              "adapter/adapter_model.safetensors": root / "adapter" / "adapter_model.safetensors",
-              "prefix/prefix_config.json": root / "prefix" / "prefix_config.json",
-              "prefix/prefix_encoder.safetensors": root / "prefix" / "prefix_encoder.safetensors",
-              "metrics.json": root / "metrics.json", "history.jsonl": root / "history.jsonl"}
-    missing = [name for name, path in needed.items() if not path.is_file()]
-    if missing:
-        raise RegistryError(f"job {job_id}: result folder {root} lacks {', '.join(missing)}")
+    try:
+        root, keep = fetch_result(result_dir, job_id)
+    except ValueError as e:  # ResultError, or a StorageError naming the storage and what failed
+        raise RegistryError(str(e)) from None
     try:
         metrics = json.loads((root / "metrics.json").read_text(encoding="utf-8"))
         history = [json.loads(line) for line in (root / "history.jsonl").read_text(encoding="utf-8").splitlines()
@@ -216,7 +226,7 @@ def read_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolde
     if not isinstance(metrics, dict):
         raise RegistryError(f"job {job_id}: {root / 'metrics.json'}: expected a JSON object")
     return ResultFolder(root=root, history=history,
-                        metrics={k: float(v) for k, v in metrics.items() if _finite(v)})
+                        metrics={k: float(v) for k, v in metrics.items() if _finite(v)}, keep=keep)
 
 
 def _finite(v: Any) -> bool:
@@ -275,8 +285,13 @@ def _find_run(client, experiment_id: str, job_id: str):
                                    order_by=["attributes.start_time DESC"]))
 
 
+def _own_tags(spec: JobSpec) -> dict[str, str]:
+    """The spec's tags without any under prefixd.* (ours; a spec stored before they were refused may hold some)."""
+    return {k: v for k, v in spec.tags.items() if not k.lower().startswith(TAG)}
+
+
 def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None) -> dict[str, str]:
-    tags = dict(spec.tags)
+    tags = _own_tags(spec)
     tags.update({JOB_TAG: job_id, TASK_TAG: spec.name, BASE_TAG: describe_base(ref),
                  "prefixd.registered_model": spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name})
     if sha256:
@@ -396,22 +411,51 @@ def _job_version(client, name: str, job_id: str):
     return found[0] if found else None
 
 
-def _ensure_registered_model(client, name: str, spec: JobSpec) -> None:
+def _tenant_of(job) -> str:
+    return getattr(job, "tenant", None) or LOCAL_TENANT
+
+
+def model_owner(tracking_uri: str, name: str) -> str | None:
+    """The tenant owning registered model `name` (its prefixd.owner tag); None if there is no such model
+    or it predates owners."""
+    with _mlflow(tracking_uri) as client:
+        try:
+            return (client.get_registered_model(name).tags or {}).get(OWNER_TAG)
+        except Exception as e:
+            if _not_found(e) or getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                return None
+            raise
+
+
+def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
+    """Create the model owned by the job's tenant, or check that the tenant owns it (RegistryError if not;
+    a model without an owner is adopted)."""
+    tenant = _tenant_of(job)
     try:
-        client.get_registered_model(name)
-        return
+        model = client.get_registered_model(name)
     except Exception as e:
         if not _not_found(e):
             raise
+        model = None
+    if model is not None:
+        owner = (model.tags or {}).get(OWNER_TAG)
+        if owner is None:
+            client.set_registered_model_tag(name, OWNER_TAG, tenant)
+        elif owner != tenant:
+            raise RegistryError(f"job {job.id}: registered model {name!r} belongs to tenant {owner!r}; tenant "
+                                f"{tenant!r} cannot add versions to it or move its aliases (set "
+                                "registry.model_name to a model of your own)")
+        return
     try:
         client.create_registered_model(
-            name, tags={TASK_TAG: spec.name},
+            name, tags={TASK_TAG: spec.name, OWNER_TAG: tenant},
             description=f"Prefixes for task '{spec.name}' trained by prefixd, one version per job. Aliases: "
                         f"'champion' (best {spec.registry.metric}), '@latest' (MLflow's: the newest version).",
         )
     except Exception as e:
         if not _already_exists(e):
             raise
+        _ensure_registered_model(client, name, spec, job)  # created meanwhile: by whom?
 
 
 def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> tuple[str, str]:
@@ -424,24 +468,34 @@ def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) 
     result = read_result(result_dir, job.id)
     ref = base_model_ref(spec)
     with _mlflow(tracking_uri) as client:
+        _ensure_registered_model(client, name, spec, job)  # ownership first: nothing is written otherwise
         mv = _job_version(client, name, job.id)
         if mv is None:
             run = _log_job(client, tracking_uri, job.id, spec, ref, result)
             model_id = run.data.tags[MODEL_ID_TAG]
-            _ensure_registered_model(client, name, spec)
             mv = client.create_model_version(
                 name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
                 tags=_version_tags(job.id, spec, ref, run.data.tags.get(SHA_TAG), result.metrics),
                 description=_description(job.id, spec, ref, result.metrics),
             )
-            mv = client.get_model_version(name, str(mv.version))
+            mv = _one_version_per_job(client, name, job.id, str(mv.version))
         _decide_champion(client, name, mv, spec)
         return name, str(mv.version)
 
 
+def _one_version_per_job(client, name: str, job_id: str, created: str):
+    """The job's oldest version; a newer one (a second registrar that raced this one) is deleted. Both
+    racers reach the same answer, so exactly one version stays."""
+    keep = _job_version(client, name, job_id)
+    if keep is not None and str(keep.version) != created:
+        client.delete_model_version(name, created)
+        return client.get_model_version(name, str(keep.version))
+    return client.get_model_version(name, created)
+
+
 def _version_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None,
                   metrics: Mapping[str, float]) -> dict[str, str]:
-    tags = dict(spec.tags)
+    tags = _own_tags(spec)
     tags.update({JOB_TAG: job_id, TASK_TAG: spec.name, BASE_TAG: describe_base(ref),
                  "prefixd.registry_metric": spec.registry.metric, "prefixd.direction": spec.registry.direction,
                  "prefixd.num_virtual_tokens": str(spec.prefix.num_virtual_tokens)})
@@ -548,17 +602,23 @@ def is_unreachable(e: BaseException) -> bool:
 
 
 def register_pending(store, tracking_uri: str, *, now: float | None = None,
-                     backoff: Callable[[int], float] = exponential_backoff) -> list[str]:
+                     backoff: Callable[[int], float] = exponential_backoff,
+                     keep_lease: Callable[[], bool] | None = None) -> list[str]:
     """Log and register every succeeded, unregistered job that is due at `now` (default: time.time()).
 
     Returns the ids of the jobs recorded as done in this call. A failed attempt is marked in the store
     (mark_registration_failed), due again at now + backoff(attempts so far, this one included); on a
     connection failure the rest of the due jobs are marked the same way without being tried.
+    keep_lease() is called before each job (to renew the registrar's lease); False stops at once.
     """
     now = time.time() if now is None else now
     due = store.pending_registrations(now)
     done: list[str] = []
     for i, job in enumerate(due):
+        if keep_lease is not None and not keep_lease():
+            break
+        if store.get(job.id).registered:  # registered meanwhile by a registrar whose lease ran out
+            continue
         try:
             spec = JobSpec.from_dict(job.spec)
             if spec.registry.register:

@@ -45,11 +45,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from orchestrator.config import GroupShape, OrchestratorConfig
-from orchestrator.group import GroupSettings, group_bundles, start_group
+from orchestrator.group import GroupSettings, start_group
+from orchestrator.placement import Reservation, describe, release
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
 
 log = logging.getLogger("prefixd.orchestrator")
 REGISTRATION_EVERY_S = 2.0
+REGISTRAR_LEASE = "registrar"
+REGISTRAR_LEASE_S = 120.0  # longer than one job's registration takes (renewed before each); a crashed
+# registrar's lease runs out after this
 RESERVATION_GRACE_S = 2.0  # a reservation pending longer than this is reported as waiting (with its shortfall)
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
@@ -108,18 +112,6 @@ class _Group:
         return self.capacity - len(self.status["held"]) if self.status else self.capacity
 
 
-@dataclass
-class _Reservation:
-    """A group's ranks asked of Ray together, not yet all placed: it holds nothing meanwhile."""
-
-    base_key: str
-    shape: GroupShape
-    placement_group: Any
-    ready_ref: Any
-    bundles: list[dict[str, float]]
-    since: float
-
-
 class Unschedulable(RuntimeError):
     """A worker group that cannot be placed on this Ray at all (batch mode on a private local Ray)."""
 
@@ -149,7 +141,7 @@ class Orchestrator:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.store = JobStore(config.store_url)
         self.groups: dict[str, _Group] = {}  # owner -> a running group
-        self.reservations: dict[str, _Reservation] = {}  # owner-to-be -> ranks being reserved
+        self.reservations: dict[str, Reservation] = {}  # owner-to-be -> ranks being reserved
         self._waits: dict[str, str] = {}  # base_key -> what its queued jobs wait for (also in the store)
         self.groups_started = 0
         self.group_failures = 0
@@ -184,9 +176,9 @@ class Orchestrator:
         log.info("orchestrator %s on Ray %s", self.id, ray.get_runtime_context().gcs_address)
 
     def close(self) -> None:
-        """Stop every group; jobs they held go back to the queue (resumable from their checkpoints)."""
-        for group in list(self.groups.values()):
-            self._remove(group, "the orchestrator stopped", kill=True)
+        """Stop every group; jobs they held go back to the queue (resumable from their checkpoints), without
+        an attempt charged where the group drains in time (`drain`)."""
+        self.drain("the orchestrator stopped")
         self._cancel_reservations(set(self.reservations))
         self._publish_waits({})
         if self._owns_ray and ray.is_initialized():
@@ -207,8 +199,10 @@ class Orchestrator:
 
     # ---- the two modes ----------------------------------------------------------------------------
 
-    def run_until_empty(self, progress_callback: Callable[[list[Job]], None] | None = None) -> RunSummary:
-        """Schedule until no job is queued or running; returns every job seen, in its final state.
+    def run_until_empty(self, progress_callback: Callable[[list[Job]], None] | None = None,
+                        stop_event: threading.Event | None = None) -> RunSummary:
+        """Schedule until no job is queued or running, or `stop_event` is set (then the groups drain: their
+        jobs are queued again, checkpointed, with no attempt charged); returns every job seen.
 
         progress_callback(jobs) is called after each pass with the current rows of the jobs seen so far
         (queued, running, and those that ended during this run).
@@ -222,7 +216,11 @@ class Orchestrator:
                 progress_callback(jobs)
             if not self.store.queued_base_keys() and not self.store.list(state="running"):
                 break
-            time.sleep(self.config.poll_s)
+            if stop_event is not None and stop_event.wait(self.config.poll_s):
+                self.drain("the batch run was stopped")
+                break
+            if stop_event is None:
+                time.sleep(self.config.poll_s)
         for group in list(self.groups.values()):
             self._remove(group, "the batch is done", kill=True)
         self._cancel_reservations(set(self.reservations))
@@ -246,8 +244,7 @@ class Orchestrator:
                     log.exception("scheduling pass failed; retrying")
                 stop_event.wait(self.config.poll_s)
         finally:
-            for group in list(self.groups.values()):
-                self._remove(group, "the orchestrator stopped", kill=True)
+            self.drain("the orchestrator stopped")
             self._cancel_reservations(set(self.reservations))
 
     # ---- one pass ---------------------------------------------------------------------------------
@@ -261,18 +258,29 @@ class Orchestrator:
         self._register_finished()
 
     def _register_finished(self, *, now: bool = False) -> None:
-        """Log and register succeeded jobs in MLflow (one process, this one, logs each job). While MLflow
-        is unreachable a job stays succeeded-but-unregistered and is retried with backoff."""
+        """Log and register succeeded jobs in MLflow. Of the orchestrators sharing the store, only the holder
+        of its "registrar" lease does (taken for this pass, renewed before each job, given back after), so
+        each job is registered once. While MLflow is unreachable a job stays succeeded-but-unregistered and
+        is retried with backoff."""
         if not self.config.register or (not now and time.monotonic() < self._next_registration):
             return
         self._next_registration = time.monotonic() + REGISTRATION_EVERY_S
         if not self.store.pending_registrations():
             return
-        from orchestrator import registry  # MLflow: imported only once there is something to register
 
-        for job_id in registry.register_pending(self.store, self.config.tracking_uri):
-            job = self.store.get(job_id)
-            log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)
+        def keep_lease() -> bool:
+            return self.store.acquire_lease(REGISTRAR_LEASE, self.id, REGISTRAR_LEASE_S)
+
+        if not keep_lease():
+            return  # another orchestrator registers
+        try:
+            from orchestrator import registry  # MLflow: imported only once there is something to register
+
+            for job_id in registry.register_pending(self.store, self.config.tracking_uri, keep_lease=keep_lease):
+                job = self.store.get(job_id)
+                log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)
+        finally:
+            self.store.release_lease(REGISTRAR_LEASE, self.id)
 
     def _watch_groups(self) -> None:
         for group in list(self.groups.values()):
@@ -312,7 +320,7 @@ class Orchestrator:
             pending = [r for r in self.reservations.values() if r.base_key == base_key]
             if pending:  # one reservation at a time per base
                 if time.time() - pending[0].since >= RESERVATION_GRACE_S:
-                    waits[base_key] = self._shortfall(pending[0])
+                    waits[base_key] = pending[0].shortfall()
                     self._free_an_idle_slot(base_key)
                 continue
             if any(g.stopping for g in mine):
@@ -333,19 +341,15 @@ class Orchestrator:
 
     def _reserve(self, base_key: str, shape: GroupShape) -> None:
         """Ask Ray for every rank of a new group at once (a placement group); never waits."""
-        from ray.util import placement_group
-
         self.groups_started += 1
         owner = f"{self.id}/g{self.groups_started}"
-        bundles = group_bundles(shape.workers_per_group, cpus=self._cpus_per_rank(shape),
-                                gpus=shape.gpus_per_worker, resources=shape.resources_per_worker)
-        pg = placement_group(bundles, strategy=shape.placement_strategy, name=f"prefixd-{owner}")
-        self.reservations[owner] = _Reservation(base_key, shape, pg, pg.ready(), bundles, time.time())
+        self.reservations[owner] = Reservation.ask(base_key, shape, cpus_per_rank=self._cpus_per_rank(shape),
+                                                   name=f"prefixd-{owner}")
 
     def _start_reserved(self) -> None:
         """Start the groups whose ranks are all reserved now."""
         for owner, r in list(self.reservations.items()):
-            if not ray.wait([r.ready_ref], timeout=0)[0]:
+            if not r.ready():
                 continue
             del self.reservations[owner]
             cfg, shape = self.config, r.shape
@@ -361,7 +365,7 @@ class Orchestrator:
             self.groups[owner] = _Group(r.base_key, owner, actor, run_ref, time.time(), followers,
                                         r.placement_group, cfg.group_capacity)
             log.info("group %s started for %s (%d rank(s), ZeRO stage %d, %s per rank)", owner, r.base_key,
-                     shape.workers_per_group, shape.zero_stage, _describe(r.bundles[0]))
+                     shape.workers_per_group, shape.zero_stage, describe(r.bundles[0]))
 
     def _cpus_per_rank(self, shape: GroupShape) -> float:
         """The shape's CPUs per rank; unset: with a local Ray, its CPUs split across one group's ranks (a
@@ -373,53 +377,21 @@ class Orchestrator:
         total = ray.cluster_resources().get("CPU", 1.0)
         return float(max(1, int(total // shape.workers_per_group)))
 
-    def _shortfall(self, r: _Reservation) -> str:
-        """What a pending reservation waits for, in words: 'waiting for 8 GPUs (...)'."""
-        need: dict[str, float] = {}
-        for bundle in r.bundles:
-            for name, amount in bundle.items():
-                need[name] = need.get(name, 0.0) + amount
-        have = ray.cluster_resources()
-        order = sorted(need, key=lambda k: (k != "GPU", k != "CPU", k))
-        missing = [k for k in order if have.get(k, 0.0) < need[k]]
-        where = "on one node" if r.shape.placement_strategy == "STRICT_PACK" else "together"
-        text = f"waiting for {_amounts({k: need[k] for k in (missing or order)})}"
-        detail = f"{len(r.bundles)} rank(s) of {_describe(r.bundles[0])} each, reserved {where}"
-        if missing:
-            detail += f"; the cluster has {_amounts({k: have.get(k, 0.0) for k in missing})}"
-        else:
-            detail += "; the cluster has them, in use or on separate nodes"
-        return f"{text} ({detail})"
-
     def _check_feasible(self) -> None:
         """Batch mode on a private local Ray (no node can join it): a group whose ranks need more than the
         whole machine offers would wait forever. Raise Unschedulable naming it; its jobs stay queued."""
         if not self._owns_ray or self.config.ray_address:
             return
-        have = ray.cluster_resources()
         for r in self.reservations.values():
-            need: dict[str, float] = {}
-            for bundle in r.bundles:
-                for name, amount in bundle.items():
-                    need[name] = need.get(name, 0.0) + amount
-            short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
-            if short:
+            why = r.impossible()
+            if why:
                 raise Unschedulable(
-                    f"the jobs of {r.base_key} need {_amounts(short)} for one worker group "
-                    f"({len(r.bundles)} rank(s) of {_describe(r.bundles[0])}); this machine's Ray has "
-                    f"{_amounts({k: have.get(k, 0.0) for k in short})}. Change the group settings "
-                    "(--workers-per-group, --gpus-per-worker, --cpus-per-group, --group-shapes) or join a "
-                    "cluster (--ray-address); the jobs stay queued")
+                    f"{why}. Change the group settings (--workers-per-group, --gpus-per-worker, --cpus-per-group, "
+                    "--group-shapes) or join a cluster (--ray-address); the jobs stay queued")
 
     def _cancel_reservations(self, owners: set[str]) -> None:
-        from ray.util import remove_placement_group
-
         for owner in owners:
-            r = self.reservations.pop(owner)
-            try:
-                remove_placement_group(r.placement_group)
-            except RayError:
-                pass
+            self.reservations.pop(owner).release()
 
     def _publish_waits(self, waits: dict[str, str]) -> None:
         """Tell the store what each base model's queued jobs wait for (shown by `prefixd status`)."""
@@ -434,6 +406,22 @@ class Orchestrator:
                     log.info("queued jobs of %s: %s", base_key, waits[base_key])
                 self._waits[base_key] = waits.get(base_key)
         self._waits = {k: v for k, v in self._waits.items() if v is not None}
+
+    def drain(self, reason: str) -> None:
+        """Stop every group gracefully: each finishes its step, checkpoints its tasks and hands their jobs
+        back without charging an attempt, within `drain_timeout_s`; then the actors go. A group that does not
+        make it in time is killed and its jobs released with an attempt counted (`reason`)."""
+        refs = []
+        for group in self.groups.values():
+            try:
+                group.actor.drain.remote()
+                refs.append(group.run_ref)
+            except RayError:
+                pass
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=self.config.drain_timeout_s)
+        for group in list(self.groups.values()):
+            self._remove(group, reason, kill=True)
 
     def _free_an_idle_slot(self, base_key: str) -> None:
         """Another base model waits (for a slot or for resources): stop one group of another base that has
@@ -483,12 +471,7 @@ class Orchestrator:
                 pass
         self.groups.pop(group.owner, None)
         if group.placement_group is not None:
-            from ray.util import remove_placement_group
-
-            try:
-                remove_placement_group(group.placement_group)
-            except RayError:
-                pass
+            release(group.placement_group)
         for job in self.store.list(state="running"):
             if job.owner != group.owner:
                 continue
@@ -512,18 +495,6 @@ class Orchestrator:
                 live[job_id] = job
         rows = list(live.values()) + list(self._ended_jobs.values())
         return sorted(rows, key=lambda j: (j.created_at, j.id))
-
-
-def _amounts(resources: dict[str, float]) -> str:
-    """{'GPU': 8, 'CPU': 16} -> '8 GPUs, 16 CPUs'."""
-    def one(name: str, amount: float) -> str:
-        plural = "s" if name in ("GPU", "CPU") and amount != 1 else ""
-        return f"{amount:g} {name}{plural}"
-    return ", ".join(one(k, v) for k, v in resources.items())
-
-
-def _describe(bundle: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
 
 def _first_line(error: BaseException) -> str:

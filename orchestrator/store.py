@@ -20,6 +20,15 @@ so competing orchestrators take disjoint jobs without waiting on each other. On 
 a `BEGIN IMMEDIATE` transaction (the database's single writer lock, taken before reading) in WAL mode with
 a busy timeout, so writers from several processes queue up instead of failing or reading stale rows.
 
+Tenants: each job records the tenant that submitted it (`submit(..., tenant=)`, `list(tenant=)`); the
+operator's quotas (`set_quotas`) cap a tenant's queued jobs and priority at submit (`enforce_quota=True`:
+QuotaExceeded) and its running jobs at `claim`. Leases (`acquire_lease`) give one holder at a time a named
+role across processes and machines; the orchestrators' registrar is one.
+
+Schema changes: the tenant column was added to prefixd_jobs after stores existed; `create_schema` adds it
+to an older store with an explicit, idempotent ALTER TABLE (sqlite and PostgreSQL), old rows keeping NULL
+(no tenant: seen only by admins). New tables (quotas, leases) are created by `create_all` as before.
+
 Times are seconds since the Unix epoch (UTC), as floats, from the store's clock.
 """
 
@@ -50,11 +59,13 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -63,6 +74,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _SQLITE_BUSY_TIMEOUT_S = 30
 # Any fixed number: serialises concurrent `create_schema` calls on one PostgreSQL database.
 _PG_SCHEMA_LOCK = 0x70726566  # "pref"
+_PG_QUOTA_LOCK = 0x71756F74  # "quot": with the tenant's hash, serialises one tenant's quota checks
+_PG_CLAIM_LOCK = 0x636C6169  # "clai": serialises claims while running-job quotas are in force
 
 metadata = MetaData()
 
@@ -100,8 +113,11 @@ jobs_table = Table(
     Column("registration_attempts", Integer, nullable=False),
     Column("registration_error", Text),
     Column("next_registration_at", Double),
+    # Added after the first release: `create_schema` adds it to older stores (see `_migrate`).
+    Column("tenant", String(128)),
     CheckConstraint("state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="prefixd_jobs_state"),
     Index("prefixd_jobs_claim", "state", "base_key", "priority", "seq"),
+    Index("prefixd_jobs_tenant", "tenant", "state"),
 )
 
 events_table = Table(
@@ -125,8 +141,33 @@ waits_table = Table(
     Column("since", Double, nullable=False),
 )
 
+# The operator's per-tenant quotas (`set_quotas`); tenant '*' is the default for tenants without a row.
+# NULL: no limit. Read by `submit_many` (max_queued, max_priority) and `claim` (max_running).
+quotas_table = Table(
+    "prefixd_quotas",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("max_queued", Integer),
+    Column("max_running", Integer),
+    Column("max_priority", Integer),
+)
+
+# Named leases (`acquire_lease`): one holder at a time, until `expires_at` unless renewed. The orchestrators
+# sharing a store take the "registrar" lease before registering finished jobs in MLflow.
+leases_table = Table(
+    "prefixd_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(256), nullable=False),
+    Column("expires_at", Double, nullable=False),
+)
+
 _J = jobs_table.c
 _W = waits_table.c
+_Q = quotas_table.c
+_L = leases_table.c
+_INT_MAX = 2**31 - 1  # INTEGER columns (PostgreSQL's are 32-bit)
+_QUOTA_FIELDS = ("max_queued", "max_running", "max_priority")
 # Job rows as `get` and `list` read them: a queued job carries what its base model waits for.
 _JOB_SELECT = select(jobs_table, _W.reason.label("waiting")).outerjoin(
     waits_table, (_W.base_key == _J.base_key) & (_J.state == "queued"))
@@ -196,6 +237,9 @@ class Job:
     waiting: str | None = None
     """Queued jobs: what the scheduler says their base model waits for (resources, a group slot); None
     when nothing is known to hold them up. Read by `get` and `list` only."""
+    tenant: str | None = None
+    """Who submitted it (the API's tenant; 'local' for `prefixd submit` on the store's machine). None: a
+    job from before tenants, seen only by admins."""
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
@@ -210,6 +254,23 @@ class NewJob:
     base_key: str
     priority: int = 0
     max_attempts: int = 3
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Quota:
+    """One tenant's limits (None: unlimited): jobs queued at once, jobs running at once, highest priority.
+
+    Quota(max_queued=20, max_running=4, max_priority=100)
+    """
+
+    max_queued: int | None = None
+    max_running: int | None = None
+    max_priority: int | None = None
+
+
+class QuotaExceeded(ValueError):
+    """A submission past the tenant's quota; the message names the tenant, the limit and the count."""
 
 
 class JobStore:
@@ -244,24 +305,29 @@ class JobStore:
         self.close()
 
     def create_schema(self) -> None:
-        """Create the tables if missing. Idempotent, and safe when several processes do it at once."""
+        """Create the tables if missing, and bring a store made by an older prefixd up to date (`_migrate`).
+        Idempotent, and safe when several processes do it at once."""
         with self._tx(write=True) as c:
             if self._dialect == "postgresql":
                 c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
             metadata.create_all(c)
+            _migrate(c)
 
     # ---- submitting and reading -------------------------------------------------------------------
 
-    def submit(self, spec: dict, *, task: str, base_key: str, priority: int = 0, max_attempts: int = 3) -> str:
+    def submit(self, spec: dict, *, task: str, base_key: str, priority: int = 0, max_attempts: int = 3,
+               tenant: str | None = None, enforce_quota: bool = False) -> str:
         """Queue one job; returns its id."""
         return self.submit_many([NewJob(spec=spec, task=task, base_key=base_key, priority=priority,
-                                        max_attempts=max_attempts)])[0]
+                                        max_attempts=max_attempts, tenant=tenant)], enforce_quota=enforce_quota)[0]
 
-    def submit_many(self, items: Iterable[NewJob | Mapping[str, Any]]) -> list[str]:
+    def submit_many(self, items: Iterable[NewJob | Mapping[str, Any]], *, enforce_quota: bool = False) -> list[str]:
         """Queue several jobs in one transaction: all are stored, or (on any error) none.
 
         Each item is a `NewJob` or a mapping with its fields. Every invalid item is reported at once,
-        by its index: `items[2].priority: expected an int, got '5'`.
+        by its index: `items[2].priority: expected an int, got '5'`. With `enforce_quota`, each item's
+        tenant's quota (`set_quotas`) is checked in the same transaction: QuotaExceeded when the jobs would
+        exceed its max_queued or ask for more than its max_priority.
         """
         now = self._clock()
         rows, problems = [], []
@@ -274,6 +340,8 @@ class JobStore:
         if not rows:
             return []
         with self._tx(write=True) as c:
+            if enforce_quota:
+                self._check_quotas(c, rows)
             c.execute(jobs_table.insert(), rows)
             c.execute(events_table.insert(), [
                 _event_row(r["id"], now, "info", f"submitted: task {r['task']}, base {r['base_key']}, "
@@ -289,11 +357,15 @@ class JobStore:
             raise UnknownJob(job_id)
         return _to_job(row)
 
-    def list(self, state: str | None = None, task: str | None = None, limit: int | None = None) -> list[Job]:
-        """Jobs in submission order, optionally only one state and/or task; `limit` keeps the newest that many."""
+    def list(self, state: str | None = None, task: str | None = None, limit: int | None = None, *,
+             tenant: str | None = None) -> list[Job]:
+        """Jobs in submission order, optionally only one state, task and/or tenant; `limit` keeps the newest
+        that many."""
         if state is not None and state not in STATES:
             raise ValueError(f"state: {state!r} is not one of {', '.join(STATES)}")
         q = _JOB_SELECT
+        if tenant is not None:
+            q = q.where(_J.tenant == tenant)
         if state is not None:
             q = q.where(_J.state == state)
         if task is not None:
@@ -309,7 +381,8 @@ class JobStore:
         """(base_key, number of queued jobs) for each base with queued jobs.
 
         Ordered the way `claim` would reach them: the base holding the highest-priority (then oldest) queued
-        job first, so a scheduler that loads one base at a time can take the first entry.
+        job first, so a scheduler that loads one base at a time can take the first entry. Jobs of a tenant at
+        its max_running quota are left out: no group could claim them yet.
         """
         q = (
             select(_J.base_key, func.count())
@@ -318,6 +391,9 @@ class JobStore:
             .order_by(func.max(_J.priority).desc(), func.min(_J.seq))
         )
         with self._tx(write=False) as c:
+            limits = self._running_room(c, lock=False)
+            if limits is not None:
+                q = q.where(_room_filter(*limits))
             return [(k, n) for k, n in c.execute(q).all()]
 
     # ---- running jobs -----------------------------------------------------------------------------
@@ -326,17 +402,33 @@ class JobStore:
         """Move up to `limit` queued jobs (of `base_key`, when given) to running, held by `owner`.
 
         Highest priority first, then first submitted. Each claim is one attempt (attempts += 1) and sets
-        started_at and heartbeat_at. Concurrent claimers, in any process, never get the same job.
+        started_at and heartbeat_at. Concurrent claimers, in any process, never get the same job. A tenant
+        at its max_running quota (`set_quotas`) has its jobs left queued until one of its jobs ends.
         """
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit: must be an int >= 1, got {limit!r}")
         now = self._clock()
-        q = select(_J.id).where(_J.state == "queued")
+        q = select(_J.id, _J.tenant).where(_J.state == "queued")
         if base_key is not None:
             q = q.where(_J.base_key == base_key)
-        q = q.order_by(_J.priority.desc(), _J.seq).limit(limit).with_for_update(skip_locked=True)
         with self._tx(write=True) as c:
-            ids = list(c.scalars(q))
+            limits = self._running_room(c)
+            ordered = q.order_by(_J.priority.desc(), _J.seq).with_for_update(skip_locked=True)
+            if limits is None:
+                ids = list(c.scalars(ordered.limit(limit)))
+            else:  # skip tenants at their limit; take no more of a tenant's jobs than it has room for
+                room, default = limits
+                ids = []
+                for job_id, tenant in c.execute(ordered.where(_room_filter(room, default))
+                                                .limit(limit * 8 + 32)).all():
+                    left = room.get(tenant or "", default)
+                    if left is not None:
+                        if left <= 0:
+                            continue
+                        room[tenant or ""] = left - 1
+                    ids.append(job_id)
+                    if len(ids) == limit:
+                        break
             if not ids:
                 return []
             moved = c.execute(
@@ -386,6 +478,7 @@ class JobStore:
         Returns True when a cancel was requested: the worker should stop now and call
         `finish(job_id, "cancelled")`. Raises InvalidTransition if the job is no longer running.
         """
+        step, total_steps = min(step, _INT_MAX), min(total_steps, _INT_MAX)  # INTEGER columns
         with self._tx(write=True) as c:
             row = self._locked(c, job_id, "update progress of", ("running",))
             c.execute(
@@ -440,6 +533,22 @@ class JobStore:
         with self._tx(write=True) as c:
             row = self._locked(c, job_id, "release", ("running",))
             self._give_back(c, row, error)
+            return _to_job(self._row(c, job_id))
+
+    def hand_back(self, job_id: str, reason: str) -> Job:
+        """Queue a running job again without charging its attempt (a graceful stop: its worker checkpointed
+        it at a step boundary); cancelled instead if a cancel was requested."""
+        now = self._clock()
+        with self._tx(write=True) as c:
+            row = self._locked(c, job_id, "hand back", ("running",))
+            if row.cancel_requested:
+                self._give_back(c, row, reason)
+            else:
+                c.execute(update(jobs_table).where(_J.id == job_id).values(
+                    state="queued", attempts=max(0, row.attempts - 1), owner=None, heartbeat_at=None,
+                    updated_at=now))
+                c.execute(events_table.insert(), _event_row(
+                    job_id, now, "info", f"queued again, no attempt charged: {reason}"))
             return _to_job(self._row(c, job_id))
 
     def requeue_stale(self, older_than_s: float) -> list[str]:
@@ -517,6 +626,49 @@ class JobStore:
         with self._tx(write=False) as c:
             return [_to_job(r) for r in c.execute(q).all()]
 
+    # ---- tenants' quotas and leases -------------------------------------------------------------------
+
+    def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
+        """Replace every tenant's quota: {tenant: Quota}; tenant '*' is the default of tenants not named.
+        An empty mapping removes every limit."""
+        rows = [{"tenant": t, **{k: getattr(q, k) for k in _QUOTA_FIELDS}} for t, q in quotas.items()]
+        with self._tx(write=True) as c:
+            c.execute(quotas_table.delete())
+            if rows:
+                c.execute(quotas_table.insert(), rows)
+
+    def quotas(self) -> dict[str, Quota]:
+        """{tenant: Quota} as set by `set_quotas`."""
+        with self._tx(write=False) as c:
+            rows = c.execute(select(quotas_table)).all()
+        return {r.tenant: Quota(**{k: getattr(r, k) for k in _QUOTA_FIELDS}) for r in rows}
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `holder` until now + ttl_s; False while another holder's lease
+        runs. Atomic across processes and machines: exactly one caller holds a lease at a time.
+
+            if store.acquire_lease("registrar", orchestrator_id, 300): ...   # call again to renew
+        """
+        now = self._clock()
+        try:
+            with self._tx(write=True) as c:
+                row = c.execute(select(leases_table).where(_L.name == name).with_for_update()).one_or_none()
+                if row is None:
+                    c.execute(leases_table.insert(), {"name": name, "holder": holder, "expires_at": now + ttl_s})
+                elif row.holder == holder or row.expires_at <= now:
+                    c.execute(update(leases_table).where(_L.name == name)
+                              .values(holder=holder, expires_at=now + ttl_s))
+                else:
+                    return False
+        except IntegrityError:  # another process inserted the lease row first (PostgreSQL)
+            return False
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now, if `holder` has it."""
+        with self._tx(write=True) as c:
+            c.execute(leases_table.delete().where(_L.name == name, _L.holder == holder))
+
     # ---- what queued work waits for ------------------------------------------------------------------
 
     def set_waiting(self, base_key: str, reason: str | None) -> None:
@@ -584,6 +736,49 @@ class JobStore:
             raise InvalidTransition(job_id, row.state, action, allowed_from)
         return row
 
+    def _running_room(self, c: Connection, *, lock: bool = True) -> tuple[dict[str, int | None], int | None] | None:
+        """While some tenant has a max_running quota: ({tenant: jobs it may still start, None: no limit}, the
+        default tenants' limit); '' stands for jobs without a tenant. None when no such quota is set."""
+        caps = dict(c.execute(select(_Q.tenant, _Q.max_running)).all())
+        if all(v is None for v in caps.values()):
+            return None
+        if lock and self._dialect == "postgresql":  # concurrent claimers must not both take a tenant's last slot
+            c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CLAIM_LOCK})
+        running = {t or "": n for t, n in c.execute(select(_J.tenant, func.count()).where(_J.state == "running")
+                                                    .group_by(_J.tenant)).all()}
+        default = caps.pop("*", None)
+        room = {}
+        for tenant in set(caps) | set(running):
+            cap = caps.get(tenant, default)
+            room[tenant] = None if cap is None else cap - running.get(tenant, 0)
+        return room, default
+
+    def _quota_of(self, c: Connection, tenant: str | None) -> Quota:
+        rows = {r.tenant: r for r in c.execute(select(quotas_table).where(_Q.tenant.in_([tenant or "", "*"])))}
+        row = rows.get(tenant or "") or rows.get("*")
+        return Quota(**{k: getattr(row, k) for k in _QUOTA_FIELDS}) if row is not None else Quota()
+
+    def _check_quotas(self, c: Connection, rows: list[dict]) -> None:
+        """QuotaExceeded naming the tenant, the limit and the count, if `rows` would exceed a quota."""
+        for tenant in sorted({r["tenant"] for r in rows}, key=str):
+            quota = self._quota_of(c, tenant)
+            mine = [r for r in rows if r["tenant"] == tenant]
+            top = max(r["priority"] for r in mine)
+            if quota.max_priority is not None and top > quota.max_priority:
+                raise QuotaExceeded(f"priority {top} is over tenant {tenant!r}'s highest priority, "
+                                    f"{quota.max_priority} (its max_priority quota)")
+            if quota.max_queued is None:
+                continue
+            if self._dialect == "postgresql":  # two submits of one tenant must not both pass the count
+                c.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:t))"),
+                          {"k": _PG_QUOTA_LOCK, "t": tenant or ""})
+            queued = c.scalar(select(func.count()).select_from(jobs_table)
+                              .where(_J.tenant == tenant, _J.state == "queued"))
+            if queued + len(mine) > quota.max_queued:
+                raise QuotaExceeded(f"tenant {tenant!r} has {queued} job(s) queued and its quota is "
+                                    f"{quota.max_queued} (max_queued); {len(mine)} more would exceed it: wait "
+                                    "for some to start, or cancel some")
+
     def _give_back(self, c: Connection, row, error: str) -> None:
         """End a running attempt that did not finish: cancelled if asked, failed if out of attempts, else
         queued again."""
@@ -618,10 +813,13 @@ class JobStore:
             value = getattr(item, name)
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: expected a non-empty string, got {value!r}")
-        if not isinstance(item.priority, int) or isinstance(item.priority, bool):
-            problems.append(f"priority: expected an int, got {item.priority!r}")
-        if not isinstance(item.max_attempts, int) or isinstance(item.max_attempts, bool) or item.max_attempts < 1:
-            problems.append(f"max_attempts: expected an int >= 1, got {item.max_attempts!r}")
+        if not isinstance(item.priority, int) or isinstance(item.priority, bool) or abs(item.priority) > _INT_MAX:
+            problems.append(f"priority: expected an int of at most {_INT_MAX} in size, got {item.priority!r}")
+        if (not isinstance(item.max_attempts, int) or isinstance(item.max_attempts, bool) or item.max_attempts < 1
+                or item.max_attempts > _INT_MAX):
+            problems.append(f"max_attempts: expected an int >= 1 and <= {_INT_MAX}, got {item.max_attempts!r}")
+        if item.tenant is not None and (not isinstance(item.tenant, str) or not 0 < len(item.tenant) <= 128):
+            problems.append(f"tenant: expected a string of 1 to 128 characters or None, got {item.tenant!r}")
         spec_json = None
         if not isinstance(item.spec, dict):
             problems.append(f"spec: expected a dict, got {type(item.spec).__name__}")
@@ -633,9 +831,30 @@ class JobStore:
         row = dict(
             id=_new_id(now), task=item.task, base_key=item.base_key, priority=item.priority, state="queued",
             spec=spec_json, attempts=0, max_attempts=item.max_attempts, created_at=now, updated_at=now,
-            cancel_requested=False, registered=False, registration_attempts=0,
+            cancel_requested=False, registered=False, registration_attempts=0, tenant=item.tenant,
         )
         return row, problems
+
+
+def _room_filter(room: dict[str, int | None], default: int | None):
+    """The claim query's WHERE for `_running_room`'s answer: leave out the tenants with no room left."""
+    def has_room(n: int | None) -> bool:
+        return n is None or n > 0
+
+    if default is not None and default <= 0:  # only tenants with a room of their own may start jobs
+        cond = _J.tenant.in_([t for t, n in room.items() if t and has_room(n)])
+    else:
+        cond = _J.tenant.not_in([t for t, n in room.items() if t and not has_room(n)])
+    return (cond | _J.tenant.is_(None)) if has_room(room.get("", default)) else cond
+
+
+def _migrate(c: Connection) -> None:
+    """Columns added to prefixd_jobs after stores were created: an explicit, idempotent ALTER TABLE on
+    sqlite and PostgreSQL alike (create_all only creates missing tables). Old rows get NULL."""
+    have = {col["name"] for col in inspect(c).get_columns("prefixd_jobs")}
+    if "tenant" not in have:
+        c.execute(text("ALTER TABLE prefixd_jobs ADD COLUMN tenant VARCHAR(128)"))
+    c.execute(text("CREATE INDEX IF NOT EXISTS prefixd_jobs_tenant ON prefixd_jobs (tenant, state)"))
 
 
 def _new_id(now: float) -> str:

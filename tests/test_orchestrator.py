@@ -197,7 +197,7 @@ def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
             assert (result_dir / "adapter" / "adapter_config.json").is_file()
             result = json.loads((result_dir / "result.json").read_text())
             assert result["job_id"] == job_id and result["steps"] == 10 and "eval_loss" in result["metrics"]
-            assert not (result_dir / "checkpoint").exists()
+            assert not (result_dir / "checkpoints").exists()
             log = events(store, job_id)
             assert any("started at step 0 of 10" in m for m in log)
             assert sum("succeeded" in m for m in log) == 1
@@ -281,6 +281,59 @@ def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
         assert len(resumed) == 1, log
         assert int(resumed[0].split("step ")[1].split(" ")[0]) >= 5  # not from scratch
         assert json.loads((home / "jobs" / job_id / "result.json").read_text())["steps"] == 60
+    store.close()
+
+
+def test_sigterm_hands_jobs_back_without_an_attempt_and_they_resume_exactly(tiny_base, tmp_path):
+    """SIGTERM to `prefixd run` mid-training: each job is checkpointed at the step boundary and queued again
+    with its attempt not charged; the next run resumes both from there to the uninterrupted results."""
+    home = tmp_path / "home"
+    ids = submit(home, write_spec(tmp_path / "specs", "term-a", "double", tiny_base, steps=30, checkpoint_every=50),
+                 write_spec(tmp_path / "specs", "term-b", "next", tiny_base, steps=30, checkpoint_every=50))
+    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "run", "--num-cpus", "2",
+               "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
+    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
+    with open(tmp_path / "run1.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_for(lambda: all((j.step or 0) >= 4 and j.state == "running" for j in store.list()), 150,
+                 "both jobs training")
+        first.send_signal(signal.SIGTERM)
+        code = first.wait(120)
+    finally:
+        _kill_session(first)
+    output = (tmp_path / "run1.log").read_text()
+    assert code == 143, output
+    assert "queued again from their checkpoints, no attempt charged" in output, output
+    stopped = {j.id: j for j in store.list()}
+    for job_id in ids:
+        assert (stopped[job_id].state, stopped[job_id].attempts) == ("queued", 0), events(store, job_id)
+        assert any("no attempt charged" in m and "checkpointed at step" in m for m in events(store, job_id))
+
+    with open(tmp_path / "run2.log", "w") as log:
+        second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        code = second.wait(240)
+    finally:
+        _kill_session(second)
+    assert code == 0, (tmp_path / "run2.log").read_text()
+    for job_id in ids:
+        job = store.get(job_id)
+        assert (job.state, job.attempts) == ("succeeded", 1), job.error
+        resumed = [m for m in events(store, job_id) if m.startswith("resumed from the checkpoint at step")]
+        assert resumed and int(resumed[0].split("step ")[1].split(" ")[0]) >= 4, events(store, job_id)
+        spec = JobSpec.from_dict(job.spec)
+        model, tokenizer = load_base_model(base_model_ref(spec))
+        alone = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
+        alone.add_task(task_config(spec, job_id, tmp_path / "alone" / job_id))
+        results = []
+        while alone.active:
+            results += alone.step().finished
+        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_of(results[0].prefix_dir)).abs().max().item()
+        assert diff < 1e-5, (job.task, diff)
     store.close()
 
 

@@ -189,3 +189,25 @@ def test_batch_run_refuses_a_group_this_machine_cannot_hold(tiny_base, tmp_path,
     job = store.get(job_id)
     store.close()
     assert job.state == "queued" and job.attempts == 0
+
+
+@pytest.mark.slow
+def test_a_local_group_gets_the_machines_cores(cluster, tiny_base, tmp_path):
+    """No --cpus-per-group with a local Ray: the one group reserves every CPU Ray has (4 here) and its rank
+    trains with that many torch threads, on the CPU."""
+    home = tmp_path / "home"
+    config = OrchestratorConfig.from_env(home=home, zero_stage=0, max_groups=1, poll_s=0.2, heartbeat_s=0.5,
+                                         stale_after_s=10, idle_timeout_s=600, register=False)
+    orchestrator, close = serve(config)
+    store = JobStore(config.store_url)
+    try:
+        [job_id] = submit(home, write_spec(tmp_path / "specs", "cores", "reverse", tiny_base, steps=40))
+        status = wait_for(lambda: [s for s in orchestrator.group_statuses().values() if s.get("threads")], 120,
+                          "the group to report its placement")[0]
+        assert (status["device"], status["threads"]) == ("cpu", 4)
+        assert ray.available_resources().get("CPU", 0.0) == 0.0  # all four reserved by the group's one rank
+        job = wait_for(lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j, 300, "the job")
+        assert job.state == "succeeded", job.error
+    finally:
+        close()
+        store.close()

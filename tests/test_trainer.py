@@ -1,6 +1,7 @@
 """The multi-task trainer on a tiny Llama: co-tenant independence, PEFT equivalence, join/leave, resume."""
 
 import copy
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from tests.tiny import char_tokenizer, tiny_model, write_task
 from workers.data import DataSettings, ExampleStream, collate_causal, load_task_data
 from workers.formats import load_prefix
+from workers.storage import JobStorage
 from workers.trainer import MultiTaskTrainer, TaskConfig
 
 TASKS = {  # name: (kind, prefix length, extra settings)
@@ -168,7 +170,8 @@ def test_resume_after_kill_is_exact(tmp_path):
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (tmp_path / "k" / "rev" / "checkpoint" / "state.json").is_file()
+    [newest, _] = JobStorage.open(tmp_path / "k" / "rev").complete_checkpoints()  # step 15, and step 10
+    assert newest.startswith("step-000000015-")
 
     resumed = trainer()
     for name in ("rev", "nxt"):
@@ -190,7 +193,7 @@ def test_results_on_disk_and_generation_eval(tmp_path):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "prefix/prefix_config.json",
                  "history.jsonl", "metrics.json", "data_report.txt"):
         assert (out / name).is_file(), name
-    assert not (out / "checkpoint").exists()
+    assert not (out / "checkpoints").exists()
     assert set(result.metrics) >= {"eval_loss", "eval_perplexity", "exact_match", "bleu", "rouge_l"}
     lines = (out / "history.jsonl").read_text().splitlines()
     assert len(lines) == 6
@@ -231,3 +234,44 @@ def test_each_task_steps_after_its_last_micro_batch(tmp_path):
     tr._update = counting_update
     tr.step()
     assert holding == [1, 1, 1, 1]
+
+
+def test_a_task_that_diverges_fails_alone(tmp_path):
+    """A task whose prefix goes non-finite mid-run (here: poisoned after step 4) fails in that step with
+    the reason, and is removed; the co-tenants finish with the prefixes they get without it."""
+    alone = trainer()
+    for name in ("rev", "nxt"):
+        alone.add_task(task_config(tmp_path, name, steps=12, out=tmp_path / "alone" / name))
+    expected = run(alone)
+
+    mixed = trainer()
+    for name in ("rev", "dbl", "nxt"):
+        mixed.add_task(task_config(tmp_path, name, steps=12, out=tmp_path / "mixed" / name))
+    run(mixed, steps=4)
+    with torch.no_grad():
+        next(mixed.tasks["job-dbl"].encoder.parameters()).fill_(float("nan"))
+    report = mixed.step()
+    assert set(report.failed) == {"job-dbl"} and "not finite" in report.failed["job-dbl"], report.failed
+    assert "at step 5" in report.failed["job-dbl"]
+    assert mixed.active == ["job-rev", "job-nxt"] and set(report.progress) == {"job-rev", "job-nxt"}
+    got = run(mixed)
+    for task_id, result in expected.items():
+        diff = (prefix_tensor(got[task_id]) - prefix_tensor(result)).abs().max().item()
+        assert diff < 1e-5, (task_id, diff)
+
+
+def test_a_task_whose_rows_cannot_be_read_fails_alone(tmp_path):
+    tr = trainer()
+    for name in ("rev", "nxt"):
+        tr.add_task(task_config(tmp_path, name, steps=6, out=tmp_path / "out" / name))
+
+    class Unreadable:
+        def __getitem__(self, i):
+            raise OSError(5, "Input/output error")
+
+    task = tr.tasks["job-nxt"]
+    task.data = dataclasses.replace(task.data, train=Unreadable())  # its storage fails under it mid-job
+    report = tr.step()
+    assert report.failed == {"job-nxt": "cannot read its training rows: OSError: [Errno 5] Input/output error"}
+    assert tr.active == ["job-rev"] and report.progress["job-rev"].step == 1
+    assert len(run(tr)) == 1

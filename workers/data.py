@@ -8,7 +8,8 @@ Files are read with `datasets` (JSON lines, CSV, Parquet, or a folder saved with
 memory-mapped Arrow cache and tokenized with batched `map` calls, so a file larger than memory works and
 no Python list of all rows is ever built. Every row that is not used is counted, with example row
 numbers, in `TaskData.report`; every row that cannot be read raises `DataError` naming the file, the row
-and the column.
+and the column. A file or folder named by a storage URI (s3://bucket/data/train.jsonl; `workers/storage.py`)
+is copied into the cache first and read from there.
 
 Columns of `TaskData.train` and `TaskData.validation` (lists of token ids unless said otherwise):
 
@@ -46,6 +47,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.datafiles import FORMATS, DataFileError, detect_format, read_column_names
+from workers.storage import fetch, is_remote
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt and padding positions
 TRUNCATION = ("left", "skip", "error")
@@ -63,7 +65,8 @@ class DataSettings:
     """Where a task's data is and how its rows become token ids."""
 
     train: str
-    """Training data: a .jsonl/.json, .csv or .parquet file, or a folder written by `save_to_disk`."""
+    """Training data: a .jsonl/.json, .csv or .parquet file, or a folder written by `save_to_disk`; a local
+    path or a storage URI (s3://...)."""
     validation: str | None = None
     """Validation data in the same layout; None holds out `validation_fraction` of `train`."""
     format: str = "auto"
@@ -239,7 +242,7 @@ def _load_file(
     path: str, settings: DataSettings, tokenizer: Any, work_dir: Path, cache_dir: str | None
 ) -> tuple[datasets.Dataset, FileReport, np.ndarray]:
     """Tokenize every row of one file; return (all rows tokenized, report, positions of the usable rows)."""
-    raw = _read(Path(path), settings.format, cache_dir)
+    raw = _read_local_or_remote(path, settings.format, cache_dir, work_dir)
     fields = [settings.input_column] if settings.template is None else template_fields(settings.template)
     named_by = "data.input_column" if settings.template is None else "data.template"
     for column, by in [(c, named_by) for c in fields] + [(settings.target_column, "data.target_column")]:
@@ -297,6 +300,23 @@ _FEATURES = datasets.Features(
         "truncated": datasets.Value("bool"),
     }
 )
+
+
+def _read_local_or_remote(path: str, fmt: str, cache_dir: str | None, work_dir: Path) -> datasets.Dataset:
+    """`_read` of a local path, or of the cached copy of a file or folder named by a storage URI
+    (s3://...; `workers.storage.fetch`, kept beside the tokenized cache), with errors naming the URI."""
+    if not is_remote(path):
+        return _read(Path(path), fmt, cache_dir)
+    try:
+        local = fetch(path, work_dir.parent, setting="data")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file or folder") from None
+    except OSError as e:  # StorageError: unreachable, refused; names the URI and the fix
+        raise DataError(str(e)) from None
+    try:
+        return _read(local, fmt, cache_dir)
+    except DataError as e:
+        raise DataError(str(e).replace(str(local), path)) from None
 
 
 def _read(path: Path, fmt: str, cache_dir: str | None) -> datasets.Dataset:

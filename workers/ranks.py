@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from workers.devices import Collectives, Placement
 from workers.zero import ZeroSettings, host_rendezvous, init_group  # noqa: F401 - host_rendezvous re-exported
 
@@ -32,6 +34,8 @@ class RankSettings:
     zero: ZeroSettings = field(default_factory=ZeroSettings)
     model_cache: str | None = None
     data_cache: str | None = None
+    scratch: str | None = None
+    """Local folder for staging checkpoints and results on their way to and from storage."""
     micro_batch_size: int = 16
     compile_layers: bool = False
     cpus: float | None = None
@@ -87,6 +91,7 @@ class GroupChannel:
         model, tokenizer, shard = load_group_model(ref, self.s.zero, self.coll, cache_dir=self.s.model_cache)
         trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
                                    compile_layers=self.s.compile_layers, data_cache_dir=self.s.data_cache,
+                                   scratch_dir=self.s.scratch,
                                    collectives=self.coll if self.s.world > 1 else None, device=self.coll.device)
         self.shard = shard
         return ReplicatedTrainer(trainer, self)
@@ -114,9 +119,15 @@ class ReplicatedTrainer:
         self.channel.send(("step",))
         return self.trainer.step()
 
+    def checkpoint(self, task_id: str) -> int:
+        """Rank 0 writes the task's checkpoint (the other ranks hold the same prefix); returns its step."""
+        return self.trainer.checkpoint(task_id)
+
 
 def add_everywhere(trainer, config, channel: GroupChannel):
-    """add_task on this rank, kept only if it worked on every rank (data must load alike everywhere)."""
+    """add_task on this rank, kept only if it worked on every rank (data must load alike everywhere) and
+    every rank resumed at the same step (each reads the task's checkpoints from storage itself; one that
+    could not read the newest would have fallen back to an older one)."""
     error, progress = None, None
     try:
         progress = trainer.add_task(config)
@@ -125,6 +136,12 @@ def add_everywhere(trainer, config, channel: GroupChannel):
     if channel.s.world > 1 and not channel.coll.all_true(error is None) and error is None:
         trainer.remove_task(config.task_id)
         error = RuntimeError("the task could not start on another rank of the group")
+    elif channel.s.world > 1 and error is None and not channel.coll.all_true(
+            channel.coll.all_reduce(torch.tensor([progress.step, -progress.step]), op="max").tolist()
+            == [progress.step, -progress.step]):
+        trainer.remove_task(config.task_id)
+        error = RuntimeError("the ranks of the group resumed from different checkpoints (one could not read "
+                             "the newest); the next attempt reads them again")
     if error is not None:
         raise error
     return progress

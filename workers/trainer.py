@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ from workers.generate import generate_texts
 from workers.inject import PrefixedModel
 from workers.metrics import generation_metrics
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
+from workers.storage import JobStorage, temporary_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,8 @@ class TaskConfig:
     """Task name (for logs and exported configs)."""
     data: DataSettings
     out_dir: str
-    """Folder for checkpoints and results; a checkpoint found there is resumed."""
+    """The job's folder in storage (a local path, or s3://...: `workers/storage.py`) for checkpoints and
+    results; the newest complete checkpoint found there is resumed."""
     num_virtual_tokens: int = 10
     projection: bool = False
     projection_hidden_size: int = 512
@@ -146,6 +146,13 @@ class StepReport:
     finished: list[TaskResult]
     peak_memory_bytes: int = 0
     """Peak resident memory of this process (CPU) or peak device memory (CUDA) so far."""
+    warnings: dict[str, str] = field(default_factory=dict)
+    """Tasks that train on but had a problem worth telling (a checkpoint that could not be written: the
+    next one retries, and the last complete one stays)."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Tasks that failed in this step on their own (task_id -> why: rows that cannot be read, a loss or
+    gradient that is not finite); they are removed, their prefixes untouched by the failing update, and
+    the other tasks' updates are exactly what they would be without them."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -197,6 +204,7 @@ class MultiTaskTrainer:
         collectives: Collectives | None = None,
         device: torch.device | str | None = None,
         retain_freed_memory: bool = True,
+        scratch_dir: str | None = None,
     ):
         """compile_layers: run the decoder layers of training forwards as one `torch.compile`d graph
         (`workers/fused.py`; Llama, Mistral, Qwen2 without ZeRO-3 partitioning or checkpointing). The first
@@ -207,7 +215,9 @@ class MultiTaskTrainer:
         from the kernel every micro-batch; resident memory then stays at its peak between steps.
         collectives: the group's `Collectives` when this is one rank of a data-parallel group, else None.
         device: where prefixes, optimizer state and batches live (default: the model's first parameter's
-        device; `workers.devices.Placement` decides it for a group's rank)."""
+        device; `workers.devices.Placement` decides it for a group's rank).
+        scratch_dir: a local folder where checkpoints and results are staged before they are uploaded to a
+        task's out_dir, and downloaded checkpoints are read (default: the system's temporary folder)."""
         if retain_freed_memory:
             allocator.retain_freed_memory()
         self.prefixed = PrefixedModel(model, device=device)
@@ -215,6 +225,7 @@ class MultiTaskTrainer:
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
         self.data_cache_dir = data_cache_dir
+        self.scratch_dir = scratch_dir
         self.coll = collectives
         self.rank = collectives.rank if collectives else 0
         self.world = collectives.world if collectives else 1
@@ -272,13 +283,18 @@ class MultiTaskTrainer:
         generator = torch.Generator().manual_seed(config.seed)
         task = _Task(config, prefix_config, encoder, optimizer, scheduler, data,
                      ExampleStream(len(data.train), seed=config.seed), total, generator)
-        if (Path(config.out_dir) / "checkpoint" / "state.json").is_file():
-            self._restore(task)
+        self._restore(task)
         self.tasks[config.task_id] = task
         return self._progress(task, loss=float("nan"), tokens=0, seconds=0.0)
 
+    def checkpoint(self, task_id: str) -> int:
+        """Write the task's checkpoint now (rank 0 writes; a graceful stop uses this); returns its step."""
+        task = self.tasks[task_id]
+        self._checkpoint(task)
+        return task.step
+
     def remove_task(self, task_id: str) -> None:
-        """Drop a task at a step boundary (cancel); its last checkpoint stays on disk."""
+        """Drop a task at a step boundary (cancel); its last checkpoint stays in storage."""
         self.tasks.pop(task_id)
 
     # ------------------------------------------------------------------ one step
@@ -287,13 +303,16 @@ class MultiTaskTrainer:
         if not self.tasks:
             return StepReport(0.0, 0, 0, {}, [])
         start = time.perf_counter()
-        tasks = list(self.tasks.values())
-        # Every rank draws the same rows (same streams); each then works on its share of each micro-batch.
+        failed: dict[str, str] = {}
+        tasks = self._readable_rows(failed)
+        if not tasks:
+            self._drop(failed)
+            return StepReport(0.0, 0, 0, {}, [], peak_memory_bytes(), {}, failed)
         rows, owners = [], []
-        for j, task in enumerate(tasks):
-            indices = task.stream.next_indices(task.config.examples_per_step)
-            rows.extend(task.data.train[i] for i in indices)
-            owners.extend([j] * len(indices))
+        for j, (task, task_rows) in enumerate(tasks):
+            rows.extend(task_rows)
+            owners.extend([j] * len(task_rows))
+        tasks = [task for task, _ in tasks]
         target_tokens = torch.zeros(len(tasks), dtype=torch.float64)
         for row, j in zip(rows, owners):
             target_tokens[j] += sum(1 for t in _targets(row, self.prefixed.seq2seq) if t != -100)
@@ -331,14 +350,23 @@ class MultiTaskTrainer:
             (objective * weight).backward()
             del out, per_row, objective, prefixes
             for j in updates[g]:  # the same tasks on every rank: the cuts depend on the shared order only
-                self._update(tasks[j])
+                error = self._update(tasks[j])
+                if error:
+                    failed[tasks[j].config.task_id] = error
 
         if self.coll:
             self.coll.all_reduce_many([loss_sums, real_tokens])
+        for j, task in enumerate(tasks):  # the same on every rank: the sums are all-reduced
+            if not math.isfinite(loss_sums[j].item()) and task.config.task_id not in failed:
+                failed[task.config.task_id] = f"its training loss is {loss_sums[j].item()} at step {task.step + 1}"
+        self._drop(failed)
+        index = {task.config.task_id: j for j, task in enumerate(tasks)}
+        tasks = [task for task in tasks if task.config.task_id not in failed]
         seconds = time.perf_counter() - start
         total_tokens = int(real_tokens.sum())
-        progress, finished = {}, []
-        for j, task in enumerate(tasks):
+        progress, finished, warnings = {}, [], {}
+        for task in tasks:
+            j = index[task.config.task_id]
             lr = learning_rates[j]
             task.step += 1
             loss = loss_sums[j].item() / max(target_tokens[j].item(), 1.0)
@@ -356,24 +384,59 @@ class MultiTaskTrainer:
             if done:
                 finished.append(self._finish(task))
             elif task.step % task.config.checkpoint_every == 0:
-                self._checkpoint(task)
+                try:
+                    self._checkpoint(task)
+                except OSError as e:  # e.g. a full disk: training goes on, the next checkpoint retries
+                    warnings[task.config.task_id] = f"checkpoint at step {task.step} not written: {e}"
             progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
-        return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes())
+        return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes(), warnings,
+                          failed)
 
-    def _update(self, task: _Task) -> None:
+    def _readable_rows(self, failed: dict[str, str]) -> list[tuple[_Task, list]]:
+        """Each task's next rows (every rank draws the same: same streams). A task whose rows cannot be read
+        fails alone, on every rank alike (the ranks agree by an all-reduce), and the others go on."""
+        drawn, bad = [], torch.zeros(len(self.tasks), dtype=torch.int32)
+        for j, task in enumerate(self.tasks.values()):
+            try:
+                indices = task.stream.next_indices(task.config.examples_per_step)
+                drawn.append((task, [task.data.train[i] for i in indices]))
+            except Exception as e:  # noqa: BLE001 - this task's data alone
+                bad[j] = 1
+                drawn.append((task, []))
+                failed[task.config.task_id] = f"cannot read its training rows: {type(e).__name__}: {e}"
+        if self.coll:
+            self.coll.all_reduce(bad, op="max")
+        for j, (task, _) in enumerate(drawn):
+            if bad[j] and task.config.task_id not in failed:
+                failed[task.config.task_id] = "cannot read its training rows on another rank of the group"
+        return [(task, rows) for j, (task, rows) in enumerate(drawn) if not bad[j]]
+
+    def _drop(self, failed: dict[str, str]) -> None:
+        for task_id, error in failed.items():
+            if self.tasks.pop(task_id, None) is not None:
+                log.warning("task %s failed and left the group: %s", task_id, error)
+
+    def _update(self, task: _Task) -> str | None:
         """Sum the task's prefix gradient over ranks, clip it, take its optimizer and schedule step,
-        and free the gradient."""
+        and free the gradient. Returns why the task fails instead (a gradient that is not finite: no step
+        is taken), else None. The same on every rank: the norm is of the all-reduced gradient."""
         params = list(task.encoder.parameters())
         if self.coll:
             for p in params:
                 if p.grad is None:  # none of this task's rows fell to this rank in this step
                     p.grad = torch.zeros_like(p)
             self.coll.all_reduce_many([p.grad for p in params])
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not torch.isfinite(norm):
+            task.optimizer.zero_grad(set_to_none=True)
+            return f"its prefix gradient is not finite ({norm.item()}) at step {task.step + 1}"
         if task.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, task.config.max_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, task.config.max_grad_norm, norm)
         task.optimizer.step()
         task.scheduler.step()
         task.optimizer.zero_grad(set_to_none=True)
+        return None
 
     def _micro_batch_groups(self, order: list[int], size: int | None = None,
                             lengths: list[int] | None = None) -> list[list[int]]:
@@ -455,56 +518,78 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ checkpoints and results
     def _checkpoint(self, task: _Task) -> None:
+        """Rank 0 stages the task's state locally and uploads it whole as a new checkpoint
+        (`JobStorage.save_checkpoint`: it counts once complete; the previous one stays until then)."""
         if self.rank != 0:
             return
-        final = Path(task.config.out_dir) / "checkpoint"
-        tmp = Path(task.config.out_dir) / f".checkpoint-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
-        save_tree(tmp / "optimizer", {"optimizer": task.optimizer.state_dict(),
-                                      "scheduler": task.scheduler.state_dict(),
-                                      "generator": task.generator.get_state()})
-        (tmp / "state.json").write_text(json.dumps({
-            "step": task.step, "stream": task.stream.state_dict(), "history": task.history,
-            "total_steps": task.total_steps, "task_id": task.config.task_id,
-        }), encoding="utf-8")
-        old = Path(task.config.out_dir) / ".checkpoint-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)  # a crash leaves either the old or the new checkpoint whole
-        shutil.rmtree(old, ignore_errors=True)
+        with temporary_dir(self.scratch_dir, f"checkpoint-{task.config.task_id}-") as tmp:
+            tmp = Path(tmp)
+            save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
+            save_tree(tmp / "optimizer", {"optimizer": task.optimizer.state_dict(),
+                                          "scheduler": task.scheduler.state_dict(),
+                                          "generator": task.generator.get_state()})
+            (tmp / "state.json").write_text(json.dumps({
+                "step": task.step, "stream": task.stream.state_dict(), "history": task.history,
+                "total_steps": task.total_steps, "task_id": task.config.task_id,
+            }), encoding="utf-8")
+            JobStorage.open(task.config.out_dir).save_checkpoint(tmp, task.step)
 
     def _restore(self, task: _Task) -> None:
-        folder = Path(task.config.out_dir) / "checkpoint"
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        _, encoder = load_prefix(folder / "prefix", self.model.config)
-        task.encoder.load_state_dict(encoder.state_dict())
-        tree = load_tree(folder / "optimizer")
-        task.optimizer.load_state_dict(tree["optimizer"])
-        task.scheduler.load_state_dict(tree["scheduler"])
-        task.generator.set_state(tree["generator"])
-        task.stream.load_state_dict(state["stream"])
-        task.step = state["step"]
-        task.history = state["history"]
+        """Resume from the newest complete checkpoint in the task's folder that reads whole, else the one
+        before it; nothing found: the task starts at step 0. No collective here (a rank whose data failed
+        to load never gets this far): in a group, `workers.ranks.add_everywhere` checks afterwards that
+        every rank resumed at the same step."""
+        storage = JobStorage.open(task.config.out_dir)
+        names = storage.complete_checkpoints()
+        for name in names:
+            try:
+                state, encoder, tree = self._read_checkpoint(storage, name)
+            except (OSError, ValueError, KeyError, TypeError) as error:  # StorageError, CheckpointError too
+                log.warning("task %s: checkpoint %s cannot be used (%s); trying the one before it",
+                            task.config.task_id, name, error)
+            else:
+                task.encoder.load_state_dict(encoder.state_dict())
+                task.optimizer.load_state_dict(tree["optimizer"])
+                task.scheduler.load_state_dict(tree["scheduler"])
+                task.generator.set_state(tree["generator"])
+                task.stream.load_state_dict(state["stream"])
+                task.step = state["step"]
+                task.history = state["history"]
+                return
+        if names:
+            log.warning("task %s: no usable checkpoint in %s; starting at step 0", task.config.task_id, storage)
+
+    def _read_checkpoint(self, storage: JobStorage, name: str):
+        """(state, encoder, optimizer tree) of one checkpoint, downloaded and checked against its manifest."""
+        with temporary_dir(self.scratch_dir, "restore-") as tmp:
+            storage.download_checkpoint(name, tmp)
+            state = json.loads((Path(tmp) / "state.json").read_text(encoding="utf-8"))
+            _, encoder = load_prefix(Path(tmp) / "prefix", self.model.config)
+            return state, encoder, load_tree(Path(tmp) / "optimizer")
 
     def _finish(self, task: _Task) -> TaskResult:
+        """The task's results, staged locally by rank 0 and uploaded to its folder; checkpoints removed.
+        The job's result.json, which marks the folder complete, is the orchestrator's to write after this."""
         del self.tasks[task.config.task_id]
-        out = Path(task.config.out_dir)
+        out = JobStorage.open(task.config.out_dir)
         result = TaskResult(
             task_id=task.config.task_id, name=task.config.name, steps=task.step,
-            adapter_dir=str(out / "adapter"), prefix_dir=str(out / "prefix"),
-            metrics=dict(task.last_eval), history_file=str(out / "history.jsonl"),
+            adapter_dir=out.child("adapter").uri, prefix_dir=out.child("prefix").uri,
+            metrics=dict(task.last_eval), history_file=out.child("history.jsonl").uri,
         )
         if self.rank == 0:
-            save_peft_adapter(out / "adapter", task.encoder, task.prefix_config)
-            save_prefix(out / "prefix", task.encoder, task.prefix_config)
-            with open(out / "history.jsonl", "w", encoding="utf-8") as f:
-                for record in task.history:
-                    f.write(json.dumps(record) + "\n")
-            (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
-            (out / "data_report.txt").write_text(str(task.data.report) + "\n", encoding="utf-8")
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+            with temporary_dir(self.scratch_dir, f"result-{task.config.task_id}-") as tmp:
+                tmp = Path(tmp)
+                save_peft_adapter(tmp / "adapter", task.encoder, task.prefix_config)
+                save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
+                with open(tmp / "history.jsonl", "w", encoding="utf-8") as f:
+                    for record in task.history:
+                        f.write(json.dumps(record) + "\n")
+                (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
+                (tmp / "data_report.txt").write_text(str(task.data.report) + "\n", encoding="utf-8")
+                for name in ("adapter", "prefix", "history.jsonl", "metrics.json", "data_report.txt"):
+                    out.upload(tmp / name, name)
+            out.delete_checkpoints()
         return result
 
     def _progress(self, task: _Task, loss: float, tokens: int, seconds: float, evaluation=None) -> TaskProgress:
