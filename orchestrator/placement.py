@@ -39,6 +39,7 @@ class Reservation:
     placement_group: Any
     bundles: list[dict[str, float]]
     since: float = field(default_factory=time.time)
+    _ready_ref: Any = None
 
     @classmethod
     def ask(cls, base_key: str, shape: GroupShape, *, cpus_per_rank: float, name: str) -> Reservation:
@@ -51,7 +52,11 @@ class Reservation:
         return cls(base_key, shape, pg, bundles)
 
     def ready(self) -> bool:
-        return bool(ray.wait([self.placement_group.ready()], timeout=0)[0])
+        """Whether every bundle is reserved. One readiness probe per reservation (each `ready()` of a
+        placement group is a task of its own, which a poll at timeout 0 would never see finish)."""
+        if self._ready_ref is None:
+            self._ready_ref = self.placement_group.ready()
+        return bool(ray.wait([self._ready_ref], timeout=0)[0])
 
     def release(self) -> None:
         release(self.placement_group)
