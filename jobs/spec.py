@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +141,19 @@ def load_spec(path: str | Path, *, bounds: SpecBounds | None = None) -> JobSpec:
 
 
 def parse_spec(obj: Any, *, base_dir: Path, source: str = "<spec>", data_root: Path | None = None,
-               bounds: SpecBounds | None = None) -> JobSpec:
+               bounds: SpecBounds | None = None, files: Callable[[str], str | None] | None = None) -> JobSpec:
     """Validate an already-parsed spec (e.g. a request body read by `parse_document`) as a JobSpec.
 
     `base_dir` anchors relative paths; `source` names the spec in errors. With `data_root` (a server),
     every path must exist inside it, checked before any file is opened (jobs/validate.py). `bounds`: the
     operator's upper bounds (default: the field table's). Checks that the data files hold the named
-    columns and that the prefix fits the model. Raises SpecError.
+    columns and that the prefix fits the model. `files` (a server): resolves an uploaded file's id
+    ('file-<hex>') named in data.train / data.validation to its storage path, None when unknown. Raises SpecError.
 
         parse_spec({"name": "t", ...}, base_dir=root, data_root=root, source="request body")
     """
-    values = check_document(obj, base_dir=base_dir, source=source, data_root=data_root, bounds=bounds)
+    values = check_document(obj, base_dir=base_dir, source=source, data_root=data_root, bounds=bounds,
+                            files=files)
     return _build(JobSpec, values)
 
 

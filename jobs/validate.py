@@ -10,6 +10,10 @@ before any file is opened; a path outside it, a link out of it, and a path that 
 one and the same answer, and no message quotes a file's bytes (no column lists, no parser output) or an
 absolute path: a user learns nothing about the server's other files, not even whether they exist.
 Without one (`prefixd validate`, `prefixd submit` on this machine) messages are as helpful as they can be.
+
+With `files` (the HTTP API), data.train / data.validation may name an uploaded file by id ('file-' and 32
+hex digits, FILE_ID_PATTERN): `files(id)` gives its storage path or URI (the data-root rule does not apply:
+the server put it there), or None for an id the caller has no upload of, refused naming the field.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,9 @@ OUTSIDE_DATA_ROOT = ("no file or folder of that name under the server's data roo
                      "'..', absolute paths elsewhere and links out of it are not followed)")
 STORAGE_URI_ON_SERVER = ("a storage URI is not accepted in a spec sent to the server (it would read it with its "
                          "own credentials); name a file under its data root")
+FILE_ID_PATTERN = r"^file-[0-9a-f]{32}$"
+UNKNOWN_FILE = ("no uploaded file with that id (unknown, deleted, or not yours); upload one with POST /v1/files "
+                "(`prefixd --server URL submit` uploads a spec's local files) or name a path under the data root")
 _INVALID = object()
 
 
@@ -57,14 +64,16 @@ class _Context:
     base_dir: Path
     data_root: Path | None
     bounds: SpecBounds
+    files: Callable[[str], str | None] | None = None
 
 
 def check_document(obj: Any, *, base_dir: Path, source: str = "<spec>", data_root: Path | None = None,
-                   bounds: SpecBounds | None = None) -> dict[str, Any]:
+                   bounds: SpecBounds | None = None,
+                   files: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Validate a parsed spec (see the module docstring); returns the values JobSpec is built from."""
     problems: list[Problem] = []
     ctx = _Context(Path(base_dir).resolve(), None if data_root is None else Path(data_root).resolve(),
-                   bounds or SpecBounds())
+                   bounds or SpecBounds(), files)
     c = _check_section(JobSpec, obj, "", ctx, problems)
     if c is not None:
         raw = obj
@@ -232,6 +241,14 @@ def _check_value(rule: _Rule, value: Any, path: str, ctx: _Context, problems: li
     if rule.pattern and not re.fullmatch(rule.pattern, value):
         return bad(f"{value!r} does not match {rule.pattern} ({rule.pattern_help})")
     if kind == "path":
+        if ctx.files is not None and path.startswith("data.") and re.fullmatch(r"file-[^./\\]*", value):
+            if not re.fullmatch(FILE_ID_PATTERN, value):  # no suffix or folder: meant as an id, not a path
+                return bad(f"{value[:64]!r} is not a file id ('file-' and 32 lowercase hex digits, as POST /v1/files "
+                           "answers)")
+            found = ctx.files(value)
+            if found is None:
+                return bad(f"{value!r}: {UNKNOWN_FILE}")
+            return found if is_remote(found) else Path(found)
         if is_remote(value):  # a storage URI (s3://...): data files only, read through workers/storage.py
             if not path.startswith("data."):
                 return bad("a local folder is expected here, not a URI")

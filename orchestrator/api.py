@@ -26,8 +26,13 @@
 - Paths in a spec are read on the server, relative to `data_root` (start_api: the data_root argument, else
   $PREFIXD_DATA_ROOT, else <home>/data). Each is resolved (links followed) and must exist inside it, checked
   before any file is opened; any other path gets one answer that tells nothing about it, and no refusal
-  quotes a file's bytes. Nothing is uploaded: data must already be under the data root.
-- Request bodies: over `max_body_bytes` gets 413, by Content-Length before anything is read and by the
+  quotes a file's bytes.
+- Uploads (orchestrator/files.py): POST /v1/files?name=train.jsonl takes one data file as the raw body,
+  streamed to `<storage>/files/<tenant>/` (at most `max_upload_bytes`, 413 past it), and answers its id
+  `file-<hex>`; GET /v1/files, GET and DELETE /v1/files/{id} (a tenant's own files; an admin's: all). A
+  spec's data.train / data.validation may name such an id: it is read from storage, for the caller's
+  tenant only; an unknown, deleted or other tenant's id is refused (422) naming the field.
+- Request bodies: over `max_body_bytes` (an upload: `max_upload_bytes`) gets 413, by Content-Length before anything is read and by the
   bytes actually received otherwise (a chunked body is read only up to the limit).
 - start_api refuses to start without a token, and warns when it listens on a non-loopback address
   (plain HTTP: put a TLS proxy in front of it).
@@ -57,6 +62,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.bounds import SpecBounds
 from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
+from orchestrator.files import MAX_UPLOAD_BYTES, FileStore, files_router, is_file_id
 from orchestrator.store import STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
 from orchestrator.tenants import (
     ADMIN_TOKENS_ENV,
@@ -73,6 +79,7 @@ if TYPE_CHECKING:
     from orchestrator.config import OrchestratorConfig
 
 DATA_ROOT_ENV = "PREFIXD_DATA_ROOT"
+MAX_UPLOAD_ENV = "PREFIXD_MAX_UPLOAD_BYTES"
 registry: Any = None  # orchestrator.registry, imported by create_app when a tracking URI is configured
 
 
@@ -87,6 +94,10 @@ class ApiSettings:
     tracking_uri: str | None = None
     """MLflow tracking URI for /v1/models; None: those routes answer 503."""
     max_body_bytes: int = MAX_SPEC_BYTES
+    files_storage: str | None = None
+    """Storage URI uploads are kept under (<it>/files/<tenant>/); None: /v1/files answers 503."""
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    """Most bytes one upload (POST /v1/files) may hold; default 1 GiB."""
     max_attempts: int = 3
     bounds: SpecBounds = field(default_factory=SpecBounds)
     """The operator's upper bounds on spec numbers."""
@@ -188,16 +199,18 @@ class _SpecRefused(Exception):
 
 class _BodyLimit:
     """413 for a request whose Content-Length is over the limit, before the app reads a byte (plain ASGI:
-    nothing is buffered). A body without Content-Length is limited where it is read (`_read_body`)."""
+    nothing is buffered). A body without Content-Length is limited where it is read (`_read_body`,
+    `files.spool_body`). An upload (POST /v1/files) has its own limit, upload_limit."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            limit = self.upload_limit if scope["path"].rstrip("/") == "/v1/files" else self.limit
             length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413,
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413,
                                    headers={"Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -216,11 +229,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="prefixd", version="1", description=__doc__)
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     store = JobStore(settings.store_url)
     store.set_quotas(_quota_table(settings))
     bearer = HTTPBearer(auto_error=False)
     data_root = settings.data_root.resolve()
+    files = FileStore(settings.files_storage) if settings.files_storage else None
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         if credentials is None or credentials.scheme.lower() != "bearer":
@@ -262,12 +276,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def spec_refused(request: Request, e: _SpecRefused) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": e.detail, "problems": e.problems})
 
+    def resolve_file(file_id: str, caller: Caller) -> str | None:
+        """A spec's `file-...` id -> the caller's upload's storage path/URI; None when it has none."""
+        return files.resolve(caller.tenant, file_id) if files is not None and is_file_id(file_id) else None
+
     def check_spec(raw: bytes, content_type: str, caller: Caller) -> Any:
         """Parse and validate (in a worker thread: it may read files); raises _SpecRefused."""
         try:
             obj = parse_document(raw, "request body", fmt="json" if "json" in content_type else "yaml")
             spec = parse_spec(obj, base_dir=data_root, data_root=data_root, source="request body",
-                              bounds=settings.bounds)
+                              bounds=settings.bounds, files=lambda file_id: resolve_file(file_id, caller))
         except SpecError as e:
             raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
         owner = _model_owner(settings, spec)
@@ -362,6 +380,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         except registry.RegistryError as e:
             raise HTTPException(404, str(e)) from None
 
+    app.include_router(files_router(files, authorize, settings.max_upload_bytes, errors))
     return app
 
 
@@ -417,13 +436,15 @@ class ApiHandle:
 
 def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int = 8000,
               tokens: Iterable[str] | None = None, admin_tokens: Iterable[str] | None = None,
-              data_root: str | Path | None = None, startup_timeout_s: float = 60.0) -> ApiHandle:
+              data_root: str | Path | None = None, max_upload_bytes: int | None = None,
+              startup_timeout_s: float = 60.0) -> ApiHandle:
     """Serve create_app over the config's job store and MLflow registry; returns once it listens.
 
     tokens / admin_tokens: 'name=token' or bare-token entries (orchestrator/tenants.py); when neither is
     given, the environment's ($PREFIXD_API_TOKENS, $PREFIXD_ADMIN_TOKENS and their _FILE forms). No token at
     all raises ApiStartError (the API never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT,
-    else <config.home>/data (created). Bounds and quotas come from config.spec_bounds and
+    else <config.home>/data (created). Uploads are kept under config.storage (else the home folder), at most
+    max_upload_bytes each (default $PREFIXD_MAX_UPLOAD_BYTES, else 1 GiB). Bounds and quotas come from config.spec_bounds and
     config.tenant_quotas. port 0 picks a free port (see .url). A host that is not a loopback address prints
     a warning on stderr: the API is then reachable from other machines over plain HTTP.
 
@@ -436,6 +457,7 @@ def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int 
             callers = merge_callers(parse_entries(tokens or ()), parse_entries(admin_tokens or (), admin=True))
         quotas = check_quotas(config.tenant_quotas)
         bounds = SpecBounds(config.spec_bounds)
+        upload_limit = _upload_limit(max_upload_bytes)
     except ValueError as e:
         raise ApiStartError(str(e)) from None
     if not callers:
@@ -445,7 +467,8 @@ def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int 
     root.mkdir(parents=True, exist_ok=True)
     settings = ApiSettings(store_url=config.store_url, callers=callers, data_root=root,
                            tracking_uri=config.tracking_uri, max_attempts=config.max_attempts, bounds=bounds,
-                           quotas=quotas)
+                           quotas=quotas, files_storage=str(config.storage or config.home),
+                           max_upload_bytes=upload_limit)
     sock = _listen_socket(host, port)
     try:
         app = create_app(settings)
@@ -469,6 +492,18 @@ def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int 
               file=sys.stderr, flush=True)
     shown = f"[{host}]" if ":" in host else host
     return ApiHandle(url=f"http://{shown}:{bound_port}", data_root=root, server=server, thread=thread)
+
+
+def _upload_limit(given: int | None) -> int:
+    """max_upload_bytes: the argument, else $PREFIXD_MAX_UPLOAD_BYTES, else 1 GiB; ValueError if not >= 1."""
+    raw = given if given is not None else os.environ.get(MAX_UPLOAD_ENV) or MAX_UPLOAD_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"max_upload_bytes ({MAX_UPLOAD_ENV}): expected a whole number of bytes >= 1, got {raw!r}")
+    return value
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

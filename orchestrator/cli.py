@@ -20,10 +20,11 @@ and `submit` records tenant 'local'. Specs are checked within the operator's bou
 Remote mode. With `--server URL` (a `prefixd serve --api` elsewhere), submit, status, list, cancel, logs,
 lookup and models go through its HTTP API (orchestrator/client.py) instead of the local store and
 registry, with the same output (text and --json). The bearer token comes from $PREFIXD_TOKEN only, never
-a flag (flags show in `ps` and shell history). `submit` sends each spec file's YAML text; the server reads
-its relative paths (data files, a base-model folder) relative to ITS data root (`serve --data-root`):
-the data must already be on the server, nothing is uploaded. Every spec is checked by the server before
-any is queued. validate and schema stay local; run, serve and generate refuse --server.
+a flag (flags show in `ps` and shell history). `submit` first uploads each data file a spec names
+(data.train, data.validation) that exists on this machine, relative to the spec file, and sends the spec
+with their ids (`file-...`); other paths (a base-model folder, data not found here) are read on the
+server, relative to ITS data root (`serve --data-root`). Every spec is checked by the server before any
+is queued; a refused spec's uploads are deleted again. validate and schema stay local; run, serve and generate refuse --server.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,7 +46,8 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from jobs.bounds import SpecBounds
-from jobs.spec import Problem, SpecError, load_spec, spec_json_schema
+from jobs.spec import Problem, SpecError, load_spec, parse_document, spec_json_schema
+from jobs.validate import FILE_ID_PATTERN
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig, read_group_shapes
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
@@ -183,19 +186,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
     """Over HTTP: the server checks every spec (its paths relative to ITS data root) before any is queued."""
-    checked, bad = [], []
+    checked, bad, uploaded = [], [], []
     for path in args.specs:
         try:
             text = Path(path).read_bytes()
+            body = _with_uploads(client, path, text, uploaded)
         except OSError as e:
             bad.append(SpecError(path, [Problem("", f"cannot read the spec file: {e.strerror or e}")]))
             continue
+        except ApiError as e:
+            if e.status_code not in (413, 422):
+                raise
+            bad.append(SpecError(path, [Problem("", f"uploading its data: {e}")]))
+            continue
         try:
-            checked.append((path, text, client.validate(text)))
+            checked.append((path, body, client.validate(body)))
         except ApiError as e:
             if e.status_code not in (413, 422):
                 raise
             bad.append(SpecError(path, [Problem(p, m) for p, m in e.problems] or [Problem("", e.detail)]))
+    if bad:
+        for file_id in uploaded:  # nothing is queued: take this run's uploads back (best effort)
+            try:
+                client.delete_file(file_id)
+            except ApiError:
+                pass
     _refuse_if_invalid(bad, len(args.specs))
     submitted = []
     for path, text, spec in checked:
@@ -208,6 +223,31 @@ def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
         submitted.append((job_id, path, spec["task"], spec["base_key"], spec["priority"]))
     _print_submitted(args, submitted)
     return 0
+
+
+def _with_uploads(client: ApiClient, spec_path: str, text: bytes, uploaded: list[str]) -> Any:
+    """The spec to send: its text as is, or (when data.train / data.validation name files that exist here,
+    relative to the spec file) the spec as a dict with those files uploaded and named by id, e.g.
+    {'data': {'train': 'file-3f9c...'}}. Appends each upload's id to `uploaded`."""
+    try:
+        obj = parse_document(text, spec_path, fmt="yaml")
+    except SpecError:
+        return text  # the server says what is wrong with it
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, dict):
+        return text
+    changed = False
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if not isinstance(value, str) or re.fullmatch(FILE_ID_PATTERN, value) or "://" in value:
+            continue
+        local = Path(spec_path).parent / Path(value).expanduser()
+        if local.is_file():
+            meta = client.upload(local)
+            uploaded.append(meta["id"])
+            data[key] = meta["id"]
+            changed = True
+    return obj if changed else text
 
 
 def _refuse_if_invalid(bad: list[SpecError], total: int) -> None:
@@ -230,8 +270,8 @@ def _print_submitted(args: argparse.Namespace, rows: list[tuple[str, str, str, s
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("specs", nargs="+", metavar="SPEC",
                    help="job spec files; all are validated before any is queued. With --server the file's YAML "
-                        "text is sent and the server reads its relative paths (data, base-model folder) "
-                        "relative to ITS data root (`serve --data-root`): the data must already be there")
+                        "text is sent; data files it names that exist here (relative to the spec file) are "
+                        "uploaded first, other paths are read relative to the server's data root")
     p.add_argument("--json", action="store_true", help="print the queued jobs as JSON")
     p.add_argument("--max-attempts", type=_positive_int, default=None,
                    help="attempts per job before it fails for good (default 3; with --server, the server's)")

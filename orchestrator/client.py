@@ -5,10 +5,13 @@
     client.status(job_id).state                             # an orchestrator.store.Job, as the store gives it
     client.lookup("uppercase")                              # the champion, as orchestrator.registry.lookup
 
+    meta = client.upload(Path("train.jsonl"))               # streamed; {'id': 'file-...', 'name', 'size', ...}
+    client.submit({... "data": {"train": meta["id"], ...}})  # a spec may name an uploaded file by its id
+
 Paths in a submitted spec are read by the server, relative to ITS data root (`prefixd serve --api
 --data-root DIR`; default $PREFIXD_DATA_ROOT, else <server home>/data), never relative to the spec file
-on this machine: nothing is uploaded, so data files and local base-model folders must already be on the
-server, under its data root.
+on this machine. Data files on this machine are uploaded first (`upload`; `prefixd --server URL submit`
+does it for the files a spec names); base-model folders must already be on the server.
 
 The token names a tenant on the server: list, status, cancel and logs see that tenant's jobs only (an
 admin token's: everyone's), and another tenant's job answers 404 as a missing one does.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -82,6 +86,26 @@ class ApiClient:
         return [(e["time"], e["level"], e["message"])
                 for e in self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")]
 
+    # ---- uploads ----------------------------------------------------------------------------------------
+
+    def upload(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
+        """Upload one local data file, streamed (never read whole); returns its metadata, e.g.
+        {'id': 'file-3f9c...', 'name': 'train.jsonl', 'size': 1234, 'sha256': ..., 'tenant': 'alice'}."""
+        path = Path(path)
+        with open(path, "rb") as f:
+            return self._call("POST", "/v1/files", params={"name": name or path.name}, content=f,
+                              headers={"Content-Type": "application/octet-stream"})
+
+    def files(self) -> list[dict[str, Any]]:
+        """The caller's uploads (an admin's: everyone's), oldest first."""
+        return self._call("GET", "/v1/files")
+
+    def file(self, file_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/files/{quote(file_id, safe='')}")
+
+    def delete_file(self, file_id: str) -> None:
+        self._call("DELETE", f"/v1/files/{quote(file_id, safe='')}")
+
     # ---- registry ---------------------------------------------------------------------------------------
 
     def lookup(self, task: str, alias: str | None = None, version: int | str | None = None) -> dict[str, Any]:
@@ -104,7 +128,7 @@ class ApiClient:
         except httpx.TransportError as e:
             raise ApiError(None, f"cannot reach the prefixd server at {self.url}: {e or type(e).__name__}") from None
         if response.is_success:
-            return response.json()
+            return response.json() if response.content else None
         raise _error(response, self.url)
 
 

@@ -245,7 +245,9 @@ def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys
     assert [(name, path) for _, name, path in lines] == [("uppercase", UPPERCASE), ("reverse-words", REVERSE)]
     upper, reverse = [job_id for job_id, _, _ in lines]
     with JobStore(store_url) as store:
-        assert store.get(upper).spec["data"]["train"] == str(EXAMPLES / "uppercase.jsonl")  # the server's root
+        train = Path(store.get(upper).spec["data"]["train"])  # found beside the spec here: uploaded
+        assert train.name == "data.jsonl" and train.parent.parent.parent.name == "files"
+        assert train.read_bytes() == (EXAMPLES / "uppercase.jsonl").read_bytes()
 
     # Every read command prints exactly what it prints on the server's own store.
     for argv in (["status"], ["status", "--json"], ["status", upper], ["status", reverse, "--json"],
