@@ -96,6 +96,18 @@ def prefix_of(folder) -> torch.Tensor:
     return load_prefix(folder)[1].prompt_embeddings().detach()
 
 
+def prefix_trained_alone(job, tmp_path: Path) -> torch.Tensor:
+    """The prefix the job's spec gets trained by itself, in this process, without interruption."""
+    spec = JobSpec.from_dict(job.spec)
+    model, tokenizer = load_base_model(base_model_ref(spec))
+    trainer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
+    trainer.add_task(task_config(spec, job.id, tmp_path / "alone" / job.id))
+    results = []
+    while trainer.active:
+        results += trainer.step().finished
+    return prefix_of(results[0].prefix_dir)
+
+
 def events(store: JobStore, job_id: str) -> list[str]:
     return [message for _, _, message in store.logs(job_id)]
 
@@ -325,14 +337,7 @@ def test_sigterm_hands_jobs_back_without_an_attempt_and_they_resume_exactly(tiny
         assert (job.state, job.attempts) == ("succeeded", 1), job.error
         resumed = [m for m in events(store, job_id) if m.startswith("resumed from the checkpoint at step")]
         assert resumed and int(resumed[0].split("step ")[1].split(" ")[0]) >= 4, events(store, job_id)
-        spec = JobSpec.from_dict(job.spec)
-        model, tokenizer = load_base_model(base_model_ref(spec))
-        alone = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
-        alone.add_task(task_config(spec, job_id, tmp_path / "alone" / job_id))
-        results = []
-        while alone.active:
-            results += alone.step().finished
-        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_of(results[0].prefix_dir)).abs().max().item()
+        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_trained_alone(job, tmp_path)).abs().max().item()
         assert diff < 1e-5, (job.task, diff)
     store.close()
 

@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs.spec import JobSpec
 from orchestrator.config import OrchestratorConfig
-from orchestrator.plan import base_model_ref, task_config
 from orchestrator.scheduler import Orchestrator, start_local_ray
 from orchestrator.store import JobStore
-from tests.test_orchestrator import events, prefix_of, submit, tiny_base, wait_for, write_spec  # noqa: F401
-from workers.models import load_base_model
-from workers.trainer import MultiTaskTrainer
+from tests.test_orchestrator import (  # noqa: F401
+    events, prefix_of, prefix_trained_alone, submit, tiny_base, wait_for, write_spec)
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +57,6 @@ def test_two_rank_group_survives_a_killed_rank(ray_two, tiny_base, tmp_path):
 
     for job_id in ids:
         job = store.get(job_id)
-        spec = JobSpec.from_dict(job.spec)
-        model, tokenizer = load_base_model(base_model_ref(spec))
-        trainer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
-        trainer.add_task(task_config(spec, job_id, tmp_path / "alone" / job_id))
-        results = []
-        while trainer.active:
-            results += trainer.step().finished
-        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_of(results[0].prefix_dir)).abs().max().item()
+        diff = (prefix_of(Path(job.result_dir) / "prefix") - prefix_trained_alone(job, tmp_path)).abs().max().item()
         assert diff < 1e-5, (job.task, diff)
     store.close()

@@ -8,36 +8,17 @@ Run: python -m pytest -q tests/test_tenants.py
 
 from __future__ import annotations
 
-import os
 import select
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.api_server import api_server, auth
+
 ALICE, BOB, BARE, OPS = "tok-alice-1", "tok-bob-1", "bare-token-77", "tok-ops-1"
-SERVER = """
-import sys, time
-from pathlib import Path
-from orchestrator.api import start_api
-from orchestrator.config import OrchestratorConfig
-home = Path(sys.argv[1])
-api = start_api(OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}"), port=0)
-print(api.url, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, pid, data root) of an API whose tokens, admin token and quotas come from the environment."""
@@ -50,20 +31,10 @@ def server(tmp_path_factory):
     (data / "rootlink").symlink_to("/root")
     (home / "tokens").write_text(f"# operator's token file\nbob={BOB}\n{BARE}\n")
     (home / "quotas.yaml").write_text("bob: {max_queued: 2, max_priority: 5}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFIXD_API_TOKENS": f"alice={ALICE}",
-           "PREFIXD_API_TOKENS_FILE": str(home / "tokens"), "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
-           "PREFIXD_QUOTAS": str(home / "quotas.yaml")}
-    for name in ("PREFIXD_DATA_ROOT", "PREFIXD_SPEC_BOUNDS", "MLFLOW_TRACKING_URI", "PREFIXD_ADMIN_TOKENS_FILE"):
-        env.pop(name, None)
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(home)], stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
-    try:
-        url = process.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), "the API did not start"
-        yield url, process.pid, data
-    finally:
-        process.kill()
-        process.wait()
+    with api_server(home, {"PREFIXD_API_TOKENS": f"alice={ALICE}", "PREFIXD_API_TOKENS_FILE": str(home / "tokens"),
+                           "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
+                           "PREFIXD_QUOTAS": str(home / "quotas.yaml")}) as (url, pid):
+        yield url, pid, data
 
 
 def spec(name="rev", **over):

@@ -9,9 +9,6 @@ Run: python -m pytest -q tests/test_uploads.py
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,48 +16,21 @@ import httpx
 import pytest
 import yaml
 
+from tests.api_server import api_server, auth
 from tests.test_tenants import read_rss_kib
 from tests.tiny import save_tiny_base, write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB, OPS = "tok-up-alice", "tok-up-bob", "tok-up-ops"
 LIMIT = 16 << 20
-SERVER = """
-import sys, time
-from pathlib import Path
-from orchestrator.api import start_api
-from orchestrator.config import OrchestratorConfig
-home = Path(sys.argv[1])
-api = start_api(OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}"), port=0)
-print(api.url, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, pid, home) of an API with tenants alice and bob, admin ops, and a 16 MiB upload limit."""
     home = tmp_path_factory.mktemp("uploads")
     (home / "data").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFIXD_API_TOKENS": f"alice={ALICE},bob={BOB}",
-           "PREFIXD_ADMIN_TOKENS": f"ops={OPS}", "PREFIXD_MAX_UPLOAD_BYTES": str(LIMIT)}
-    for name in ("PREFIXD_DATA_ROOT", "PREFIXD_SPEC_BOUNDS", "MLFLOW_TRACKING_URI", "PREFIXD_API_TOKENS_FILE",
-                 "PREFIXD_ADMIN_TOKENS_FILE", "PREFIXD_QUOTAS", "PREFIXD_STORAGE"):
-        env.pop(name, None)
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(home)], stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
-    try:
-        url = process.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), "the API did not start"
-        yield url, process.pid, home
-    finally:
-        process.kill()
-        process.wait()
+    with api_server(home, {"PREFIXD_API_TOKENS": f"alice={ALICE},bob={BOB}", "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
+                           "PREFIXD_MAX_UPLOAD_BYTES": str(LIMIT)}) as (url, pid):
+        yield url, pid, home
 
 
 def rows(n: int = 3) -> bytes:

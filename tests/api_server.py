@@ -1,0 +1,48 @@
+"""The HTTP API as an operator runs it: its own process on 127.0.0.1, configured by the environment.
+
+    with api_server(home, {"PREFIXD_API_TOKENS": "alice=tok-a"}) as (url, pid):
+        httpx.get(url + "/v1/jobs", headers=auth("tok-a"))
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = """
+import sys, time
+from pathlib import Path
+from orchestrator.api import start_api
+from orchestrator.config import OrchestratorConfig
+home = Path(sys.argv[1])
+api = start_api(OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}"), port=0)
+print(api.url, flush=True)
+while True:
+    time.sleep(3600)
+"""
+# Settings an operator's environment may carry that would change what the tests see.
+_CLEARED = ("PREFIXD_DATA_ROOT", "PREFIXD_SPEC_BOUNDS", "MLFLOW_TRACKING_URI", "PREFIXD_API_TOKENS",
+            "PREFIXD_API_TOKENS_FILE", "PREFIXD_ADMIN_TOKENS", "PREFIXD_ADMIN_TOKENS_FILE", "PREFIXD_QUOTAS",
+            "PREFIXD_STORAGE", "PREFIXD_MAX_UPLOAD_BYTES")
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.contextmanager
+def api_server(home: Path, settings: dict[str, str]):
+    """Start the API for `home` with these environment settings (and none of `_CLEARED` otherwise);
+    yields (url, pid); killed on exit."""
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED} | {"PYTHONPATH": str(ROOT)} | settings
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(home)], stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env)
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), "the API did not start"
+        yield url, process.pid
+    finally:
+        process.kill()
+        process.wait()
