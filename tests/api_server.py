@@ -6,6 +6,8 @@
 
 import contextlib
 import os
+import select
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,29 @@ def api_server(home: Path, settings: dict[str, str]):
     finally:
         process.kill()
         process.wait()
+
+
+def send_chunked(url: str, path: str, token: str, content_type: str, total: int) -> tuple[bytes, int]:
+    """POST a chunked body of up to `total` bytes to url+path, stopping as soon as the server answers;
+    returns (the response's first bytes, body bytes sent)."""
+    host, port = url.split("//")[1].split(":")
+    chunk = b"x" * (1 << 16)
+    sent, response = 0, b""
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            while sent < total:
+                readable, writable, _ = select.select([s], [s], [], 10)
+                if readable:
+                    break
+                if writable:
+                    s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    sent += len(chunk)
+            response = s.recv(4096)
+        except OSError:  # the server closed the connection: its answer may still be readable
+            try:
+                response = s.recv(4096)
+            except OSError:
+                pass
+    return response, sent

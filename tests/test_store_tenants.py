@@ -10,23 +10,11 @@ import pytest
 from sqlalchemy import MetaData, Table, create_engine
 
 from orchestrator.store import JobStore, NewJob, Quota, QuotaExceeded, events_table, jobs_table
+from tests.test_store import Clock, url  # noqa: F401 - url is a fixture
 
 SPEC = {"task": "sum"}
 
 
-class Clock:
-    def __init__(self, now: float = 1_750_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return request.getfixturevalue("fresh_postgres_url")
 
 
 def make_old_store(url: str) -> None:

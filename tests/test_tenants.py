@@ -8,15 +8,13 @@ Run: python -m pytest -q tests/test_tenants.py
 
 from __future__ import annotations
 
-import select
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api_server import api_server, auth
+from tests.api_server import api_server, auth, send_chunked
 
 ALICE, BOB, BARE, OPS = "tok-alice-1", "tok-bob-1", "bare-token-77", "tok-ops-1"
 @pytest.fixture(scope="module")
@@ -127,32 +125,6 @@ def read_rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def send_chunked(url: str, total: int) -> tuple[bytes, int]:
-    """POST a chunked body of up to `total` bytes, stopping as soon as the server answers; returns (the
-    response's first bytes, body bytes sent)."""
-    host, port = url.split("//")[1].split(":")
-    chunk = b"x" * (1 << 16)
-    sent, response = 0, b""
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/specs/validate HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + ALICE.encode()
-                  + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        try:
-            while sent < total:
-                readable, writable, _ = select.select([s], [s], [], 10)
-                if readable:
-                    break
-                if writable:
-                    s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    sent += len(chunk)
-            response = s.recv(4096)
-        except OSError:  # the server closed the connection: its answer may still be readable
-            try:
-                response = s.recv(4096)
-            except OSError:
-                pass
-    return response, sent
-
-
 def test_hostile_bodies_are_refused_in_bounded_memory(server):
     url, pid, _ = server
     for _ in range(3):  # warm up: first requests import and allocate what every request needs
@@ -166,7 +138,7 @@ def test_hostile_bodies_are_refused_in_bounded_memory(server):
     deep_map = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     assert httpx.post(url + "/v1/specs/validate", content=deep_map, headers=auth(ALICE)).status_code == 422
     started = time.monotonic()
-    response, sent = send_chunked(url, 64 << 20)
+    response, sent = send_chunked(url, "/v1/specs/validate", ALICE, "application/json", 64 << 20)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert sent < 32 << 20 and time.monotonic() - started < 30  # it stopped reading: most was never sent
     grown = read_rss_kib(pid) - before

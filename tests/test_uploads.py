@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.api_server import api_server, auth
+from tests.api_server import api_server, auth, send_chunked
 from tests.test_tenants import read_rss_kib
 from tests.tiny import save_tiny_base, write_task
 
@@ -116,34 +116,6 @@ def test_bad_upload_requests(server):
     assert httpx.get(url + "/v1/files/nope", headers=auth(ALICE)).status_code == 404
 
 
-def send_chunked_upload(url: str, total: int) -> tuple[bytes, int]:
-    """POST /v1/files with a chunked body of up to `total` bytes; (response start, bytes sent)."""
-    import select
-    import socket
-
-    host, port = url.split("//")[1].split(":")
-    chunk = b"x" * (1 << 16)
-    sent, response = 0, b""
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/files?name=big.csv HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + ALICE.encode()
-                  + b"\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        try:
-            while sent < total:
-                readable, writable, _ = select.select([s], [s], [], 10)
-                if readable:
-                    break
-                if writable:
-                    s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    sent += len(chunk)
-            response = s.recv(4096)
-        except OSError:
-            try:
-                response = s.recv(4096)
-            except OSError:
-                pass
-    return response, sent
-
-
 def test_over_limit_chunked_upload_413_in_bounded_memory(server):
     url, pid, home = server
     for _ in range(3):  # warm up the upload path
@@ -153,7 +125,7 @@ def test_over_limit_chunked_upload_413_in_bounded_memory(server):
     near = upload(url, ALICE, b"y" * (LIMIT - 10), name="near.csv")  # just under the limit: stored, streamed
     assert near.status_code == 201 and near.json()["size"] == LIMIT - 10
     started = time.monotonic()
-    response, sent = send_chunked_upload(url, 6 * LIMIT)
+    response, sent = send_chunked(url, "/v1/files?name=big.csv", ALICE, "application/octet-stream", 6 * LIMIT)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert sent < 4 * LIMIT and time.monotonic() - started < 30
     grown = read_rss_kib(pid) - before
