@@ -38,10 +38,20 @@ def smollm2_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=SMOLLM2_VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=SMOLLM2_VOCAB,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
 
 
@@ -52,10 +62,20 @@ def llama_1b_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=LLAMA_1B_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=LLAMA_1B_VOCAB,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
 
 
@@ -68,9 +88,18 @@ def tiny_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-        max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
 
 
@@ -112,8 +141,10 @@ def build_model(tiny: bool, seed: int = 0, *, shape: str = "smollm2", dtype: str
 def model_name(tiny: bool, shape: str = "smollm2") -> str:
     if tiny:
         return "tiny Llama (2 layers, width 64)"
-    return {"smollm2": "SmolLM2-135M-shaped Llama (random weights)",
-            "llama-1b": "1B Llama (16 layers, width 2048, 32/8 heads, vocab 32k; random weights)"}[shape]
+    return {
+        "smollm2": "SmolLM2-135M-shaped Llama (random weights)",
+        "llama-1b": "1B Llama (16 layers, width 2048, 32/8 heads, vocab 32k; random weights)",
+    }[shape]
 
 
 def vocab_size(tiny: bool, shape: str = "smollm2") -> int:
@@ -128,7 +159,7 @@ class Timer:
     cpu: list[float]
 
     @classmethod
-    def empty(cls) -> "Timer":
+    def empty(cls) -> Timer:
         return cls([], [])
 
     def measure(self, fn: Callable[[], object]):
@@ -199,8 +230,12 @@ class Target:
         return self.value <= self.bound if self.op == "<=" else self.value >= self.bound
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "value": self.value, "target": f"{self.op} {self.bound:.2f}",
-                "result": "PASS" if self.passed else "MISS"}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "target": f"{self.op} {self.bound:.2f}",
+            "result": "PASS" if self.passed else "MISS",
+        }
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -47,8 +47,10 @@ def attention_case(rows: int, queries: int, prefix: int) -> tuple[dict, tuple]:
     keep[..., prefix:] = torch.ones(queries, queries, dtype=torch.bool).tril()
     keep[1, ..., :3] = False  # a row with a shorter prefix
     compiled = torch.compile(attention)
-    variants = {"boolean mask (before)": (compiled, (k, v, keep)),
-                "additive mask (now)": (compiled, (k, v, fused.additive_mask(keep, torch.float32)))}
+    variants = {
+        "boolean mask (before)": (compiled, (k, v, keep)),
+        "additive mask (now)": (compiled, (k, v, fused.additive_mask(keep, torch.float32))),
+    }
     return variants, (q, torch.randn(q.shape, generator=gen))
 
 
@@ -56,8 +58,10 @@ def cross_entropy_case(tokens: int, vocab: int) -> tuple[dict, tuple]:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(tokens, vocab, generator=gen) * 3
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
-    variants = {"F.cross_entropy (before)": (torch.compile(fused.token_cross_entropy), (targets,)),
-                "written-out backward (now)": (torch.compile(fused.fused_token_cross_entropy), (targets,))}
+    variants = {
+        "F.cross_entropy (before)": (torch.compile(fused.token_cross_entropy), (targets,)),
+        "written-out backward (now)": (torch.compile(fused.fused_token_cross_entropy), (targets,)),
+    }
     return variants, (logits, torch.rand(tokens, generator=gen))
 
 
@@ -71,12 +75,14 @@ def forward_backward(fn, extra: tuple, inputs: tuple) -> tuple[torch.Tensor, tor
 def compare(variants: dict, inputs: tuple, rounds: int) -> tuple[list[list[str]], float]:
     """Rows of the table, and the largest difference between the variants' outputs and gradients."""
     (before, b_extra), (now, n_extra) = variants.values()
-    diff = max((x - y).abs().max().item() for x, y in zip(forward_backward(before, b_extra, inputs),
-                                                         forward_backward(now, n_extra, inputs)))
+    diff = max(
+        (x - y).abs().max().item()
+        for x, y in zip(forward_backward(before, b_extra, inputs), forward_backward(now, n_extra, inputs))
+    )
     times = {name: [] for name in variants}
     items = list(variants.items())
     for r in range(rounds + 1):  # round 0 warms up and is dropped
-        for name, (fn, extra) in (items if r % 2 == 0 else items[::-1]):
+        for name, (fn, extra) in items if r % 2 == 0 else items[::-1]:
             start = time.process_time()
             forward_backward(fn, extra, inputs)
             if r:
@@ -102,9 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     attention_shape, ce_shape = ((2, 16, 4), (8, 512)) if args.quick else ((4, 64, 10), (128, 49152))
     print(f"compiled kernels, forward + backward, 1 thread, CPU time, {rounds} rounds")
     for title, (variants, inputs) in (
-            (f"attention, {attention_shape[0]} rows x 9 heads x {attention_shape[1]} queries x "
-             f"{attention_shape[1] + attention_shape[2]} keys", attention_case(*attention_shape)),
-            (f"cross-entropy, {ce_shape[0]} tokens x {ce_shape[1]} vocabulary", cross_entropy_case(*ce_shape))):
+        (
+            f"attention, {attention_shape[0]} rows x 9 heads x {attention_shape[1]} queries x "
+            f"{attention_shape[1] + attention_shape[2]} keys",
+            attention_case(*attention_shape),
+        ),
+        (f"cross-entropy, {ce_shape[0]} tokens x {ce_shape[1]} vocabulary", cross_entropy_case(*ce_shape)),
+    ):
         rows, diff = compare(variants, inputs, rounds)
         print(f"\n{title} (outputs and gradients differ by at most {diff:.1e})")
         print(format_table(["variant", "median ms", "now / before (paired median)"], rows))

@@ -88,11 +88,14 @@ def product_rates(rows_list: list[int], layers: int, rounds: int) -> list[list[s
     for rows in rows_list:
         x, xi = torch.randn(rows, HIDDEN, generator=gen), torch.randn(rows, INTERMEDIATE, generator=gen)
         grads = {name: torch.randn(rows, w.shape[0], generator=gen) for name, w in ws[0].items()}
-        variants = {"separate": lambda: separate(ws, x, xi, grads), "fused": lambda: fused(ws, x, xi, grads),
-                    "reference": lambda: reference(ref_a, ref_b)}
+        variants = {
+            "separate": lambda: separate(ws, x, xi, grads),
+            "fused": lambda: fused(ws, x, xi, grads),
+            "reference": lambda: reference(ref_a, ref_b),
+        }
         times = {k: [] for k in variants}
         for r in range(rounds + 1):  # round 0 warms up and is dropped
-            for name, run in (variants.items() if r % 2 == 0 else reversed(list(variants.items()))):
+            for name, run in variants.items() if r % 2 == 0 else reversed(list(variants.items())):
                 start = time.process_time()
                 run()
                 if r:
@@ -101,16 +104,24 @@ def product_rates(rows_list: list[int], layers: int, rounds: int) -> list[list[s
         rate = {k: flops / statistics.median(v) / 1e9 for k, v in times.items() if k != "reference"}
         ref = 20 * 2 * 1024 * HIDDEN * INTERMEDIATE / statistics.median(times["reference"]) / 1e9
         ratio = statistics.median(f / s for f, s in zip(times["fused"], times["separate"]))
-        table.append([str(rows), f"{rate['separate']:.1f}", f"{rate['fused']:.1f}", f"{ratio:.3f}", f"{ref:.1f}",
-                      f"{100 * rate['separate'] / ref:.0f}%"])
+        table.append(
+            [
+                str(rows),
+                f"{rate['separate']:.1f}",
+                f"{rate['fused']:.1f}",
+                f"{ratio:.3f}",
+                f"{ref:.1f}",
+                f"{100 * rate['separate'] / ref:.0f}%",
+            ]
+        )
     return table
 
 
 def profile_step(tasks: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     import multitask
     from common import build_model
+    from torch.profiler import ProfilerActivity, profile
+
     from workers.trainer import MultiTaskTrainer
 
     work = Path(tempfile.mkdtemp(prefix="prefixd-profile-"))
@@ -132,17 +143,28 @@ def profile_step(tasks: int) -> None:
         a, b = e.input_shapes[0], e.input_shapes[1]
         batch = a[0] if len(a) == 3 else 1
         flops = 2 * batch * a[-2] * a[-1] * b[-1] * e.count
-        rows.append([e.key, f"{list(a)} @ {list(b)}", str(e.count), f"{100 * e.self_cpu_time_total / total:.1f}%",
-                     f"{flops / (e.self_cpu_time_total / 1e6) / 1e9:.1f}"])
+        rows.append(
+            [
+                e.key,
+                f"{list(a)} @ {list(b)}",
+                str(e.count),
+                f"{100 * e.self_cpu_time_total / total:.1f}%",
+                f"{flops / (e.self_cpu_time_total / 1e6) / 1e9:.1f}",
+            ]
+        )
     share = sum(e.self_cpu_time_total for e in products if e.key == "aten::mm") / total
-    print(f"\none {tasks}-task step, 4-row micro-batches, compiled layers: matrix products (aten::mm) "
-          f"{100 * share:.1f}% of self CPU time")
+    print(
+        f"\none {tasks}-task step, 4-row micro-batches, compiled layers: matrix products (aten::mm) "
+        f"{100 * share:.1f}% of self CPU time"
+    )
     print(format_table(["op", "shapes", "calls", "of step", "GFLOP/s"], rows))
     graphs = sum(e.self_cpu_time_total for e in events if e.key.startswith("## Call CompiledFxGraph")) / total
     batched = sum(e.self_cpu_time_total for e in events if e.key == "aten::bmm") / total
-    print(f"the rest: the compiled graphs' own kernels (fused elementwise loops, softmax, cross-entropy) "
-          f"{100 * graphs:.1f}%, batched matmuls (attention) {100 * batched:.1f}%, "
-          f"everything else (eager ops, autograd and dispatch) {100 * (1 - share - graphs - batched):.1f}%")
+    print(
+        f"the rest: the compiled graphs' own kernels (fused elementwise loops, softmax, cross-entropy) "
+        f"{100 * graphs:.1f}%, batched matmuls (attention) {100 * batched:.1f}%, "
+        f"everything else (eager ops, autograd and dispatch) {100 * (1 - share - graphs - batched):.1f}%"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,10 +180,23 @@ def main(argv: list[str] | None = None) -> None:
     allocator.retain_freed_memory()  # as a training worker does: freed outputs are reused, not faulted back in
     layers, rounds = (4, 3) if args.quick else (args.layers, args.rounds)
     rows_list = [256, 512] if args.quick else [256, 512, 1024]
-    print(f"fp32 projections of {layers} SmolLM2-shaped layers, forward + activation gradient, 1 thread, CPU time, "
-          f"median of {rounds} rounds")
-    print(format_table(["rows", "separate GFLOP/s", "fused GFLOP/s", "fused / separate time", "reference GFLOP/s",
-                        "separate / reference"], product_rates(rows_list, layers, rounds)))
+    print(
+        f"fp32 projections of {layers} SmolLM2-shaped layers, forward + activation gradient, 1 thread, CPU time, "
+        f"median of {rounds} rounds"
+    )
+    print(
+        format_table(
+            [
+                "rows",
+                "separate GFLOP/s",
+                "fused GFLOP/s",
+                "fused / separate time",
+                "reference GFLOP/s",
+                "separate / reference",
+            ],
+            product_rates(rows_list, layers, rounds),
+        )
+    )
     if args.profile_step:
         profile_step(16)
 

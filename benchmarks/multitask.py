@@ -79,9 +79,9 @@ EXAMPLES_PER_STEP = 4
 LEARNING_RATE = 5e-3
 MACHINE_MEMORY = 24 * 2**30
 MATMUL_SHAPE = (1024, 576, 1536)  # [M x K] @ [K x N]: a SmolLM2 MLP projection over 1024 tokens
-TARGET_SPEEDUP = 1.15      # (a) tokens/s >= 1.15 x (b) at N = 16 and 64
+TARGET_SPEEDUP = 1.15  # (a) tokens/s >= 1.15 x (b) at N = 16 and 64
 TARGET_MATMUL_SHARE = 0.75  # (a) FLOP/s >= 75% of the matmul's
-TARGET_MEMORY = 1.2        # (a) peak RSS <= 1.2 x a single-task prefixd run
+TARGET_MEMORY = 1.2  # (a) peak RSS <= 1.2 x a single-task prefixd run
 TARGET_NS = (16, 64)
 GiB = 2**30
 
@@ -98,8 +98,9 @@ def word_tokenizer(vocab_size: int):
     vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3} | {f"t{i}": i for i in range(4, vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
 
 
 def write_tasks(folder: Path, n: int, rows: int, seq_len: int, vocab_size: int) -> list[str]:
@@ -115,8 +116,9 @@ def write_tasks(folder: Path, n: int, rows: int, seq_len: int, vocab_size: int) 
         with open(path, "w", encoding="utf-8") as f:
             for row in ids:
                 words = [f"t{i}" for i in row]
-                f.write(json.dumps({"input": " ".join(words[:prompt_len]),
-                                    "target": " ".join(words[prompt_len:])}) + "\n")
+                f.write(
+                    json.dumps({"input": " ".join(words[:prompt_len]), "target": " ".join(words[prompt_len:])}) + "\n"
+                )
         paths.append(str(path))
     return paths
 
@@ -127,10 +129,18 @@ def task_config(path: str, index: int, seq_len: int, out_dir: Path):
 
     never = 10**9  # no evaluation, checkpoint or end of budget inside the benchmark
     return TaskConfig(
-        task_id=f"task{index}", name=f"task{index}", out_dir=str(out_dir / f"task{index}"),
+        task_id=f"task{index}",
+        name=f"task{index}",
+        out_dir=str(out_dir / f"task{index}"),
         data=DataSettings(train=path, input_column="input", target_column="target", max_length=seq_len),
-        num_virtual_tokens=PREFIX_LEN, learning_rate=LEARNING_RATE, examples_per_step=EXAMPLES_PER_STEP,
-        max_grad_norm=1.0, steps=never, eval_every=never, checkpoint_every=never, seed=index,
+        num_virtual_tokens=PREFIX_LEN,
+        learning_rate=LEARNING_RATE,
+        examples_per_step=EXAMPLES_PER_STEP,
+        max_grad_norm=1.0,
+        steps=never,
+        eval_every=never,
+        checkpoint_every=never,
+        seed=index,
     )
 
 
@@ -147,8 +157,9 @@ class PeftTask:
 
         from workers.data import ExampleStream
 
-        self.model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                       num_virtual_tokens=PREFIX_LEN))
+        self.model = peft.get_peft_model(
+            base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LEN)
+        )
         self.params = list(self.model.prompt_encoder["default"].parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
         self.data, self.pad_id, self.device = data, pad_id, device
@@ -222,8 +233,9 @@ def worker_joint(args) -> dict:
     tok = word_tokenizer(model.config.vocab_size)
     paths = json.loads(Path(args.data_index).read_text())[: args.n]
     out_dir = Path(args.work_dir) / f"out-n{args.n}"
-    trainer = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir,
-                               compile_layers=not args.eager)
+    trainer = MultiTaskTrainer(
+        model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir, compile_layers=not args.eager
+    )
     if trainer.compile_note:
         raise SystemExit(f"compiled layers unavailable: {trainer.compile_note}")
     configs = [task_config(p, i, args.seq_len, out_dir) for i, p in enumerate(paths)]
@@ -242,11 +254,31 @@ def worker_joint(args) -> dict:
 
     plan = [(i, s) for i in range(args.n) for s in range(args.steps)]  # (b): one task after another
     datas = [trainer.tasks[cfg.task_id].data.train for cfg in configs]
-    result = {"n": args.n, "steps": args.steps, "parameters": params, "head_parameters": head, "a_wall_s": [], "a_cpu_s": [],
-              "a_step_time_s": [], "a_tokens": [], "b_wall_s": [], "b_cpu_s": [], "b_tokens": [],
-              "b_setup_s": 0.0, "matmul_gflops": [], "a_sampling_s": [], "a_warmup_s": warmup_s, "a_add_tasks_s": add_s,
-              "a_compiled": not args.eager, "a0_cpu_s": [], "a0_wall_s": [], "a0_tokens": [],
-              "matmul_during_a_by_round": [], "matmul_during_b_by_round": [], "torch": torch.__version__}
+    result = {
+        "n": args.n,
+        "steps": args.steps,
+        "parameters": params,
+        "head_parameters": head,
+        "a_wall_s": [],
+        "a_cpu_s": [],
+        "a_step_time_s": [],
+        "a_tokens": [],
+        "b_wall_s": [],
+        "b_cpu_s": [],
+        "b_tokens": [],
+        "b_setup_s": 0.0,
+        "matmul_gflops": [],
+        "a_sampling_s": [],
+        "a_warmup_s": warmup_s,
+        "a_add_tasks_s": add_s,
+        "a_compiled": not args.eager,
+        "a0_cpu_s": [],
+        "a0_wall_s": [],
+        "a0_tokens": [],
+        "matmul_during_a_by_round": [],
+        "matmul_during_b_by_round": [],
+        "torch": torch.__version__,
+    }
     peft_task = None
     eager = None  # (a0), created after (a)'s peak RSS is read
 
@@ -291,14 +323,15 @@ def worker_joint(args) -> dict:
     # between and after the variants of every round are kept for comparison.
     for k in range(args.steps):
         result["matmul_gflops"].append(matmul_gflops())
-        chunk = plan[k * args.n:(k + 1) * args.n]
+        chunk = plan[k * args.n : (k + 1) * args.n]
         if k % 2 == 0:  # A B, B A, A B, ...: round 0 starts with (a), whose RSS is read before PEFT runs
             run_a()
             if k == 0:
                 result["a_peak_rss_bytes"] = peak_rss_bytes()  # (a) alone: PEFT not yet imported
                 if args.compare_eager:  # (a0)'s tasks and warm-up step, after the RSS reading
-                    eager = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch,
-                                             data_cache_dir=args.cache_dir)
+                    eager = MultiTaskTrainer(
+                        model, tok, micro_batch_size=args.micro_batch, data_cache_dir=args.cache_dir
+                    )
                     for cfg in configs:
                         eager.add_task(replace(cfg, out_dir=cfg.out_dir + "-eager"))
                     eager.step()
@@ -327,8 +360,11 @@ def worker_peft_single(args) -> dict:
     model = build_model(args.tiny, shape=args.shape)
     tok = word_tokenizer(model.config.vocab_size)
     path = json.loads(Path(args.data_index).read_text())[0]
-    data = load_task_data(DataSettings(train=path, input_column="input", target_column="target",
-                                       max_length=args.seq_len), tok, cache_dir=args.cache_dir)
+    data = load_task_data(
+        DataSettings(train=path, input_column="input", target_column="target", max_length=args.seq_len),
+        tok,
+        cache_dir=args.cache_dir,
+    )
     warnings.filterwarnings("ignore")
     task = PeftTask(model, data.train, seed=0, pad_id=tok.pad_token_id)
     task.step()
@@ -340,12 +376,39 @@ def worker_peft_single(args) -> dict:
 
 def run_worker(kind: str, n: int, steps: int, args, data_index: Path, work_dir: Path) -> dict:
     out = work_dir / f"{kind}-n{n}.json"
-    cmd = [sys.executable, __file__, "--worker", kind, "--n", str(n), "--steps", str(steps),
-           "--threads", str(args.threads), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-           "--data-index", str(data_index), "--work-dir", str(work_dir), "--cache-dir", str(work_dir / "cache"),
-           "--worker-out", str(out), "--shape", args.shape, "--device", "cpu"] \
-        + (["--tiny"] if args.tiny else []) + (["--eager"] if args.eager else []) \
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--n",
+            str(n),
+            "--steps",
+            str(steps),
+            "--threads",
+            str(args.threads),
+            "--seq-len",
+            str(args.seq_len),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--data-index",
+            str(data_index),
+            "--work-dir",
+            str(work_dir),
+            "--cache-dir",
+            str(work_dir / "cache"),
+            "--worker-out",
+            str(out),
+            "--shape",
+            args.shape,
+            "--device",
+            "cpu",
+        ]
+        + (["--tiny"] if args.tiny else [])
+        + (["--eager"] if args.eager else [])
         + (["--compare-eager"] if args.compare_eager and kind == "joint" else [])
+    )
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -380,21 +443,35 @@ def summarize(joint: dict, single_a: dict, peft_single: dict, clock: str, seq_le
     executed = executed_flops_per_token(joint["parameters"], joint["head_parameters"], seq_len) * a_rate / 1e9
     mm = reference_rate_during_a(joint, clock)
     mm_between = statistics.median(r[clock] for r in joint["matmul_gflops"])
-    return {
-        "n": n, "steps": joint["steps"], "clock": clock, "a_tokens_per_s": a_rate, "b_tokens_per_s": b_rate,
-        "wall_ratio_a_over_b": per_token["wall"][0] / per_token["wall"][1],
-        "cpu_ratio_a_over_b": per_token["cpu"][0] / per_token["cpu"][1],
-        "speedup_a_over_b": a_rate / b_rate,
-        "a_gflops": a_gflops, "matmul_gflops": mm, "a_share_of_matmul": a_gflops / mm,
-        "matmul_gflops_between_steps": mm_between, "a_executed_gflops": executed, "a_executed_share_of_matmul": executed / mm,
-        "a_peak_rss_bytes": joint["a_peak_rss_bytes"], "c_peak_rss_bytes": n * peft_single["peak_rss_bytes"],
-        "c_processes_fitting_in_24GiB": MACHINE_MEMORY // peft_single["peak_rss_bytes"],
-        "a_rss_over_single_task": joint["a_peak_rss_bytes"] / single_a["a_peak_rss_bytes"],
-        "a_rss_over_single_peft_process": joint["a_peak_rss_bytes"] / peft_single["peak_rss_bytes"],
-        # the step's bookkeeping (drawing rows, collating, progress records) beside its compute
-        "a_outside_step_time_share": 1 - sum(joint["a_step_time_s"]) / sum(joint["a_wall_s"]),
-        "a_compiled": joint["a_compiled"], "a_warmup_s": joint["a_warmup_s"],
-    } | eager_summary(joint, clock, a_rate) | drift_corrected(joint, clock)
+    return (
+        {
+            "n": n,
+            "steps": joint["steps"],
+            "clock": clock,
+            "a_tokens_per_s": a_rate,
+            "b_tokens_per_s": b_rate,
+            "wall_ratio_a_over_b": per_token["wall"][0] / per_token["wall"][1],
+            "cpu_ratio_a_over_b": per_token["cpu"][0] / per_token["cpu"][1],
+            "speedup_a_over_b": a_rate / b_rate,
+            "a_gflops": a_gflops,
+            "matmul_gflops": mm,
+            "a_share_of_matmul": a_gflops / mm,
+            "matmul_gflops_between_steps": mm_between,
+            "a_executed_gflops": executed,
+            "a_executed_share_of_matmul": executed / mm,
+            "a_peak_rss_bytes": joint["a_peak_rss_bytes"],
+            "c_peak_rss_bytes": n * peft_single["peak_rss_bytes"],
+            "c_processes_fitting_in_24GiB": MACHINE_MEMORY // peft_single["peak_rss_bytes"],
+            "a_rss_over_single_task": joint["a_peak_rss_bytes"] / single_a["a_peak_rss_bytes"],
+            "a_rss_over_single_peft_process": joint["a_peak_rss_bytes"] / peft_single["peak_rss_bytes"],
+            # the step's bookkeeping (drawing rows, collating, progress records) beside its compute
+            "a_outside_step_time_share": 1 - sum(joint["a_step_time_s"]) / sum(joint["a_wall_s"]),
+            "a_compiled": joint["a_compiled"],
+            "a_warmup_s": joint["a_warmup_s"],
+        }
+        | eager_summary(joint, clock, a_rate)
+        | drift_corrected(joint, clock)
+    )
 
 
 def reference_rate_during_a(joint: dict, clock: str) -> float:
@@ -418,6 +495,7 @@ def drift_corrected(joint: dict, clock: str) -> dict:
     its own noise: the machine's speed drifts by +-15% within minutes, but the 5-call samples are noisy too
     (b's rate over them ranged 1.03-1.48 per round where b's raw rate moved +-8%), so it is printed beside
     the raw ratio, per round and pooled, and the target is judged on the raw one, as stated."""
+
     def tokens_and_work(side: str) -> list[tuple[float, float]]:
         """Per round: tokens, and time x matmul rate (the reference GFLOPs the machine could have run)."""
         times, rates = joint[f"{side}_{clock}_s"], round_matmul_rates(joint, side, clock)
@@ -429,8 +507,10 @@ def drift_corrected(joint: dict, clock: str) -> dict:
     return {
         "speedup_at_equal_matmul_rate": pooled,
         "speedup_at_equal_matmul_rate_by_round": [(ta / wa) / (tb / wb) for (ta, wa), (tb, wb) in zip(a, b)],
-        "speedup_by_round": [(joint["a_tokens"][r] / joint[f"a_{clock}_s"][r]) / (joint["b_tokens"][r] / joint[f"b_{clock}_s"][r])
-                             for r in rounds],
+        "speedup_by_round": [
+            (joint["a_tokens"][r] / joint[f"a_{clock}_s"][r]) / (joint["b_tokens"][r] / joint[f"b_{clock}_s"][r])
+            for r in rounds
+        ],
     }
 
 
@@ -458,29 +538,56 @@ def chosen_device(args, parser) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=None, help="comma-separated N values (default 1,4,16,64; --quick 1,2)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps (rounds) per task (default 3; --quick 1)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)")
-    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
-                        help="clock the rates are computed on (default auto: cpu with 1 thread, else wall)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (rounds) per task (default 3; --quick 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="clock the rates are computed on (default auto: cpu with 1 thread, else wall)",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 64; --quick 16)")
-    parser.add_argument("--micro-batch", type=int, default=4,
-                        help="prefixd's micro_batch_size in rows (default 4, one task's rows: the activations "
-                             "of a single-task run, which the memory target needs; 8 rows cost ~0.3 GiB more "
-                             "and were no faster on one CPU core, see benchmarks/README.md)")
-    parser.add_argument("--eager", action="store_true",
-                        help="(a) without compiled decoder layers (prefixd's compile_layers=False)")
-    parser.add_argument("--compare-eager", action="store_true",
-                        help="also time (a0): the same tasks in a second trainer with eager layers, same rounds")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help="prefixd's micro_batch_size in rows (default 4, one task's rows: the activations "
+        "of a single-task run, which the memory target needs; 8 rows cost ~0.3 GiB more "
+        "and were no faster on one CPU core, see benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--eager", action="store_true", help="(a) without compiled decoder layers (prefixd's compile_layers=False)"
+    )
+    parser.add_argument(
+        "--compare-eager",
+        action="store_true",
+        help="also time (a0): the same tasks in a second trainer with eager layers, same rounds",
+    )
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 16-token rows: under a minute")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the --shape")
-    parser.add_argument("--shape", choices=tuple(SHAPES), default="smollm2",
-                        help="model shape, random weights: smollm2 (134.5M) or llama-1b (1.04B; see the docstring)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default): the GPU if one is visible, else the CPU")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="base model dtype (prefixes stay fp32); bfloat16 needs a GPU")
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="smollm2",
+        help="model shape, random weights: smollm2 (134.5M) or llama-1b (1.04B; see the docstring)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto (default): the GPU if one is visible, else the CPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="base model dtype (prefixes stay fp32); bfloat16 needs a GPU",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     # internal: one measurement in a fresh process
     for name in ("--worker", "--data-index", "--work-dir", "--cache-dir", "--worker-out"):
@@ -536,48 +643,98 @@ def main(argv: list[str] | None = None) -> dict | None:
     clock = choose_clock(args.clock, args.threads)
     summary = [summarize(joints[n], joints[1], peft_single, clock, args.seq_len) for n in ns]
     params = joints[1]["parameters"]
-    print(f"multitask: {model_name(args.tiny, args.shape)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
-          f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
-          f"prefixd micro_batch_size {args.micro_batch}; rates on {clock} time")
+    print(
+        f"multitask: {model_name(args.tiny, args.shape)}, {params / 1e6:.1f}M parameters, fp32, threads {args.threads}; "
+        f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; "
+        f"prefixd micro_batch_size {args.micro_batch}; rates on {clock} time"
+    )
     layers = "eager layers" if args.eager else "compiled layers"
-    print(f"(a) prefixd MultiTaskTrainer, all N tasks jointly, {layers}" + (
-        "   (a0) the same, eager layers" if args.compare_eager else "") + "   (b) PEFT, one task after another, same process "
-          "and base   (c) N single-task PEFT processes (memory: N x one measured process)")
-    print(f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
-          f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a) and task-step of (b)")
+    print(
+        f"(a) prefixd MultiTaskTrainer, all N tasks jointly, {layers}"
+        + ("   (a0) the same, eager layers" if args.compare_eager else "")
+        + "   (b) PEFT, one task after another, same process "
+        "and base   (c) N single-task PEFT processes (memory: N x one measured process)"
+    )
+    print(
+        f"FLOPs of (a) = 4 x {params / 1e6:.1f}M (all parameters) x tokens; matmul = fp32 "
+        f"[{MATMUL_SHAPE[0]} x {MATMUL_SHAPE[1]}] @ [{MATMUL_SHAPE[1]} x {MATMUL_SHAPE[2]}] timed before each micro-batch of (a) and task-step of (b)"
+    )
     print()
     compared = all("a0_tokens_per_s" in s for s in summary)
     rows = []
     for s in summary:
-        rows.append([
-            str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}",
-            *([f"{s['a0_tokens_per_s']:.1f}", f"{s['speedup_a_over_a0']:.3f}"] if compared else []),
-            f"{s['b_tokens_per_s']:.1f}",
-            f"{s['wall_ratio_a_over_b']:.3f}", f"{s['cpu_ratio_a_over_b']:.3f}",
-            f"{s['speedup_a_over_b']:.3f}", f"{s['speedup_at_equal_matmul_rate']:.3f}", f"{s['a_gflops']:.1f}",
-            f"{s['matmul_gflops']:.1f}",
-            f"{100 * s['a_share_of_matmul']:.0f}%", f"{100 * s['a_executed_share_of_matmul']:.0f}%",
-            f"{s['a_peak_rss_bytes'] / GiB:.2f}",
-            f"{s['c_peak_rss_bytes'] / GiB:.2f}", f"{s['a_rss_over_single_task']:.2f}",
-        ])
-    print(format_table(["N", "steps", "(a) tok/s", *(["(a0) tok/s", "a/a0"] if compared else []), "(b) tok/s", "wall a/b", "cpu a/b",
-                        "speed-up", "at eq. mm", "(a) GFLOP/s",
-                        "matmul GFLOP/s", "(a)/matmul", "executed", "(a) RSS GiB", "(c) RSS GiB", "(a) RSS / N=1"], rows))
+        rows.append(
+            [
+                str(s["n"]),
+                str(s["steps"]),
+                f"{s['a_tokens_per_s']:.1f}",
+                *([f"{s['a0_tokens_per_s']:.1f}", f"{s['speedup_a_over_a0']:.3f}"] if compared else []),
+                f"{s['b_tokens_per_s']:.1f}",
+                f"{s['wall_ratio_a_over_b']:.3f}",
+                f"{s['cpu_ratio_a_over_b']:.3f}",
+                f"{s['speedup_a_over_b']:.3f}",
+                f"{s['speedup_at_equal_matmul_rate']:.3f}",
+                f"{s['a_gflops']:.1f}",
+                f"{s['matmul_gflops']:.1f}",
+                f"{100 * s['a_share_of_matmul']:.0f}%",
+                f"{100 * s['a_executed_share_of_matmul']:.0f}%",
+                f"{s['a_peak_rss_bytes'] / GiB:.2f}",
+                f"{s['c_peak_rss_bytes'] / GiB:.2f}",
+                f"{s['a_rss_over_single_task']:.2f}",
+            ]
+        )
+    print(
+        format_table(
+            [
+                "N",
+                "steps",
+                "(a) tok/s",
+                *(["(a0) tok/s", "a/a0"] if compared else []),
+                "(b) tok/s",
+                "wall a/b",
+                "cpu a/b",
+                "speed-up",
+                "at eq. mm",
+                "(a) GFLOP/s",
+                "matmul GFLOP/s",
+                "(a)/matmul",
+                "executed",
+                "(a) RSS GiB",
+                "(c) RSS GiB",
+                "(a) RSS / N=1",
+            ],
+            rows,
+        )
+    )
     single_rss = peft_single["peak_rss_bytes"]
-    print(f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
-          f"24 GiB; (a) at N=1: {joints[1]['a_peak_rss_bytes'] / GiB:.2f} GiB")
+    print(
+        f"one PEFT process: peak RSS {single_rss / GiB:.2f} GiB, so {MACHINE_MEMORY // single_rss} fit in "
+        f"24 GiB; (a) at N=1: {joints[1]['a_peak_rss_bytes'] / GiB:.2f} GiB"
+    )
     warmups = ", ".join(f"N={s['n']} {s['a_warmup_s']:.0f} s" for s in summary)
-    print(f"(a)'s warm-up step (one micro-batch; {'' if args.eager else 'includes compiling the layers; '}"
-          f"not in the rates): {warmups}")
-    print("wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
-          "(< 1: prefixd faster); tok/s counts every input token")
-    print("speed-up: (a) tok/s over (b) tok/s; at eq. mm: the same with each side's time weighed by the matmul "
-          "rate sampled before each of its micro-batches (a) or task-steps (b), i.e. at equal machine speed")
+    print(
+        f"(a)'s warm-up step (one micro-batch; {'' if args.eager else 'includes compiling the layers; '}"
+        f"not in the rates): {warmups}"
+    )
+    print(
+        "wall a/b, cpu a/b: seconds per token of (a) over (b), by wall and by this process's CPU time "
+        "(< 1: prefixd faster); tok/s counts every input token"
+    )
+    print(
+        "speed-up: (a) tok/s over (b) tok/s; at eq. mm: the same with each side's time weighed by the matmul "
+        "rate sampled before each of its micro-batches (a) or task-steps (b), i.e. at equal machine speed"
+    )
     for s in summary:
-        print(f"N={s['n']} speed-up by round: " + " ".join(f"{x:.3f}" for x in s["speedup_by_round"])
-              + "; at eq. mm: " + " ".join(f"{x:.3f}" for x in s["speedup_at_equal_matmul_rate_by_round"]))
-    print("(a)/matmul: the nominal rate (4 x all parameters x tokens) over the matmul's; executed: the FLOPs (a) "
-          "really runs, the LM head only at the target half of each row")
+        print(
+            f"N={s['n']} speed-up by round: "
+            + " ".join(f"{x:.3f}" for x in s["speedup_by_round"])
+            + "; at eq. mm: "
+            + " ".join(f"{x:.3f}" for x in s["speedup_at_equal_matmul_rate_by_round"])
+        )
+    print(
+        "(a)/matmul: the nominal rate (4 x all parameters x tokens) over the matmul's; executed: the FLOPs (a) "
+        "really runs, the LM head only at the target half of each row"
+    )
     print()
 
     target_ns = [n for n in ns if n in TARGET_NS] or [max(ns)]
@@ -589,11 +746,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         targets += [
             Target(f"N={n}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
             Target(f"N={n}: (a) FLOP/s / matmul FLOP/s", s["a_share_of_matmul"], ">=", TARGET_MATMUL_SHARE),
-            Target(f"N={n}: (a) peak RSS / single-task run (N=1)", s["a_rss_over_single_task"], "<=",
-                   TARGET_MEMORY),
+            Target(f"N={n}: (a) peak RSS / single-task run (N=1)", s["a_rss_over_single_task"], "<=", TARGET_MEMORY),
         ]
-    print(format_table(["target", "value", "target", "result"],
-                       [[t.name, f"{t.value:.3f}", t.as_dict()["target"], t.as_dict()["result"]] for t in targets]))
+    print(
+        format_table(
+            ["target", "value", "target", "result"],
+            [[t.name, f"{t.value:.3f}", t.as_dict()["target"], t.as_dict()["result"]] for t in targets],
+        )
+    )
     if target_ns != [n for n in TARGET_NS if n in ns]:
         stated = ", ".join(map(str, TARGET_NS))
         print(f"(the targets are stated for N = {stated}; none ran, shown for N={target_ns[0]})")
@@ -601,10 +761,21 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     report = {
         "benchmark": "multitask",
-        "config": {"model": model_name(args.tiny, args.shape), "parameters": params, "threads": args.threads,
-                   "seq_len": args.seq_len, "examples_per_step": EXAMPLES_PER_STEP, "prefix_len": PREFIX_LEN,
-                   "micro_batch_size": args.micro_batch, "compiled_layers": not args.eager, "tasks": ns, "flops_per_token": 4 * params,
-                   "clock": clock, "matmul_shape": MATMUL_SHAPE, "torch": joints[1]["torch"]},
+        "config": {
+            "model": model_name(args.tiny, args.shape),
+            "parameters": params,
+            "threads": args.threads,
+            "seq_len": args.seq_len,
+            "examples_per_step": EXAMPLES_PER_STEP,
+            "prefix_len": PREFIX_LEN,
+            "micro_batch_size": args.micro_batch,
+            "compiled_layers": not args.eager,
+            "tasks": ns,
+            "flops_per_token": 4 * params,
+            "clock": clock,
+            "matmul_shape": MATMUL_SHAPE,
+            "torch": joints[1]["torch"],
+        },
         "summary": summary,
         "targets": [t.as_dict() for t in targets],
         "raw": {"joint": {str(n): j for n, j in joints.items()}, "peft_single": peft_single},

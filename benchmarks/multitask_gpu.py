@@ -52,8 +52,8 @@ from common import (  # noqa: E402
 )
 from multitask import EXAMPLES_PER_STEP, PREFIX_LEN, ROUNDS, PeftTask, task_config, word_tokenizer, write_tasks  # noqa: E402
 
-TARGET_SPEEDUP = 1.5   # (a) tokens/s >= 1.5 x (b) at N = 16
-TARGET_MEMORY = 1.2    # (a) peak memory <= 1.2 x (a) at N = 1
+TARGET_SPEEDUP = 1.5  # (a) tokens/s >= 1.5 x (b) at N = 16
+TARGET_MEMORY = 1.2  # (a) peak memory <= 1.2 x (a) at N = 1
 TARGET_NS = (16, 64)
 GiB = 2**30
 
@@ -112,14 +112,24 @@ def measure(args, ns: list[int], device: str, data_paths: list[str], cache_dir: 
     tok = word_tokenizer(model.config.vocab_size)
     dev.sync()
     base_bytes = dev.allocated()
-    raw = {"parameters": params, "model_bytes": base_bytes, "device": dev.describe(), "torch": torch.__version__,
-           "joint": {}}
+    raw = {
+        "parameters": params,
+        "model_bytes": base_bytes,
+        "device": dev.describe(),
+        "torch": torch.__version__,
+        "joint": {},
+    }
 
     # (b)'s unit: one PEFT task alone with the model (warm-up step, then a measured one); also (c)'s unit.
     warnings.filterwarnings("ignore")  # PEFT's `past_key_values` FutureWarning on every call
     settings = DataSettings(train=data_paths[0], input_column="input", target_column="target", max_length=args.seq_len)
-    single = PeftTask(model, load_task_data(settings, tok, cache_dir=cache_dir).train, seed=10**6, pad_id=tok.pad_token_id,
-                      device=device)
+    single = PeftTask(
+        model,
+        load_task_data(settings, tok, cache_dir=cache_dir).train,
+        seed=10**6,
+        pad_id=tok.pad_token_id,
+        device=device,
+    )
     single.step()
     _, single_s, single_peak = dev.timed(single.step)
     raw["peft_single"] = {"peak_bytes": single_peak, "step_s": single_s}
@@ -128,8 +138,9 @@ def measure(args, ns: list[int], device: str, data_paths: list[str], cache_dir: 
 
     for n in ns:
         started = time.perf_counter()
-        trainer = MultiTaskTrainer(model, tok, micro_batch_size=args.micro_batch, data_cache_dir=cache_dir,
-                                   compile_layers=not args.eager)
+        trainer = MultiTaskTrainer(
+            model, tok, micro_batch_size=args.micro_batch, data_cache_dir=cache_dir, compile_layers=not args.eager
+        )
         if trainer.compile_note:
             raise SystemExit(f"compiled layers unavailable: {trainer.compile_note}")
         configs = [task_config(p, i, args.seq_len, work / f"out-n{n}") for i, p in enumerate(data_paths[:n])]
@@ -143,8 +154,19 @@ def measure(args, ns: list[int], device: str, data_paths: list[str], cache_dir: 
         add_s = time.perf_counter() - start
         datas = [trainer.tasks[cfg.task_id].data.train for cfg in configs]
         plan = [(i, s) for i in range(n) for s in range(args.steps)]  # (b): one task after another
-        r = {"n": n, "steps": args.steps, "a_s": [], "a_tokens": [], "a_peak_bytes": 0, "a_warmup_s": warmup_s,
-             "a_add_tasks_s": add_s, "b_s": [], "b_tokens": [], "b_peak_bytes": 0, "b_setup_s": 0.0}
+        r = {
+            "n": n,
+            "steps": args.steps,
+            "a_s": [],
+            "a_tokens": [],
+            "a_peak_bytes": 0,
+            "a_warmup_s": warmup_s,
+            "a_add_tasks_s": add_s,
+            "b_s": [],
+            "b_tokens": [],
+            "b_peak_bytes": 0,
+            "b_setup_s": 0.0,
+        }
         peft_task = None
 
         def run_a():
@@ -168,7 +190,7 @@ def measure(args, ns: list[int], device: str, data_paths: list[str], cache_dir: 
             r["b_tokens"].append(tokens)
 
         for k in range(args.steps):
-            chunk = plan[k * n:(k + 1) * n]
+            chunk = plan[k * n : (k + 1) * n]
             if k % 2 == 0:
                 run_a()
                 run_b(chunk)
@@ -176,7 +198,7 @@ def measure(args, ns: list[int], device: str, data_paths: list[str], cache_dir: 
                 run_b(chunk)
                 run_a()
         r["a_compiled"] = trainer.prefixed.compiled is not None and trainer.prefixed.compiled.calls > 0
-        del trainer, peft_task, datas
+        trainer = peft_task = datas = None  # release the device memory before the next N
         r["leftover_bytes"] = release(dev) - base_bytes  # what the N's trainer did not give back (~0)
         raw["joint"][str(n)] = r
         print(f"  N={n}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
@@ -197,14 +219,23 @@ def summarize(raw: dict, n: int) -> dict:
     a_rate = sum(r["a_tokens"]) / sum(r["a_s"])
     b_rate = sum(r["b_tokens"]) / sum(r["b_s"])
     return {
-        "n": n, "steps": r["steps"], "a_tokens_per_s": a_rate, "b_tokens_per_s": b_rate,
+        "n": n,
+        "steps": r["steps"],
+        "a_tokens_per_s": a_rate,
+        "b_tokens_per_s": b_rate,
         "speedup_a_over_b": a_rate / b_rate,
-        "speedup_by_round": [(ta / sa) / (tb / sb) for ta, sa, tb, sb in zip(r["a_tokens"], r["a_s"], r["b_tokens"], r["b_s"])],
-        "a_tflops": 4 * raw["parameters"] * a_rate / 1e12, "b_tflops": 4 * raw["parameters"] * b_rate / 1e12,
-        "a_peak_bytes": r["a_peak_bytes"], "b_peak_bytes": r["b_peak_bytes"],
+        "speedup_by_round": [
+            (ta / sa) / (tb / sb) for ta, sa, tb, sb in zip(r["a_tokens"], r["a_s"], r["b_tokens"], r["b_s"])
+        ],
+        "a_tflops": 4 * raw["parameters"] * a_rate / 1e12,
+        "b_tflops": 4 * raw["parameters"] * b_rate / 1e12,
+        "a_peak_bytes": r["a_peak_bytes"],
+        "b_peak_bytes": r["b_peak_bytes"],
         "a_peak_over_single_task": r["a_peak_bytes"] / one["a_peak_bytes"],
         "c_peak_bytes": n * raw["peft_single"]["peak_bytes"],
-        "a_warmup_s": r["a_warmup_s"], "a_compiled": r["a_compiled"], "leftover_bytes": r["leftover_bytes"],
+        "a_warmup_s": r["a_warmup_s"],
+        "a_compiled": r["a_compiled"],
+        "leftover_bytes": r["leftover_bytes"],
     }
 
 
@@ -223,23 +254,61 @@ def main(args, ns: list[int], device: str = "cuda") -> dict:
     summary = [summarize(raw, n) for n in ns]
 
     layers = "eager layers" if args.eager else "compiled layers"
-    print(f"multitask ({device}): {model_name(args.tiny, args.shape)}, {raw['parameters'] / 1e6:.1f}M parameters, "
-          f"{args.dtype} base, fp32 prefixes; {raw['device']}")
-    print(f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; prefixd "
-          f"micro_batch_size {args.micro_batch}, {layers}; wall time between CUDA synchronisations")
-    print("(a) prefixd MultiTaskTrainer, all N tasks jointly   (b) PEFT, one task after another, same process "
-          "and base   (c) N single-task PEFT processes (memory: N x (b)'s single-task peak)")
+    print(
+        f"multitask ({device}): {model_name(args.tiny, args.shape)}, {raw['parameters'] / 1e6:.1f}M parameters, "
+        f"{args.dtype} base, fp32 prefixes; {raw['device']}"
+    )
+    print(
+        f"per task and step {EXAMPLES_PER_STEP} rows x {args.seq_len} tokens, P={PREFIX_LEN}; prefixd "
+        f"micro_batch_size {args.micro_batch}, {layers}; wall time between CUDA synchronisations"
+    )
+    print(
+        "(a) prefixd MultiTaskTrainer, all N tasks jointly   (b) PEFT, one task after another, same process "
+        "and base   (c) N single-task PEFT processes (memory: N x (b)'s single-task peak)"
+    )
     print()
-    rows = [[str(s["n"]), str(s["steps"]), f"{s['a_tokens_per_s']:.1f}", f"{s['b_tokens_per_s']:.1f}",
-             f"{s['speedup_a_over_b']:.3f}", f"{s['a_tflops']:.2f}", f"{s['a_peak_bytes'] / GiB:.3f}",
-             f"{s['b_peak_bytes'] / GiB:.3f}", f"{s['c_peak_bytes'] / GiB:.3f}", f"{s['a_peak_over_single_task']:.3f}"]
-            for s in summary]
-    print(format_table(["N", "steps", "(a) tok/s", "(b) tok/s", "a/b", "(a) TFLOP/s", "(a) peak GiB",
-                       "(b) peak GiB", "(c) peak GiB", "(a) peak / N=1"], rows))
-    print(f"model {raw['model_bytes'] / GiB:.3f} GiB on the device; one PEFT task alone peaks at "
-          f"{raw['peft_single']['peak_bytes'] / GiB:.3f} GiB")
-    print("(a)'s warm-up step (one micro-batch" + ("" if args.eager else ", compiling the layers on the first N")
-          + "; not in the rates): " + ", ".join(f"N={s['n']} {s['a_warmup_s']:.1f} s" for s in summary))
+    rows = [
+        [
+            str(s["n"]),
+            str(s["steps"]),
+            f"{s['a_tokens_per_s']:.1f}",
+            f"{s['b_tokens_per_s']:.1f}",
+            f"{s['speedup_a_over_b']:.3f}",
+            f"{s['a_tflops']:.2f}",
+            f"{s['a_peak_bytes'] / GiB:.3f}",
+            f"{s['b_peak_bytes'] / GiB:.3f}",
+            f"{s['c_peak_bytes'] / GiB:.3f}",
+            f"{s['a_peak_over_single_task']:.3f}",
+        ]
+        for s in summary
+    ]
+    print(
+        format_table(
+            [
+                "N",
+                "steps",
+                "(a) tok/s",
+                "(b) tok/s",
+                "a/b",
+                "(a) TFLOP/s",
+                "(a) peak GiB",
+                "(b) peak GiB",
+                "(c) peak GiB",
+                "(a) peak / N=1",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"model {raw['model_bytes'] / GiB:.3f} GiB on the device; one PEFT task alone peaks at "
+        f"{raw['peft_single']['peak_bytes'] / GiB:.3f} GiB"
+    )
+    print(
+        "(a)'s warm-up step (one micro-batch"
+        + ("" if args.eager else ", compiling the layers on the first N")
+        + "; not in the rates): "
+        + ", ".join(f"N={s['n']} {s['a_warmup_s']:.1f} s" for s in summary)
+    )
     for s in summary:
         print(f"N={s['n']} a/b by round: " + " ".join(f"{x:.3f}" for x in s["speedup_by_round"]))
     print()
@@ -248,22 +317,44 @@ def main(args, ns: list[int], device: str = "cuda") -> dict:
     targets = []
     for s in summary:
         if s["n"] in target_ns:
-            targets += [Target(f"N={s['n']}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
-                        Target(f"N={s['n']}: (a) peak memory / single-task run (N=1)", s["a_peak_over_single_task"],
-                               "<=", TARGET_MEMORY)]
-    print(format_table(["target", "value", "target", "result"],
-                       [[t.name, f"{t.value:.3f}", t.as_dict()["target"], t.as_dict()["result"]] for t in targets]))
+            targets += [
+                Target(f"N={s['n']}: (a) tokens/s / (b) tokens/s", s["speedup_a_over_b"], ">=", TARGET_SPEEDUP),
+                Target(
+                    f"N={s['n']}: (a) peak memory / single-task run (N=1)",
+                    s["a_peak_over_single_task"],
+                    "<=",
+                    TARGET_MEMORY,
+                ),
+            ]
+    print(
+        format_table(
+            ["target", "value", "target", "result"],
+            [[t.name, f"{t.value:.3f}", t.as_dict()["target"], t.as_dict()["result"]] for t in targets],
+        )
+    )
     if target_ns != [n for n in TARGET_NS if n in ns]:
         print(f"(the targets are stated for N = 16 (speed) and 16, 64 (memory); none ran, shown for N={target_ns[0]})")
     print(f"total {time.perf_counter() - started:.0f} s")
 
     report = {
         "benchmark": "multitask",
-        "config": {"device": device, "gpu": raw["device"], "model": model_name(args.tiny, args.shape),
-                   "shape": "tiny" if args.tiny else args.shape, "dtype": args.dtype, "parameters": raw["parameters"],
-                   "seq_len": args.seq_len, "examples_per_step": EXAMPLES_PER_STEP, "prefix_len": PREFIX_LEN,
-                   "micro_batch_size": args.micro_batch, "compiled_layers": not args.eager, "tasks": ns,
-                   "flops_per_token": 4 * raw["parameters"], "clock": "wall", "torch": raw["torch"]},
+        "config": {
+            "device": device,
+            "gpu": raw["device"],
+            "model": model_name(args.tiny, args.shape),
+            "shape": "tiny" if args.tiny else args.shape,
+            "dtype": args.dtype,
+            "parameters": raw["parameters"],
+            "seq_len": args.seq_len,
+            "examples_per_step": EXAMPLES_PER_STEP,
+            "prefix_len": PREFIX_LEN,
+            "micro_batch_size": args.micro_batch,
+            "compiled_layers": not args.eager,
+            "tasks": ns,
+            "flops_per_token": 4 * raw["parameters"],
+            "clock": "wall",
+            "torch": raw["torch"],
+        },
         "summary": summary,
         "targets": [t.as_dict() for t in targets],
         "raw": raw,

@@ -48,8 +48,9 @@ def find_runs(history_dir: Path, prefixes: list[str] | None = None) -> dict[str,
     """{run name: {task: records}}: subfolders of history_dir, or history_dir itself if it holds *.jsonl."""
     if not history_dir.is_dir():
         raise SystemExit(f"plots: --history-dir {history_dir}: no such folder")
-    folders = [history_dir] if any(history_dir.glob("*.jsonl")) else sorted(p for p in history_dir.iterdir()
-                                                                             if p.is_dir())
+    folders = (
+        [history_dir] if any(history_dir.glob("*.jsonl")) else sorted(p for p in history_dir.iterdir() if p.is_dir())
+    )
     runs = {}
     for folder in folders:
         if prefixes and not any(folder.name.startswith(p) for p in prefixes):
@@ -94,7 +95,7 @@ def plot_loss_curves(runs: dict[str, dict[str, list[dict]]], out: Path) -> Path:
         ax.legend(fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("training loss (nats / target token)")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle("Training loss per task (faint: per step; solid: moving average)", fontsize=11)
     fig.tight_layout()
@@ -109,12 +110,23 @@ def read_multitask(path: Path) -> tuple[list[dict], str]:
     report = json.loads(path.read_text(encoding="utf-8"))
     try:
         single_peft = report["raw"]["peft_single"]["peak_rss_bytes"]
-        points = [{"n": s["n"], "a_tokens_per_s": s["a_tokens_per_s"], "b_tokens_per_s": s["b_tokens_per_s"],
-                   "clock": s.get("clock", "?"), "a_rss": s["a_peak_rss_bytes"], "b_rss": single_peft,
-                   "c_rss": s["c_peak_rss_bytes"], "a0_tokens_per_s": s.get("a0_tokens_per_s")}
-                  for s in report["summary"]]
+        points = [
+            {
+                "n": s["n"],
+                "a_tokens_per_s": s["a_tokens_per_s"],
+                "b_tokens_per_s": s["b_tokens_per_s"],
+                "clock": s.get("clock", "?"),
+                "a_rss": s["a_peak_rss_bytes"],
+                "b_rss": single_peft,
+                "c_rss": s["c_peak_rss_bytes"],
+                "a0_tokens_per_s": s.get("a0_tokens_per_s"),
+            }
+            for s in report["summary"]
+        ]
     except (KeyError, TypeError) as e:
-        raise SystemExit(f"plots: {path}: not multitask.py's JSON format (missing {e}); see this script's docstring")
+        raise SystemExit(
+            f"plots: {path}: not multitask.py's JSON format (missing {e}); see this script's docstring"
+        ) from None
     model = report.get("config", {}).get("model", "model not recorded")
     return sorted(points, key=lambda p: p["n"]), model
 
@@ -133,8 +145,14 @@ def plot_throughput(points: list[dict], model: str, out: Path) -> Path:
     ax.plot(n, [p["b_tokens_per_s"] for p in points], "s--", label="PEFT: one task after another")
     for p in points:  # the ratio, on the side of prefixd's point away from PEFT's line
         below = p["a_tokens_per_s"] < p["b_tokens_per_s"]
-        ax.annotate(f"{p['a_tokens_per_s'] / p['b_tokens_per_s']:.2f}x", (p["n"], p["a_tokens_per_s"]),
-                    textcoords="offset points", xytext=(0, -13 if below else 7), ha="center", fontsize=8)
+        ax.annotate(
+            f"{p['a_tokens_per_s'] / p['b_tokens_per_s']:.2f}x",
+            (p["n"], p["a_tokens_per_s"]),
+            textcoords="offset points",
+            xytext=(0, -13 if below else 7),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(n, [str(x) for x in n])
     highest = max(max(p["a_tokens_per_s"], p["b_tokens_per_s"], p["a0_tokens_per_s"] or 0) for p in points)
@@ -175,8 +193,14 @@ def plot_memory(points: list[dict], model: str, out: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.set_ylabel("peak resident memory (GiB)")
     for p in points:
-        ax.annotate(f"{p['a_rss'] / GiB:.2f}", (p["n"], p["a_rss"] / GiB), textcoords="offset points",
-                    xytext=(0, 7), ha="center", fontsize=8)
+        ax.annotate(
+            f"{p['a_rss'] / GiB:.2f}",
+            (p["n"], p["a_rss"] / GiB),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xlabel("number of tasks N")
     ax.set_title(f"Peak memory against task count (labels: prefixd GiB)\n{model}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
@@ -189,11 +213,17 @@ def plot_memory(points: list[dict], model: str, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--history-dir", default=str(RESULTS / "histories"),
-                        help="folder of run subfolders of <task>.jsonl (default benchmarks/results/histories)")
+    parser.add_argument(
+        "--history-dir",
+        default=str(RESULTS / "histories"),
+        help="folder of run subfolders of <task>.jsonl (default benchmarks/results/histories)",
+    )
     parser.add_argument("--runs", default=None, help="comma-separated run-name prefixes to plot (default: all)")
-    parser.add_argument("--multitask-json", default=str(RESULTS / "multitask.json"),
-                        help="multitask.py --json output (default benchmarks/results/multitask.json)")
+    parser.add_argument(
+        "--multitask-json",
+        default=str(RESULTS / "multitask.json"),
+        help="multitask.py --json output (default benchmarks/results/multitask.json)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -214,8 +244,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         written.append(plot_throughput(points, model, out / "multitask_throughput.png"))
         written.append(plot_memory(points, model, out / "multitask_memory.png"))
     else:
-        print(f"plots: {multitask} does not exist: multitask_throughput.png and multitask_memory.png skipped "
-              "(run benchmarks/multitask.py --json OUT)", file=sys.stderr)
+        print(
+            f"plots: {multitask} does not exist: multitask_throughput.png and multitask_memory.png skipped "
+            "(run benchmarks/multitask.py --json OUT)",
+            file=sys.stderr,
+        )
     for path in written:
         print(path)
     return written

@@ -60,10 +60,18 @@ def mean_target_loss(logits, labels):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; --quick 2)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)")
-    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
-                        help="clock the results are judged on (default auto: cpu with 1 thread, else wall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steadier on a shared machine; use all cores on an idle one)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="clock the results are judged on (default auto: cpu with 1 thread, else wall)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="rows per batch (default 8; --quick 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 128; --quick 64)")
     parser.add_argument("--quick", action="store_true", help="small batch, 2 rounds: under a minute")
@@ -95,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     pcfg = configure_for_model(PrefixTuningConfig(num_virtual_tokens=PREFIX_LEN), model.config)
     torch.manual_seed(1)
     encoders = [PrefixEncoder(pcfg) for _ in range(NUM_PREFIXES)]
-    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                    num_virtual_tokens=PREFIX_LEN))
+    peft_model = peft.get_peft_model(
+        model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LEN)
+    )
     peft_encoder = peft_model.prompt_encoder["default"]
     peft_encoder.load_state_dict(encoders[0].state_dict())  # same keys as PEFT's
 
@@ -130,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def ours(prefix_encoders, rows):
         clear_grads()
-        out = prefixed.forward([e.prompt_embeddings() for e in prefix_encoders], rows, input_ids,
-                               attention_mask, labels)
+        out = prefixed.forward(
+            [e.prompt_embeddings() for e in prefix_encoders], rows, input_ids, attention_mask, labels
+        )
         loss = out.token_loss.sum() / out.target_mask.sum()
         loss.backward()
         return loss
@@ -147,11 +157,19 @@ def main(argv: list[str] | None = None) -> dict:
     grad_ours = encoders[0].embedding.weight.grad.clone()
     loss_peft = with_peft().item()
     grad_peft = peft_encoder.embedding.weight.grad.clone()
-    checks = {"loss_prefixd": loss_ours, "loss_peft": loss_peft, "loss_abs_diff": abs(loss_ours - loss_peft),
-              "prefix_grad_max_abs_diff": (grad_ours - grad_peft).abs().max().item()}
+    checks = {
+        "loss_prefixd": loss_ours,
+        "loss_peft": loss_peft,
+        "loss_abs_diff": abs(loss_ours - loss_peft),
+        "prefix_grad_max_abs_diff": (grad_ours - grad_peft).abs().max().item(),
+    }
 
-    fns = {"plain": plain, "shared": lambda: ours(encoders[:1], one_prefix_rows),
-           "mixed": lambda: ours(encoders[:n_mixed], mixed_rows), "peft": with_peft}
+    fns = {
+        "plain": plain,
+        "shared": lambda: ours(encoders[:1], one_prefix_rows),
+        "mixed": lambda: ours(encoders[:n_mixed], mixed_rows),
+        "peft": with_peft,
+    }
     timers = interleaved(fns, repeats=repeats, warmup=1)
     clock = choose_clock(args.clock, args.threads)
 
@@ -160,40 +178,84 @@ def main(argv: list[str] | None = None) -> dict:
     for label, num, den, bound in COMPARISONS:
         ratio = {c: paired_ratio(timers[num].on(c), timers[den].on(c)) for c in ("cpu", "wall")}
         target = Target(label, ratio[clock][0], "<=", bound)
-        results.append(target.as_dict() | {
-            "clock": clock, "ratio_iqr": ratio[clock][1],
-            "cpu_ratio": ratio["cpu"][0], "cpu_ratio_iqr": ratio["cpu"][1],
-            "wall_ratio": ratio["wall"][0], "wall_ratio_iqr": ratio["wall"][1],
-        })
+        results.append(
+            target.as_dict()
+            | {
+                "clock": clock,
+                "ratio_iqr": ratio[clock][1],
+                "cpu_ratio": ratio["cpu"][0],
+                "cpu_ratio_iqr": ratio["cpu"][1],
+                "wall_ratio": ratio["wall"][0],
+                "wall_ratio_iqr": ratio["wall"][1],
+            }
+        )
 
     tokens = batch * seq_len
-    print(f"prefix_overhead: {model_name(args.tiny)}, {n_params / 1e6:.1f}M parameters, fp32, "
-          f"batch {batch} x {seq_len}, threads {args.threads}, {repeats} interleaved rounds (+1 warm-up)")
-    print("no-prefix baseline: inputs_embeds = embed(ids).requires_grad_(), so backward runs through every "
-          "layer (activation gradients only, frozen weights get none), same loss")
-    print(f"check: prefixd vs PEFT on the same weights: loss {loss_ours:.6f} vs {loss_peft:.6f} "
-          f"(|diff| {checks['loss_abs_diff']:.1e}), prefix gradient max |diff| "
-          f"{checks['prefix_grad_max_abs_diff']:.1e}")
+    print(
+        f"prefix_overhead: {model_name(args.tiny)}, {n_params / 1e6:.1f}M parameters, fp32, "
+        f"batch {batch} x {seq_len}, threads {args.threads}, {repeats} interleaved rounds (+1 warm-up)"
+    )
+    print(
+        "no-prefix baseline: inputs_embeds = embed(ids).requires_grad_(), so backward runs through every "
+        "layer (activation gradients only, frozen weights get none), same loss"
+    )
+    print(
+        f"check: prefixd vs PEFT on the same weights: loss {loss_ours:.6f} vs {loss_peft:.6f} "
+        f"(|diff| {checks['loss_abs_diff']:.1e}), prefix gradient max |diff| "
+        f"{checks['prefix_grad_max_abs_diff']:.1e}"
+    )
     print()
-    rows = [[f"{name}: {variants[name]}", f"{median['cpu'][name]:.3f}", f"{median['wall'][name]:.3f}",
-             f"{min(timers[name].wall):.3f}", f"{max(timers[name].wall):.3f}",
-             f"{tokens / median[clock][name]:.0f}"] for name in variants]
-    print(format_table(["variant (forward+backward)", "cpu s", "wall s", "wall min", "wall max",
-                        f"tokens/s ({clock})"], rows))
+    rows = [
+        [
+            f"{name}: {variants[name]}",
+            f"{median['cpu'][name]:.3f}",
+            f"{median['wall'][name]:.3f}",
+            f"{min(timers[name].wall):.3f}",
+            f"{max(timers[name].wall):.3f}",
+            f"{tokens / median[clock][name]:.0f}",
+        ]
+        for name in variants
+    ]
+    print(
+        format_table(
+            ["variant (forward+backward)", "cpu s", "wall s", "wall min", "wall max", f"tokens/s ({clock})"], rows
+        )
+    )
     print()
-    rows = [[r["name"], f"{r['cpu_ratio']:.3f}", f"{r['cpu_ratio_iqr']:.3f}", f"{r['wall_ratio']:.3f}",
-             f"{r['wall_ratio_iqr']:.3f}", r["target"], r["result"]] for r in results]
-    print(format_table(["comparison (time ratio)", "cpu", "IQR", "wall", "IQR", "target", f"result ({clock})"],
-                       rows))
-    print("times: medians over rounds; ratio: median over rounds of the per-round time ratio, IQR its "
-          "interquartile range (noise); cpu: this process's CPU time (excludes waiting for a core)")
+    rows = [
+        [
+            r["name"],
+            f"{r['cpu_ratio']:.3f}",
+            f"{r['cpu_ratio_iqr']:.3f}",
+            f"{r['wall_ratio']:.3f}",
+            f"{r['wall_ratio_iqr']:.3f}",
+            r["target"],
+            r["result"],
+        ]
+        for r in results
+    ]
+    print(format_table(["comparison (time ratio)", "cpu", "IQR", "wall", "IQR", "target", f"result ({clock})"], rows))
+    print(
+        "times: medians over rounds; ratio: median over rounds of the per-round time ratio, IQR its "
+        "interquartile range (noise); cpu: this process's CPU time (excludes waiting for a core)"
+    )
 
     report = {
         "benchmark": "prefix_overhead",
-        "config": {"model": model_name(args.tiny), "parameters": n_params, "batch": batch, "seq_len": seq_len,
-                   "prefix_len": PREFIX_LEN, "num_prefixes": NUM_PREFIXES, "threads": args.threads,
-                   "repeats": repeats, "clock": clock, "dtype": "float32", "torch": torch.__version__,
-                   "peft": peft.__version__},
+        "config": {
+            "model": model_name(args.tiny),
+            "parameters": n_params,
+            "batch": batch,
+            "seq_len": seq_len,
+            "prefix_len": PREFIX_LEN,
+            "num_prefixes": NUM_PREFIXES,
+            "threads": args.threads,
+            "repeats": repeats,
+            "clock": clock,
+            "dtype": "float32",
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+        },
         "variants": variants,
         "times_s": {c: {k: t.on(c) for k, t in timers.items()} for c in ("cpu", "wall")},
         "median_s": median,

@@ -37,26 +37,49 @@ def rank_main(args) -> None:
     from workers.zero import ZeroSettings, init_group, load_group_model
 
     coll = init_group(args.rank, args.world, "127.0.0.1", args.port)
-    ref = (BaseModelRef(kind="path", location=args.model) if args.model
-           else BaseModelRef(kind="builtin", location="smollm2-135m", dtype=args.dtype))
+    ref = (
+        BaseModelRef(kind="path", location=args.model)
+        if args.model
+        else BaseModelRef(kind="builtin", location="smollm2-135m", dtype=args.dtype)
+    )
     model, tok, info = load_group_model(ref, ZeroSettings(stage=3, persistence_threshold=0), coll)
     element_bytes = next(model.parameters()).element_size()
     trainer = MultiTaskTrainer(model, tok, micro_batch_size=16, collectives=coll, device=coll.device)
     work = Path(args.work)
     for i in range(4):
-        trainer.add_task(TaskConfig(
-            task_id=f"t{i}", name=f"t{i}", out_dir=str(work / f"w{args.world}" / f"t{i}"),
-            data=DataSettings(train=str(work / "data.jsonl"), input_column="input", target_column="target",
-                              max_length=64),
-            num_virtual_tokens=10, steps=args.steps + 1, examples_per_step=4, eval_every=10**6,
-            checkpoint_every=10**6, seed=i))
+        trainer.add_task(
+            TaskConfig(
+                task_id=f"t{i}",
+                name=f"t{i}",
+                out_dir=str(work / f"w{args.world}" / f"t{i}"),
+                data=DataSettings(
+                    train=str(work / "data.jsonl"), input_column="input", target_column="target", max_length=64
+                ),
+                num_virtual_tokens=10,
+                steps=args.steps + 1,
+                examples_per_step=4,
+                eval_every=10**6,
+                checkpoint_every=10**6,
+                seed=i,
+            )
+        )
     times = []
     for _ in range(args.steps):
         times.append(trainer.step().step_time_s)
-    print("RESULT " + json.dumps({
-        "world": args.world, "rank": args.rank, "local_elements": info.local_elements,
-        "total_elements": info.total_elements, "local_bytes": info.local_elements * element_bytes,
-        "step_s": statistics.median(times[1:] or times)}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "world": args.world,
+                "rank": args.rank,
+                "local_elements": info.local_elements,
+                "total_elements": info.total_elements,
+                "local_bytes": info.local_elements * element_bytes,
+                "step_s": statistics.median(times[1:] or times),
+            }
+        ),
+        flush=True,
+    )
     dist.destroy_process_group()
 
 
@@ -75,11 +98,30 @@ def run_group(world: int, args, work: Path, model: str | None) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, __file__, "--rank-of", str(world), "--port", str(port), "--work", str(work),
-           "--steps", str(args.steps), "--dtype", args.dtype] + (["--model", model] if model else [])
-    procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=os.environ | {"OMP_NUM_THREADS": str(max(1, args.threads // world))})
-             for r in range(world)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--rank-of",
+        str(world),
+        "--port",
+        str(port),
+        "--work",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--dtype",
+        args.dtype,
+    ] + (["--model", model] if model else [])
+    procs = [
+        subprocess.Popen(
+            cmd + ["--rank", str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"OMP_NUM_THREADS": str(max(1, args.threads // world))},
+        )
+        for r in range(world)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=3600)
@@ -123,17 +165,23 @@ def main() -> None:
             rows += run_group(world, args, work, model)
             print(f"W={world}: {time.perf_counter() - t:.0f} s wall", file=sys.stderr)
     base = {r["world"]: r for r in rows if r["rank"] == 0}
-    print(f"ZeRO-3 base model per rank ({'tiny llama' if args.quick else 'SmolLM2-135M ' + args.dtype}), "
-          f"4 tasks x 4 examples per step, median of {args.steps} steps")
+    print(
+        f"ZeRO-3 base model per rank ({'tiny llama' if args.quick else 'SmolLM2-135M ' + args.dtype}), "
+        f"4 tasks x 4 examples per step, median of {args.steps} steps"
+    )
     print(f"{'W':>2} {'rank':>4} {'base elements':>14} {'of':>12} {'MiB':>8} {'vs W=1':>7} {'step s':>7}")
     for r in rows:
         ratio = r["local_bytes"] / base[1]["local_bytes"] if 1 in base else float("nan")
-        print(f"{r['world']:>2} {r['rank']:>4} {r['local_elements']:>14,} {r['total_elements']:>12,} "
-              f"{r['local_bytes'] / 2**20:>8.1f} {ratio:>7.3f} {r['step_s']:>7.3f}")
+        print(
+            f"{r['world']:>2} {r['rank']:>4} {r['local_elements']:>14,} {r['total_elements']:>12,} "
+            f"{r['local_bytes'] / 2**20:>8.1f} {ratio:>7.3f} {r['step_s']:>7.3f}"
+        )
     if 1 in base and 2 in base:
         ratio = max(r["local_bytes"] for r in rows if r["world"] == 2) / base[1]["local_bytes"]
-        print(f"base memory per rank W=2 / W=1: {ratio:.3f} (target about 0.5: {'PASS' if ratio <= 0.55 else 'MISS'}); "
-              f"step time W=2 / W=1: {base[2]['step_s'] / base[1]['step_s']:.2f}")
+        print(
+            f"base memory per rank W=2 / W=1: {ratio:.3f} (target about 0.5: {'PASS' if ratio <= 0.55 else 'MISS'}); "
+            f"step time W=2 / W=1: {base[2]['step_s'] / base[1]['step_s']:.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -88,8 +88,7 @@ def check_bounds(overrides: Any) -> list[str]:
             continue
         wanted = int if rule.kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
-            problems.append(f"{path}: expected {'an integer' if rule.kind == 'int' else 'a number'}, "
-                            f"got {value!r}")
+            problems.append(f"{path}: expected {'an integer' if rule.kind == 'int' else 'a number'}, got {value!r}")
             continue
         ceiling = rule.ceiling if rule.ceiling is not None else rule.maximum
         low = rule.minimum if rule.minimum is not None else rule.exclusive_minimum
@@ -98,4 +97,3 @@ def check_bounds(overrides: Any) -> list[str]:
         elif low is not None and value < low:
             problems.append(f"{path}: {value!r} is under the field's minimum {low:g}")
     return problems
-

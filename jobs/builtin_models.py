@@ -12,10 +12,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True, kw_only=True)
 class BuiltinModel:
     name: str
-    package: str          # importable package that carries the weights
-    gguf_file: str        # file inside the package
-    architecture: str     # transformers model_type
-    context_length: int   # tokens: max_position_embeddings of the model
+    package: str  # importable package that carries the weights
+    gguf_file: str  # file inside the package
+    architecture: str  # transformers model_type
+    context_length: int  # tokens: max_position_embeddings of the model
     num_layers: int
     description: str
 

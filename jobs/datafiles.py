@@ -56,9 +56,12 @@ def detect_format(path: str | Path, declared: str = "auto") -> str:
         return "arrow"
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise _error(path, f"cannot tell the format from the suffix {path.suffix!r}; "
-                           f"use one of {', '.join(sorted(_SUFFIXES))}, a folder saved with datasets' save_to_disk, "
-                           f"or set data.format to one of {', '.join(FORMATS)}")
+        raise _error(
+            path,
+            f"cannot tell the format from the suffix {path.suffix!r}; "
+            f"use one of {', '.join(sorted(_SUFFIXES))}, a folder saved with datasets' save_to_disk, "
+            f"or set data.format to one of {', '.join(FORMATS)}",
+        )
     return fmt
 
 

@@ -210,8 +210,7 @@ class TrainingSpec:
     """Steps of linear warmup from 0 to learning_rate."""
     weight_decay: float = _f(0.0, "float", minimum=0, maximum=1, ceiling=1000)
     """AdamW decoupled weight decay."""
-    max_grad_norm: float | None = _f(1.0, "float", exclusive_minimum=0, maximum=10_000, ceiling=1e12,
-                                     nullable=True)
+    max_grad_norm: float | None = _f(1.0, "float", exclusive_minimum=0, maximum=10_000, ceiling=1e12, nullable=True)
     """Clip the prefix gradient to this L2 norm; null: no clipping."""
     seed: int = _f(0, "int", minimum=0, maximum=INT32_MAX)
     """Seed of the prefix initialisation and of the example order."""
@@ -228,7 +227,11 @@ class RegistrySpec:
     """Where the trained prefix is logged and registered in MLflow."""
 
     model_name: str | None = _f(
-        None, "str", pattern=NAME_PATTERN, pattern_help=NAME_RULE, nullable=True,
+        None,
+        "str",
+        pattern=NAME_PATTERN,
+        pattern_help=NAME_RULE,
+        nullable=True,
         derived=f"'{REGISTERED_NAME_PREFIX}' + name",
     )
     """MLflow registered-model name; same rule as name. A model belongs to the tenant that created it: only
@@ -236,7 +239,10 @@ class RegistrySpec:
     metric: str = _f("eval_loss", "str", choices=METRICS)
     """Validation metric that picks the best checkpoint and is recorded with the registered version."""
     direction: str | None = _f(
-        None, "str", choices=("minimize", "maximize"), nullable=True,
+        None,
+        "str",
+        choices=("minimize", "maximize"),
+        nullable=True,
         derived="minimize for eval_loss and eval_perplexity, maximize for the others",
     )
     """Whether a lower or a higher metric is better."""
@@ -345,9 +351,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(source).body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 

@@ -1,6 +1,6 @@
 """What is wrong with a job spec: `Problem` (one field) and `SpecError` (all of them at once).
 
-    raise SpecError("capitals.yaml", [Problem("training.steps", "must be >= 1, got 0")])
+raise SpecError("capitals.yaml", [Problem("training.steps", "must be >= 1, got 0")])
 """
 
 from __future__ import annotations

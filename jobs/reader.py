@@ -138,7 +138,8 @@ class _SpecLoader(yaml.SafeLoader):
         digits = value.lstrip("+-")
         if len(digits) > MAX_INT_DIGITS:
             raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})", node.start_mark)
+                None, None, f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})", node.start_mark
+            )
         sign = -1 if value.startswith("-") else 1
         if digits.startswith("0o"):
             return sign * int(digits[2:], 8)
@@ -152,8 +153,12 @@ for _tag, _rx, _first in (
     ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
     ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
     ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
-    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
-              r"|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+        r"|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
     ("merge", r"^(?:<<)$", "<"),
 ):
     _SpecLoader.add_implicit_resolver(_YAML + _tag, re.compile(_rx), list(_first))
@@ -200,13 +205,21 @@ def _check_yaml_nodes(root: yaml.Node) -> list[Problem]:
         node, path = stack.pop()
         count += 1
         if count > MAX_YAML_NODES:
-            return [Problem("", f"more than {MAX_YAML_NODES} values once YAML aliases are expanded; "
-                                "a job spec needs far fewer")]
+            return [
+                Problem(
+                    "", f"more than {MAX_YAML_NODES} values once YAML aliases are expanded; a job spec needs far fewer"
+                )
+            ]
         line = node.start_mark.line + 1
         if node.tag not in _PLAIN_TAGS or getattr(node, "explicit_tag", False):
             tag = node.tag.replace(_YAML, "!!")
-            problems.append(Problem(path, f"YAML tag {tag!r} (line {line}) is not accepted: a job spec holds "
-                                          "only plain mappings, lists, strings, numbers and booleans"))
+            problems.append(
+                Problem(
+                    path,
+                    f"YAML tag {tag!r} (line {line}) is not accepted: a job spec holds "
+                    "only plain mappings, lists, strings, numbers and booleans",
+                )
+            )
             continue
         children: list[tuple[yaml.Node, str]] = []
         if isinstance(node, yaml.MappingNode):
@@ -218,8 +231,11 @@ def _check_yaml_nodes(root: yaml.Node) -> list[Problem]:
                 name = key.value if isinstance(key, yaml.ScalarNode) else "<complex key>"
                 if isinstance(key, yaml.ScalarNode):
                     if name in seen:
-                        problems.append(Problem(_join(path, name), f"duplicate key (lines {seen[name]} and "
-                                                                   f"{key.start_mark.line + 1})"))
+                        problems.append(
+                            Problem(
+                                _join(path, name), f"duplicate key (lines {seen[name]} and {key.start_mark.line + 1})"
+                            )
+                        )
                     seen[name] = key.start_mark.line + 1
                 children += [(key, path), (value, _join(path, name))]
         elif isinstance(node, yaml.SequenceNode):
@@ -285,7 +301,7 @@ def _parse_json(text: str, source: str) -> Any:
     try:
         obj = json.loads(text, object_pairs_hook=_json_object, parse_int=_json_int)
     except json.JSONDecodeError as e:
-        raise SpecError(source, [Problem("", f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})")])
+        raise SpecError(source, [Problem("", f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})")]) from None
     except (ValueError, RecursionError) as e:
         raise SpecError(source, [Problem("", f"not accepted: {e}")]) from None
     problems = []

@@ -140,8 +140,15 @@ def load_spec(path: str | Path, *, bounds: SpecBounds | None = None) -> JobSpec:
     return parse_spec(obj, base_dir=path.resolve().parent, source=str(path), bounds=bounds)
 
 
-def parse_spec(obj: Any, *, base_dir: Path, source: str = "<spec>", data_root: Path | None = None,
-               bounds: SpecBounds | None = None, files: Callable[[str], str | None] | None = None) -> JobSpec:
+def parse_spec(
+    obj: Any,
+    *,
+    base_dir: Path,
+    source: str = "<spec>",
+    data_root: Path | None = None,
+    bounds: SpecBounds | None = None,
+    files: Callable[[str], str | None] | None = None,
+) -> JobSpec:
     """Validate an already-parsed spec (e.g. a request body read by `parse_document`) as a JobSpec.
 
     `base_dir` anchors relative paths; `source` names the spec in errors. With `data_root` (a server),
@@ -152,8 +159,7 @@ def parse_spec(obj: Any, *, base_dir: Path, source: str = "<spec>", data_root: P
 
         parse_spec({"name": "t", ...}, base_dir=root, data_root=root, source="request body")
     """
-    values = check_document(obj, base_dir=base_dir, source=source, data_root=data_root, bounds=bounds,
-                            files=files)
+    values = check_document(obj, base_dir=base_dir, source=source, data_root=data_root, bounds=bounds, files=files)
     return _build(JobSpec, values)
 
 

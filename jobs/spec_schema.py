@@ -82,14 +82,17 @@ def _value_schema(rule: _Rule) -> dict[str, Any]:
             s["maxLength"] = rule.max_length
             if rule.pattern:
                 s["pattern"] = rule.pattern
-    for key, bound in (("minimum", rule.minimum), ("maximum", rule.maximum),
-                       ("exclusiveMinimum", rule.exclusive_minimum), ("exclusiveMaximum", rule.exclusive_maximum)):
+    for key, bound in (
+        ("minimum", rule.minimum),
+        ("maximum", rule.maximum),
+        ("exclusiveMinimum", rule.exclusive_minimum),
+        ("exclusiveMaximum", rule.exclusive_maximum),
+    ):
         if bound is not None:
             s[key] = bound
     if rule.nullable:
         s["type"] = [s["type"], "null"]
     return s
-
 
 
 def _reserved_pattern() -> str:

@@ -49,13 +49,19 @@ _KEY_HINTS = {
     "trust_remote_code": "trust_remote_code is an operator setting, not part of a job spec "
     "(a spec never chooses to run code from a model repository)",
 }
-OUTSIDE_DATA_ROOT = ("no file or folder of that name under the server's data root (paths are relative to it; "
-                     "'..', absolute paths elsewhere and links out of it are not followed)")
-STORAGE_URI_ON_SERVER = ("a storage URI is not accepted in a spec sent to the server (it would read it with its "
-                         "own credentials); name a file under its data root")
+OUTSIDE_DATA_ROOT = (
+    "no file or folder of that name under the server's data root (paths are relative to it; "
+    "'..', absolute paths elsewhere and links out of it are not followed)"
+)
+STORAGE_URI_ON_SERVER = (
+    "a storage URI is not accepted in a spec sent to the server (it would read it with its "
+    "own credentials); name a file under its data root"
+)
 FILE_ID_PATTERN = r"^file-[0-9a-f]{32}$"
-UNKNOWN_FILE = ("no uploaded file with that id (unknown, deleted, or not yours); upload one with POST /v1/files "
-                "(`prefixd --server URL submit` uploads a spec's local files) or name a path under the data root")
+UNKNOWN_FILE = (
+    "no uploaded file with that id (unknown, deleted, or not yours); upload one with POST /v1/files "
+    "(`prefixd --server URL submit` uploads a spec's local files) or name a path under the data root"
+)
 _INVALID = object()
 
 
@@ -67,13 +73,23 @@ class _Context:
     files: Callable[[str], str | None] | None = None
 
 
-def check_document(obj: Any, *, base_dir: Path, source: str = "<spec>", data_root: Path | None = None,
-                   bounds: SpecBounds | None = None,
-                   files: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+def check_document(
+    obj: Any,
+    *,
+    base_dir: Path,
+    source: str = "<spec>",
+    data_root: Path | None = None,
+    bounds: SpecBounds | None = None,
+    files: Callable[[str], str | None] | None = None,
+) -> dict[str, Any]:
     """Validate a parsed spec (see the module docstring); returns the values JobSpec is built from."""
     problems: list[Problem] = []
-    ctx = _Context(Path(base_dir).resolve(), None if data_root is None else Path(data_root).resolve(),
-                   bounds or SpecBounds(), files)
+    ctx = _Context(
+        Path(base_dir).resolve(),
+        None if data_root is None else Path(data_root).resolve(),
+        bounds or SpecBounds(),
+        files,
+    )
     c = _check_section(JobSpec, obj, "", ctx, problems)
     if c is not None:
         raw = obj
@@ -160,8 +176,7 @@ def _check_section(cls: type, raw: Any, path: str, ctx: _Context, problems: list
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if not isinstance(raw, Mapping):
         where = "a job spec" if not path else "this section"
-        problems.append(Problem(path, f"{where} must be a mapping with keys {', '.join(fields)}; "
-                                      f"got {_describe(raw)}"))
+        problems.append(Problem(path, f"{where} must be a mapping with keys {', '.join(fields)}; got {_describe(raw)}"))
         return None
     for key in raw:
         if key not in fields:
@@ -243,8 +258,9 @@ def _check_value(rule: _Rule, value: Any, path: str, ctx: _Context, problems: li
     if kind == "path":
         if ctx.files is not None and path.startswith("data.") and re.fullmatch(r"file-[^./\\]*", value):
             if not re.fullmatch(FILE_ID_PATTERN, value):  # no suffix or folder: meant as an id, not a path
-                return bad(f"{value[:64]!r} is not a file id ('file-' and 32 lowercase hex digits, as POST /v1/files "
-                           "answers)")
+                return bad(
+                    f"{value[:64]!r} is not a file id ('file-' and 32 lowercase hex digits, as POST /v1/files answers)"
+                )
             found = ctx.files(value)
             if found is None:
                 return bad(f"{value!r}: {UNKNOWN_FILE}")
@@ -287,8 +303,13 @@ def _check_tags(rule: _Rule, value: Any, path: str, problems: list[Problem]) -> 
             problems.append(Problem(p, f"tag key {k!r} does not match {rule.pattern}"))
             ok = False
         elif k.lower().startswith(RESERVED_TAG_PREFIX):
-            problems.append(Problem(p, f"tag key {k!r}: the '{RESERVED_TAG_PREFIX}' prefix is reserved for "
-                                       "prefixd's own registry tags; use another key"))
+            problems.append(
+                Problem(
+                    p,
+                    f"tag key {k!r}: the '{RESERVED_TAG_PREFIX}' prefix is reserved for "
+                    "prefixd's own registry tags; use another key",
+                )
+            )
             ok = False
         elif not isinstance(v, str):
             problems.append(Problem(p, f"tag values are strings; got {_describe(v)} (quote it)"))
@@ -320,8 +341,11 @@ def _check_base_model(bm: dict | None, raw: Any, ctx: _Context, problems: list[P
         return None
     config_path = folder / "config.json"
     if not config_path.is_file():
-        problems.append(Problem("base_model.path", f"folder {given!r} has no config.json "
-                                                   f"(expected a model saved with save_pretrained)"))
+        problems.append(
+            Problem(
+                "base_model.path", f"folder {given!r} has no config.json (expected a model saved with save_pretrained)"
+            )
+        )
         return None
     shown = f"{given}/config.json" if ctx.data_root else str(config_path)
     try:
@@ -366,8 +390,12 @@ def _check_data(d: dict | None, raw: Any, ctx: _Context, problems: list[Problem]
         names = _template_fields(d["template"], problems)
         named += [("data.template", n) for n in names]
         if d.get("target_column") in names:
-            problems.append(Problem("data.template", f"names the target column {d['target_column']!r}: "
-                                                     "the prompt would contain the answer"))
+            problems.append(
+                Problem(
+                    "data.template",
+                    f"names the target column {d['target_column']!r}: the prompt would contain the answer",
+                )
+            )
     if d.get("target_column") is not None:
         if d["target_column"] == d.get("input_column"):
             problems.append(Problem("data.target_column", "must differ from data.input_column"))
@@ -393,13 +421,18 @@ def _template_fields(template: str, problems: list[Problem]) -> list[str]:
             continue
         if name == "" or name.isdigit() or "." in name or "[" in name or spec or conversion:
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            problems.append(Problem("data.template", f"placeholder {shown} must be a plain column name, "
-                                                     "like {question}"))
+            problems.append(
+                Problem("data.template", f"placeholder {shown} must be a plain column name, like {{question}}")
+            )
         elif name not in names:
             names.append(name)
     if not names and not any(p.path == "data.template" for p in problems):
-        problems.append(Problem("data.template", "has no {column} placeholder; for a prompt that is a column "
-                                                 "as is, use data.input_column"))
+        problems.append(
+            Problem(
+                "data.template",
+                "has no {column} placeholder; for a prompt that is a column as is, use data.input_column",
+            )
+        )
     return names
 
 
@@ -412,18 +445,29 @@ def _check_context(c: dict, context: tuple[int, str] | None, problems: list[Prob
     if n is None:
         return
     if n >= limit:
-        problems.append(Problem("prefix.num_virtual_tokens", f"{n} virtual tokens do not fit the model's "
-                                f"context of {limit} tokens ({where}); use fewer than {limit}"))
+        problems.append(
+            Problem(
+                "prefix.num_virtual_tokens",
+                f"{n} virtual tokens do not fit the model's "
+                f"context of {limit} tokens ({where}); use fewer than {limit}",
+            )
+        )
     elif max_length is not None and n + max_length > limit:
-        problems.append(Problem("data.max_length", f"{max_length} + prefix.num_virtual_tokens {n} = "
-                                f"{n + max_length} tokens exceeds the model's context of {limit} tokens "
-                                f"({where}); use data.max_length <= {limit - n}"))
+        problems.append(
+            Problem(
+                "data.max_length",
+                f"{max_length} + prefix.num_virtual_tokens {n} = "
+                f"{n + max_length} tokens exceeds the model's context of {limit} tokens "
+                f"({where}); use data.max_length <= {limit - n}",
+            )
+        )
 
 
 def _check_training(t: dict | None, problems: list[Problem]) -> None:
     if t and t.get("steps") is not None and t.get("warmup_steps") is not None and t["warmup_steps"] > t["steps"]:
-        problems.append(Problem("training.warmup_steps", f"{t['warmup_steps']} warmup steps exceed "
-                                                         f"training.steps {t['steps']}"))
+        problems.append(
+            Problem("training.warmup_steps", f"{t['warmup_steps']} warmup steps exceed training.steps {t['steps']}")
+        )
 
 
 def _fill_registry(c: dict, problems: list[Problem]) -> None:
@@ -436,7 +480,11 @@ def _fill_registry(c: dict, problems: list[Problem]) -> None:
         if re.fullmatch(NAME_PATTERN, derived):
             reg["model_name"] = derived
         else:
-            problems.append(Problem("registry.model_name", f"the default {derived!r} is longer than 63 "
-                                    "characters; set registry.model_name or shorten name"))
+            problems.append(
+                Problem(
+                    "registry.model_name",
+                    f"the default {derived!r} is longer than 63 characters; set registry.model_name or shorten name",
+                )
+            )
     if "direction" in reg and reg["direction"] is None and "metric" in reg:
         reg["direction"] = "minimize" if reg["metric"] in LOWER_IS_BETTER else "maximize"

@@ -115,6 +115,7 @@ def tokens_from_env() -> dict[str, Caller]:
 
 class JobOut(BaseModel):
     """One job-store row (orchestrator.store.Job), every field: what `prefixd status --json` prints."""
+
     id: str
     task: str
     base_key: str
@@ -154,6 +155,7 @@ class SubmitOut(BaseModel):
 
 class SpecOut(BaseModel):
     """A spec the server accepts, not queued."""
+
     task: str
     base_key: str
     priority: int
@@ -182,8 +184,10 @@ class Error(BaseModel):
 def _job_out(job: Any) -> JobOut:
     data = asdict(job)
     version = data.get("registry_version")
-    return JobOut(**{k: data[k] for k in JobOut.model_fields if k in data} |
-                  {"registry_version": None if version is None else str(version)})
+    return JobOut(
+        **{k: data[k] for k in JobOut.model_fields if k in data}
+        | {"registry_version": None if version is None else str(version)}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -210,8 +214,9 @@ class _BodyLimit:
             limit = self.upload_limit if scope["path"].rstrip("/") == "/v1/files" else self.limit
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
-                await JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413,
-                                   headers={"Connection": "close"})(scope, receive, send)
+                await JSONResponse(
+                    {"detail": f"request body over {limit} bytes"}, status_code=413, headers={"Connection": "close"}
+                )(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -267,9 +272,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def healthz() -> dict:
         return {"ok": True}
 
-    spec_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object"}},
-        "application/yaml": {"schema": {"type": "string"}}}}}
+    spec_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/yaml": {"schema": {"type": "string"}},
+            },
+        }
+    }
     spec_refusals = errors | {422: {"model": SpecProblems}, 413: {"model": Error}}
 
     @app.exception_handler(_SpecRefused)
@@ -284,17 +295,26 @@ def create_app(settings: ApiSettings) -> FastAPI:
         """Parse and validate (in a worker thread: it may read files); raises _SpecRefused."""
         try:
             obj = parse_document(raw, "request body", fmt="json" if "json" in content_type else "yaml")
-            spec = parse_spec(obj, base_dir=data_root, data_root=data_root, source="request body",
-                              bounds=settings.bounds, files=lambda file_id: resolve_file(file_id, caller))
+            spec = parse_spec(
+                obj,
+                base_dir=data_root,
+                data_root=data_root,
+                source="request body",
+                bounds=settings.bounds,
+                files=lambda file_id: resolve_file(file_id, caller),
+            )
         except SpecError as e:
             raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
         owner = _model_owner(settings, spec)
         if owner is not None and owner != caller.tenant:
-            problem = {"path": "registry.model_name",
-                       "message": f"{spec.registry.model_name!r} is a registered model of another tenant; only "
-                                  "its owner adds versions to it: choose a model name of your own"}
-            raise _SpecRefused("request body: 1 problem in the job spec\n  registry.model_name: "
-                               + problem["message"], [problem])
+            problem = {
+                "path": "registry.model_name",
+                "message": f"{spec.registry.model_name!r} is a registered model of another tenant; only "
+                "its owner adds versions to it: choose a model name of your own",
+            }
+            raise _SpecRefused(
+                "request body: 1 problem in the job spec\n  registry.model_name: " + problem["message"], [problem]
+            )
         return spec
 
     async def read_spec(request: Request, caller: Caller) -> Any:
@@ -302,18 +322,31 @@ def create_app(settings: ApiSettings) -> FastAPI:
         raw = await _read_body(request, settings.max_body_bytes)
         return await run_in_threadpool(check_spec, raw, request.headers.get("content-type", ""), caller)
 
-    @app.post("/v1/jobs", status_code=201, response_model=SubmitOut,
-              responses=spec_refusals | {429: {"model": Error}}, openapi_extra=spec_body)
-    async def submit(request: Request, caller: Caller = Depends(authorize),
-                     max_attempts: int | None = Query(None, ge=1, le=100,
-                                                      description="default: the server's setting")) -> SubmitOut:
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=SubmitOut,
+        responses=spec_refusals | {429: {"model": Error}},
+        openapi_extra=spec_body,
+    )
+    async def submit(
+        request: Request,
+        caller: Caller = Depends(authorize),
+        max_attempts: int | None = Query(None, ge=1, le=100, description="default: the server's setting"),
+    ) -> SubmitOut:
         """Submit one job spec (JSON object, or YAML text with content type application/yaml)."""
         spec = await read_spec(request, caller)
         try:
             job_id = await run_in_threadpool(
-                store.submit, spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-                priority=spec.priority, max_attempts=max_attempts or settings.max_attempts, tenant=caller.tenant,
-                enforce_quota=not caller.admin)
+                store.submit,
+                spec.to_dict(),
+                task=spec.name,
+                base_key=spec.base_model.base_key,
+                priority=spec.priority,
+                max_attempts=max_attempts or settings.max_attempts,
+                tenant=caller.tenant,
+                enforce_quota=not caller.admin,
+            )
         except QuotaExceeded as e:
             raise HTTPException(429, str(e)) from None
         return SubmitOut(job_id=job_id, task=spec.name)
@@ -325,10 +358,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return SpecOut(task=spec.name, base_key=spec.base_model.base_key, priority=spec.priority)
 
     @app.get("/v1/jobs", response_model=list[JobOut], responses=errors)
-    def list_jobs(caller: Caller = Depends(authorize),
-                  state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
-                  task: str | None = Query(None, max_length=64),
-                  limit: int | None = Query(None, ge=1, le=10000)) -> list[JobOut]:
+    def list_jobs(
+        caller: Caller = Depends(authorize),
+        state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
+        task: str | None = Query(None, max_length=64),
+        limit: int | None = Query(None, ge=1, le=10000),
+    ) -> list[JobOut]:
         """The caller's jobs (an admin's: everyone's), in submission order."""
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state {state!r}; accepted: {', '.join(STATES)}")
@@ -339,8 +374,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def status(job_id: str, caller: Caller = Depends(authorize)) -> JobOut:
         return _job_out(visible_job(job_id, caller))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut,
-              responses=errors | {404: {"model": Error}, 409: {"model": Error}})
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        response_model=JobOut,
+        responses=errors | {404: {"model": Error}, 409: {"model": Error}},
+    )
     def cancel(job_id: str, caller: Caller = Depends(authorize)) -> JobOut:
         visible_job(job_id, caller)
         try:
@@ -354,8 +392,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return [LogLine(time=t, level=level, message=m) for t, level, m in store.logs(job_id)]
 
     @app.get("/v1/models", dependencies=[Depends(authorize)], responses=errors | {503: {"model": Error}})
-    def models(base: str | None = Query(None, max_length=512),
-               tag: list[str] = Query(default=[], description="k=v filters")) -> list[dict]:
+    def models(
+        base: str | None = Query(None, max_length=512), tag: list[str] = Query(default=[], description="k=v filters")
+    ) -> list[dict]:
         uri = _tracking(settings)
         tags = {}
         for item in tag:
@@ -368,10 +407,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
         except registry.RegistryError as e:
             raise HTTPException(422, str(e)) from None
 
-    @app.get("/v1/models/{task}", dependencies=[Depends(authorize)],
-             responses=errors | {404: {"model": Error}, 503: {"model": Error}})
-    def lookup(task: str, alias: str | None = Query(None, max_length=256),
-               version: int | None = Query(None, ge=1)) -> dict:
+    @app.get(
+        "/v1/models/{task}",
+        dependencies=[Depends(authorize)],
+        responses=errors | {404: {"model": Error}, 503: {"model": Error}},
+    )
+    def lookup(
+        task: str, alias: str | None = Query(None, max_length=256), version: int | None = Query(None, ge=1)
+    ) -> dict:
         uri = _tracking(settings)
         if alias is not None and version is not None:
             raise HTTPException(422, "give alias or version, not both")
@@ -434,10 +477,17 @@ class ApiHandle:
         self.thread.join(timeout_s)
 
 
-def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int = 8000,
-              tokens: Iterable[str] | None = None, admin_tokens: Iterable[str] | None = None,
-              data_root: str | Path | None = None, max_upload_bytes: int | None = None,
-              startup_timeout_s: float = 60.0) -> ApiHandle:
+def start_api(
+    config: OrchestratorConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    tokens: Iterable[str] | None = None,
+    admin_tokens: Iterable[str] | None = None,
+    data_root: str | Path | None = None,
+    max_upload_bytes: int | None = None,
+    startup_timeout_s: float = 60.0,
+) -> ApiHandle:
     """Serve create_app over the config's job store and MLflow registry; returns once it listens.
 
     tokens / admin_tokens: 'name=token' or bare-token entries (orchestrator/tenants.py); when neither is
@@ -461,14 +511,23 @@ def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int 
     except ValueError as e:
         raise ApiStartError(str(e)) from None
     if not callers:
-        raise ApiStartError(f"no API token configured: set {TOKENS_ENV} (or {ADMIN_TOKENS_ENV}) to one or more "
-                            "bearer tokens (comma-separated); the HTTP API does not serve without one")
+        raise ApiStartError(
+            f"no API token configured: set {TOKENS_ENV} (or {ADMIN_TOKENS_ENV}) to one or more "
+            "bearer tokens (comma-separated); the HTTP API does not serve without one"
+        )
     root = Path(data_root or os.environ.get(DATA_ROOT_ENV) or config.home / "data").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    settings = ApiSettings(store_url=config.store_url, callers=callers, data_root=root,
-                           tracking_uri=config.tracking_uri, max_attempts=config.max_attempts, bounds=bounds,
-                           quotas=quotas, files_storage=str(config.storage or config.home),
-                           max_upload_bytes=upload_limit)
+    settings = ApiSettings(
+        store_url=config.store_url,
+        callers=callers,
+        data_root=root,
+        tracking_uri=config.tracking_uri,
+        max_attempts=config.max_attempts,
+        bounds=bounds,
+        quotas=quotas,
+        files_storage=str(config.storage or config.home),
+        max_upload_bytes=upload_limit,
+    )
     sock = _listen_socket(host, port)
     try:
         app = create_app(settings)
@@ -487,9 +546,12 @@ def start_api(config: OrchestratorConfig, *, host: str = "127.0.0.1", port: int 
         time.sleep(0.02)
     bound_port = sock.getsockname()[1]
     if not _is_loopback(host):
-        print(f"warning: the HTTP API listens on {host}:{bound_port}, reachable from other machines, over "
-              "plain HTTP: put a TLS proxy in front of it so tokens do not cross the network in clear text",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: the HTTP API listens on {host}:{bound_port}, reachable from other machines, over "
+            "plain HTTP: put a TLS proxy in front of it so tokens do not cross the network in clear text",
+            file=sys.stderr,
+            flush=True,
+        )
     shown = f"[{host}]" if ":" in host else host
     return ApiHandle(url=f"http://{shown}:{bound_port}", data_root=root, server=server, thread=thread)
 

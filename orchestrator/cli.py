@@ -54,7 +54,6 @@ from orchestrator.registry_text import parse_tag_filters, print_models, print_ve
 from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
 from orchestrator.tenants import LOCAL_TENANT
 
-
 SERVER_ENV = "PREFIXD_SERVER"
 TOKEN_ENV = "PREFIXD_TOKEN"
 
@@ -70,10 +69,13 @@ def config_from_args(args: argparse.Namespace, **settings: Any) -> OrchestratorC
     """The orchestrator config from the global flags (and the environment); for every command, the
     registry's included."""
     try:
-        return OrchestratorConfig.from_env(home=getattr(args, "home", None),
-                                           store_url=getattr(args, "store_url", None),
-                                           ray_address=getattr(args, "ray_address", None),
-                                           storage=getattr(args, "storage", None), **settings)
+        return OrchestratorConfig.from_env(
+            home=getattr(args, "home", None),
+            store_url=getattr(args, "store_url", None),
+            ray_address=getattr(args, "ray_address", None),
+            storage=getattr(args, "storage", None),
+            **settings,
+        )
     except ValueError as e:
         raise CommandError(str(e)) from None
 
@@ -117,8 +119,10 @@ def api_client(args: argparse.Namespace) -> ApiClient | None:
         return None
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
-        raise CommandError(f"--server {url} needs a bearer token: set {TOKEN_ENV} (it is never taken from a "
-                           "flag, which would show in `ps` and shell history)")
+        raise CommandError(
+            f"--server {url} needs a bearer token: set {TOKEN_ENV} (it is never taken from a "
+            "flag, which would show in `ps` and shell history)"
+        )
     try:
         return ApiClient(url, token)
     except ValueError as e:
@@ -151,9 +155,13 @@ def _print_json(obj: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     good, bad = _load_specs(args.specs, args)
     if args.json:
-        _print_json([{"spec": p, "valid": True, "name": s.name, "base_key": s.base_model.base_key,
-                      "problems": []} for p, s in good]
-                    + [{"spec": e.source, "valid": False, "problems": [str(p) for p in e.problems]} for e in bad])
+        _print_json(
+            [
+                {"spec": p, "valid": True, "name": s.name, "base_key": s.base_model.base_key, "problems": []}
+                for p, s in good
+            ]
+            + [{"spec": e.source, "valid": False, "problems": [str(p) for p in e.problems]} for e in bad]
+        )
     else:
         for path, spec in good:
             print(f"{path}: ok ({spec.name}, base {spec.base_model.base_key})")
@@ -174,13 +182,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     good, bad = _load_specs(args.specs, args)
     _refuse_if_invalid(bad, len(args.specs))
     max_attempts = args.max_attempts or config_from_args(args).max_attempts
-    ids = _with_store(args, lambda store: store.submit_many([  # on this machine: the local admin
-        NewJob(spec=spec.to_dict(), task=spec.name, base_key=spec.base_model.base_key,
-               priority=spec.priority, max_attempts=max_attempts, tenant=LOCAL_TENANT)
-        for _, spec in good
-    ]))
-    _print_submitted(args, [(job_id, path, spec.name, spec.base_model.base_key, spec.priority)
-                            for job_id, (path, spec) in zip(ids, good)])
+    ids = _with_store(
+        args,
+        lambda store: store.submit_many(
+            [  # on this machine: the local admin
+                NewJob(
+                    spec=spec.to_dict(),
+                    task=spec.name,
+                    base_key=spec.base_model.base_key,
+                    priority=spec.priority,
+                    max_attempts=max_attempts,
+                    tenant=LOCAL_TENANT,
+                )
+                for _, spec in good
+            ]
+        ),
+    )
+    _print_submitted(
+        args,
+        [(job_id, path, spec.name, spec.base_model.base_key, spec.priority) for job_id, (path, spec) in zip(ids, good)],
+    )
     return 0
 
 
@@ -218,8 +239,10 @@ def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
             job_id = client.submit(text, max_attempts=args.max_attempts)
         except ApiError as e:  # the server went away, or the data changed under it since the check
             _print_submitted(args, submitted)
-            raise CommandError(f"{path}: {e}\n{len(submitted)} of {len(checked)} specs were queued"
-                               f"{' (above)' if submitted else ''}; the rest were not") from None
+            raise CommandError(
+                f"{path}: {e}\n{len(submitted)} of {len(checked)} specs were queued"
+                f"{' (above)' if submitted else ''}; the rest were not"
+            ) from None
         submitted.append((job_id, path, spec["task"], spec["base_key"], spec["priority"]))
     _print_submitted(args, submitted)
     return 0
@@ -260,21 +283,33 @@ def _refuse_if_invalid(bad: list[SpecError], total: int) -> None:
 def _print_submitted(args: argparse.Namespace, rows: list[tuple[str, str, str, str, int]]) -> None:
     """rows: (job id, spec file, name, base key, priority)."""
     if args.json:
-        _print_json([{"id": job_id, "name": name, "spec": path, "base_key": base_key, "priority": priority}
-                     for job_id, path, name, base_key, priority in rows])
+        _print_json(
+            [
+                {"id": job_id, "name": name, "spec": path, "base_key": base_key, "priority": priority}
+                for job_id, path, name, base_key, priority in rows
+            ]
+        )
     else:
         for job_id, path, name, _, _ in rows:
             print(f"{job_id}\t{name}\t{path}")
 
 
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("specs", nargs="+", metavar="SPEC",
-                   help="job spec files; all are validated before any is queued. With --server the file's YAML "
-                        "text is sent; data files it names that exist here (relative to the spec file) are "
-                        "uploaded first, other paths are read relative to the server's data root")
+    p.add_argument(
+        "specs",
+        nargs="+",
+        metavar="SPEC",
+        help="job spec files; all are validated before any is queued. With --server the file's YAML "
+        "text is sent; data files it names that exist here (relative to the spec file) are "
+        "uploaded first, other paths are read relative to the server's data root",
+    )
     p.add_argument("--json", action="store_true", help="print the queued jobs as JSON")
-    p.add_argument("--max-attempts", type=_positive_int, default=None,
-                   help="attempts per job before it fails for good (default 3; with --server, the server's)")
+    p.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=None,
+        help="attempts per job before it fails for good (default 3; with --server, the server's)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -303,8 +338,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
     if stop.is_set():
         waiting = [j for j in summary.jobs.values() if j.state not in FINAL_STATES]
-        print(f"stopped: {len(waiting)} job(s) queued again from their checkpoints, no attempt charged; "
-              "`prefixd run` resumes them", file=sys.stderr)
+        print(
+            f"stopped: {len(waiting)} job(s) queued again from their checkpoints, no attempt charged; "
+            "`prefixd run` resumes them",
+            file=sys.stderr,
+        )
         return 143
     counts = ", ".join(f"{summary.count(s)} {s}" for s in FINAL_STATES if summary.count(s))
     print(f"done: {counts or 'no jobs'}; results under {config.jobs_dir}")
@@ -345,18 +383,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _add_scheduler_arguments(p)
-    p.add_argument("--api", action="store_true",
-                   help="also serve the HTTP API (orchestrator.api); needs tokens: PREFIXD_API_TOKENS "
-                        "(comma-separated name=token pairs, one tenant each; a bare token is a tenant of its "
-                        "own), PREFIXD_ADMIN_TOKENS for admins (they see every job), or their _FILE forms; "
-                        "PREFIXD_QUOTAS and PREFIXD_SPEC_BOUNDS name the quota and bound files")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="HTTP API address (default 127.0.0.1; another machine can reach it only with an "
-                        "explicit address such as 0.0.0.0, and then put TLS in front)")
+    p.add_argument(
+        "--api",
+        action="store_true",
+        help="also serve the HTTP API (orchestrator.api); needs tokens: PREFIXD_API_TOKENS "
+        "(comma-separated name=token pairs, one tenant each; a bare token is a tenant of its "
+        "own), PREFIXD_ADMIN_TOKENS for admins (they see every job), or their _FILE forms; "
+        "PREFIXD_QUOTAS and PREFIXD_SPEC_BOUNDS name the quota and bound files",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="HTTP API address (default 127.0.0.1; another machine can reach it only with an "
+        "explicit address such as 0.0.0.0, and then put TLS in front)",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP API port (default 8000)")
-    p.add_argument("--data-root", default=None,
-                   help="folder that relative paths in specs submitted over HTTP are read from, and may not "
-                        "leave (PREFIXD_DATA_ROOT; default HOME/data)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder that relative paths in specs submitted over HTTP are read from, and may not "
+        "leave (PREFIXD_DATA_ROOT; default HOME/data)",
+    )
 
 
 def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
@@ -367,12 +414,14 @@ def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
     except ModuleNotFoundError as e:
         if e.name != "orchestrator.api":
             raise
-        print("the HTTP API is not available yet (orchestrator.api is not installed); serving without it",
-              file=sys.stderr)
+        print(
+            "the HTTP API is not available yet (orchestrator.api is not installed); serving without it", file=sys.stderr
+        )
         return None
     if not hasattr(api, "start_api"):
-        print("the HTTP API is not available yet (orchestrator.api has no start_api); serving without it",
-              file=sys.stderr)
+        print(
+            "the HTTP API is not available yet (orchestrator.api has no start_api); serving without it", file=sys.stderr
+        )
         return None
     try:
         return api.start_api(config, host=args.host, port=args.port, data_root=getattr(args, "data_root", None))
@@ -502,8 +551,10 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     if client is None:
         return _registry_command("lookup")(args)
     if getattr(args, "download", None) or getattr(args, "mlflow_uri", None):
-        raise CommandError("--download and --mlflow-uri work only without --server: the adapter files and "
-                           "the MLflow registry stay on the server")
+        raise CommandError(
+            "--download and --mlflow-uri work only without --server: the adapter files and "
+            "the MLflow registry stay on the server"
+        )
     try:
         info = client.lookup(args.task, alias=args.alias, version=args.version)
     except ApiError as e:
@@ -558,10 +609,18 @@ def add_server_lookup_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_server_models_arguments(p: argparse.ArgumentParser) -> None:
     """orchestrator.registry.add_models_arguments's options (a test keeps them equal), without importing it."""
-    p.add_argument("--base", help="only versions of this base model: 'builtin:smollm2-135m', a folder, "
-                                  "or the full 'kind:location@revision:dtype'")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="only versions with this tag (repeatable; all must match)")
+    p.add_argument(
+        "--base",
+        help="only versions of this base model: 'builtin:smollm2-135m', a folder, "
+        "or the full 'kind:location@revision:dtype'",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only versions with this tag (repeatable; all must match)",
+    )
     p.add_argument("--json", action="store_true", help="print the models as JSON")
     p.add_argument("--mlflow-uri", default=None, help="not available with --server")
 
@@ -571,8 +630,7 @@ def add_server_models_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "validate": (cmd_validate, "check job specs and print every problem", add_validate_arguments),
     "submit": (cmd_submit, "validate job specs and queue them (all or none)", add_submit_arguments),
-    "run": (cmd_run, "train every queued job on Ray, with live progress; exit when none is left",
-            add_run_arguments),
+    "run": (cmd_run, "train every queued job on Ray, with live progress; exit when none is left", add_run_arguments),
     "serve": (cmd_serve, "keep scheduling jobs as they are submitted", add_serve_arguments),
     "status": (cmd_status, "show every job, or one", add_status_arguments),
     "list": (cmd_list, "list jobs (status without a job id)", add_list_arguments),
@@ -581,8 +639,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "schema": (cmd_schema, "print the job spec JSON Schema", add_schema_arguments),
     "lookup": (cmd_lookup, "find trained prefixes in the registry", _registry_arguments("lookup")),
     "models": (cmd_models, "list registered models", _registry_arguments("models")),
-    "generate": (_registry_command("generate"), "generate text with a registered prefix",
-                 _registry_arguments("generate")),
+    "generate": (
+        _registry_command("generate"),
+        "generate text with a registered prefix",
+        _registry_arguments("generate"),
+    ),
 }
 
 
@@ -597,19 +658,33 @@ def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
     # On the subcommands the defaults are suppressed, so a flag given before the command is not reset.
     default = argparse.SUPPRESS if suppress else None
     p.add_argument("--home", default=default, help="state folder (PREFIXD_HOME, default ~/.prefixd)")
-    p.add_argument("--store-url", default=default,
-                   help="SQLAlchemy URL of the job store (PREFIXD_STORE_URL; default sqlite in --home)")
-    p.add_argument("--storage", default=default, metavar="URI",
-                   help="where job folders (checkpoints, results) live, reachable from every node (PREFIXD_STORAGE; "
-                        "default --home): a local or shared path, or s3://bucket/prefix[?endpoint_override=host:port"
-                        "&region=R&scheme=http]; S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    p.add_argument("--ray-address", default=default,
-                   help="Ray cluster to join (PREFIXD_RAY_ADDRESS; a token-auth cluster needs RAY_AUTH_MODE=token); "
-                        "default: start a private Ray on 127.0.0.1")
-    p.add_argument("--server", default=default, metavar="URL",
-                   help=f"a `prefixd serve --api` to send {', '.join(SERVER_COMMANDS)} to ({SERVER_ENV}); the "
-                        f"token comes from {TOKEN_ENV}. Spec paths are then read on the server, relative to its "
-                        "data root")
+    p.add_argument(
+        "--store-url",
+        default=default,
+        help="SQLAlchemy URL of the job store (PREFIXD_STORE_URL; default sqlite in --home)",
+    )
+    p.add_argument(
+        "--storage",
+        default=default,
+        metavar="URI",
+        help="where job folders (checkpoints, results) live, reachable from every node (PREFIXD_STORAGE; "
+        "default --home): a local or shared path, or s3://bucket/prefix[?endpoint_override=host:port"
+        "&region=R&scheme=http]; S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=default,
+        help="Ray cluster to join (PREFIXD_RAY_ADDRESS; a token-auth cluster needs RAY_AUTH_MODE=token); "
+        "default: start a private Ray on 127.0.0.1",
+    )
+    p.add_argument(
+        "--server",
+        default=default,
+        metavar="URL",
+        help=f"a `prefixd serve --api` to send {', '.join(SERVER_COMMANDS)} to ({SERVER_ENV}); the "
+        f"token comes from {TOKEN_ENV}. Spec paths are then read on the server, relative to its "
+        "data root",
+    )
 
 
 def build_parser(*, registry_arguments: bool = True, server: bool = False) -> argparse.ArgumentParser:
@@ -648,8 +723,11 @@ def main(argv: list[str] | None = None) -> int:
         server = server_url(args)
         if server and args.command in SERVER_REFUSED:
             given = "--server" if getattr(args, "server", None) else f"{SERVER_ENV}"
-            print(f"prefixd {args.command}: error: `prefixd {args.command}` works on this machine and cannot go "
-                  f"through a server; drop {given} ({server})", file=sys.stderr)
+            print(
+                f"prefixd {args.command}: error: `prefixd {args.command}` works on this machine and cannot go "
+                f"through a server; drop {given} ({server})",
+                file=sys.stderr,
+            )
             return 2
         if server and args.command in SERVER_ARGUMENTS:
             args = build_parser(registry_arguments=False, server=True).parse_args(argv)
@@ -677,34 +755,70 @@ def main(argv: list[str] | None = None) -> int:
 
 _SCHEDULER_FLAGS = (  # flag, config field, type, help
     ("--num-cpus", "num_cpus", int, "CPUs of the local Ray (default: all)"),
-    ("--cpus-per-group", "cpus_per_group", float,
-     "CPUs each rank of a group reserves, its torch threads on CPU (default: a local Ray's CPUs split across "
-     "one group's ranks; 1 on a cluster)"),
+    (
+        "--cpus-per-group",
+        "cpus_per_group",
+        float,
+        "CPUs each rank of a group reserves, its torch threads on CPU (default: a local Ray's CPUs split across "
+        "one group's ranks; 1 on a cluster)",
+    ),
     ("--max-groups", "max_groups", int, "most worker groups at once, replicas included (default 2)"),
-    ("--max-groups-per-base", "max_groups_per_base", int,
-     "most groups serving one base model; another starts when its queue exceeds what they take (default 1)"),
-    ("--placement-strategy", "placement_strategy", str,
-     "how a group's ranks are placed: PACK (few nodes, default) or STRICT_PACK (one node)"),
-    ("--group-shapes", "group_shapes", "file",
-     "YAML/JSON table: base model -> group settings (workers_per_group, zero_stage, gpus_per_worker, "
-     "cpus_per_group, resources_per_worker, placement_strategy, max_groups)"),
+    (
+        "--max-groups-per-base",
+        "max_groups_per_base",
+        int,
+        "most groups serving one base model; another starts when its queue exceeds what they take (default 1)",
+    ),
+    (
+        "--placement-strategy",
+        "placement_strategy",
+        str,
+        "how a group's ranks are placed: PACK (few nodes, default) or STRICT_PACK (one node)",
+    ),
+    (
+        "--group-shapes",
+        "group_shapes",
+        "file",
+        "YAML/JSON table: base model -> group settings (workers_per_group, zero_stage, gpus_per_worker, "
+        "cpus_per_group, resources_per_worker, placement_strategy, max_groups)",
+    ),
     ("--group-capacity", "group_capacity", int, "most tasks per group (default 8)"),
     ("--micro-batch-size", "micro_batch_size", int, "rows per forward pass (default 16)"),
-    ("--workers-per-group", "workers_per_group", int,
-     "ranks (processes) per worker group; the base model is partitioned across them with ZeRO-3 (default 1)"),
+    (
+        "--workers-per-group",
+        "workers_per_group",
+        int,
+        "ranks (processes) per worker group; the base model is partitioned across them with ZeRO-3 (default 1)",
+    ),
     ("--gpus-per-worker", "gpus_per_worker", float, "GPUs each rank reserves from Ray (default 0)"),
     ("--zero-offload", "zero_offload", None, "ZeRO-3: keep the base-weight partitions in CPU memory"),
-    ("--zero-stage", "zero_stage", int,
-     "DeepSpeed ZeRO stage of each group's base model: 3 partitions it across the group's ranks, 0 and 2 keep "
-     "a full copy on each (default 3)"),
-    ("--compile-layers", "compile_layers", None,
-     "run the decoder layers compiled (Llama/Mistral/Qwen2; needs --zero-stage 0 or 2; default off)"),
+    (
+        "--zero-stage",
+        "zero_stage",
+        int,
+        "DeepSpeed ZeRO stage of each group's base model: 3 partitions it across the group's ranks, 0 and 2 keep "
+        "a full copy on each (default 3)",
+    ),
+    (
+        "--compile-layers",
+        "compile_layers",
+        None,
+        "run the decoder layers compiled (Llama/Mistral/Qwen2; needs --zero-stage 0 or 2; default off)",
+    ),
     ("--idle-timeout", "idle_timeout_s", float, "seconds before an idle group is released (default 30)"),
-    ("--drain-timeout", "drain_timeout_s", float,
-     "on SIGTERM/Ctrl-C, seconds groups get to checkpoint and hand their jobs back uncharged (default 120)"),
+    (
+        "--drain-timeout",
+        "drain_timeout_s",
+        float,
+        "on SIGTERM/Ctrl-C, seconds groups get to checkpoint and hand their jobs back uncharged (default 120)",
+    ),
     ("--heartbeat", "heartbeat_s", float, "seconds between heartbeats (default 5)"),
-    ("--stale-after", "stale_after_s", float,
-     "seconds without heartbeats before a running job is taken back (default 60)"),
+    (
+        "--stale-after",
+        "stale_after_s",
+        float,
+        "seconds without heartbeats before a running job is taken back (default 60)",
+    ),
     ("--poll", "poll_s", float, "seconds between scheduling passes (default 1)"),
 )
 
@@ -751,8 +865,17 @@ def _print_table(jobs: list[Job]) -> None:
     rows = [("ID", "NAME", "STATE", "STEP", "LOSS", "ATTEMPTS", "UPDATED")]
     for j in jobs:
         state = j.state + ("*" if j.cancel_requested and j.state == "running" else "")
-        rows.append((j.id, j.task, state, _step(j), f"{j.loss:.4f}" if j.loss is not None else "-",
-                     f"{j.attempts}/{j.max_attempts}", _clock(j.updated_at)))
+        rows.append(
+            (
+                j.id,
+                j.task,
+                state,
+                _step(j),
+                f"{j.loss:.4f}" if j.loss is not None else "-",
+                f"{j.attempts}/{j.max_attempts}",
+                _clock(j.updated_at),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -770,23 +893,29 @@ def _registration(job: Job) -> str | None:
         return None
     if job.registration_error:
         retry = f"; next try {_clock(job.next_registration_at)}" if job.next_registration_at else ""
-        return (f"not yet: {job.registration_attempts} attempt(s) failed ({job.registration_error.splitlines()[0]})"
-                + retry)
+        return (
+            f"not yet: {job.registration_attempts} attempt(s) failed ({job.registration_error.splitlines()[0]})" + retry
+        )
     return "not yet (the orchestrator registers finished jobs in MLflow)"
 
 
 def _print_job(job: Job) -> None:
     fields = [
-        ("id", job.id), ("name", job.task), ("state", job.state + (" (cancel requested)" if job.cancel_requested
-                                                                    and job.state == "running" else "")),
-        ("base model", job.base_key), ("priority", job.priority), ("step", _step(job)),
+        ("id", job.id),
+        ("name", job.task),
+        ("state", job.state + (" (cancel requested)" if job.cancel_requested and job.state == "running" else "")),
+        ("base model", job.base_key),
+        ("priority", job.priority),
+        ("step", _step(job)),
         ("loss", f"{job.loss:.4f}" if job.loss is not None else None),
         ("tokens/s", f"{job.tokens_per_s:,.0f}" if job.tokens_per_s else None),
-        ("attempts", f"{job.attempts} of {job.max_attempts}"), ("submitted", _clock(job.created_at)),
+        ("attempts", f"{job.attempts} of {job.max_attempts}"),
+        ("submitted", _clock(job.created_at)),
         ("started", _clock(job.started_at) if job.started_at else None),
         ("finished", _clock(job.finished_at) if job.finished_at else None),
         ("waiting", job.waiting if job.state == "queued" else None),
-        ("result", job.result_dir), ("error", job.error),
+        ("result", job.result_dir),
+        ("error", job.error),
         ("registered", _registration(job)),
     ]
     for name, value in fields:

@@ -83,8 +83,9 @@ class ApiClient:
 
     def logs(self, job_id: str) -> list[tuple[float, str, str]]:
         """(time, level, message), oldest first, as JobStore.logs."""
-        return [(e["time"], e["level"], e["message"])
-                for e in self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")]
+        return [
+            (e["time"], e["level"], e["message"]) for e in self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")
+        ]
 
     # ---- uploads ----------------------------------------------------------------------------------------
 
@@ -93,8 +94,13 @@ class ApiClient:
         {'id': 'file-3f9c...', 'name': 'train.jsonl', 'size': 1234, 'sha256': ..., 'tenant': 'alice'}."""
         path = Path(path)
         with open(path, "rb") as f:
-            return self._call("POST", "/v1/files", params={"name": name or path.name}, content=f,
-                              headers={"Content-Type": "application/octet-stream"})
+            return self._call(
+                "POST",
+                "/v1/files",
+                params={"name": name or path.name},
+                content=f,
+                headers={"Content-Type": "application/octet-stream"},
+            )
 
     def files(self) -> list[dict[str, Any]]:
         """The caller's uploads (an admin's: everyone's), oldest first."""
@@ -123,8 +129,13 @@ class ApiClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = httpx.request(method, self.url + path, headers=self._headers | kwargs.pop("headers", {}),
-                                     timeout=self.timeout_s, **kwargs)
+            response = httpx.request(
+                method,
+                self.url + path,
+                headers=self._headers | kwargs.pop("headers", {}),
+                timeout=self.timeout_s,
+                **kwargs,
+            )
         except httpx.TransportError as e:
             raise ApiError(None, f"cannot reach the prefixd server at {self.url}: {e or type(e).__name__}") from None
         if response.is_success:

@@ -20,8 +20,8 @@ PREFIXD_MODEL_CACHE), so several homes share one converted SmolLM2.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,16 @@ class GroupShape:
     max_groups: int | None = None
     """Most groups of this base model at once (None: the orchestrator's max_groups_per_base)."""
 
-    FIELDS = ("workers_per_group", "zero_stage", "zero_offload", "gpus_per_worker", "cpus_per_group",
-              "resources_per_worker", "placement_strategy", "max_groups")
+    FIELDS = (
+        "workers_per_group",
+        "zero_stage",
+        "zero_offload",
+        "gpus_per_worker",
+        "cpus_per_group",
+        "resources_per_worker",
+        "placement_strategy",
+        "max_groups",
+    )
 
     def problems(self, where: str) -> list[str]:
         """Every setting out of range, each named after `where` ("" or e.g. "group_shapes['builtin:x'].")."""
@@ -82,14 +90,18 @@ class GroupShape:
         if self.cpus_per_group is not None and (not _is_number(self.cpus_per_group) or not self.cpus_per_group > 0):
             out.append(f"{where}cpus_per_group: must be a number > 0 (or unset), got {self.cpus_per_group!r}")
         if not isinstance(self.resources_per_worker, dict) or not all(
-                isinstance(k, str) and k and _is_number(v) and v > 0 for k, v in self.resources_per_worker.items()):
-            out.append(f"{where}resources_per_worker: must map resource names to numbers > 0, "
-                       f"got {self.resources_per_worker!r}")
+            isinstance(k, str) and k and _is_number(v) and v > 0 for k, v in self.resources_per_worker.items()
+        ):
+            out.append(
+                f"{where}resources_per_worker: must map resource names to numbers > 0, "
+                f"got {self.resources_per_worker!r}"
+            )
         elif {"CPU", "GPU"} & set(self.resources_per_worker):
             out.append(f"{where}resources_per_worker: CPU and GPU are set by cpus_per_group and gpus_per_worker")
         if self.placement_strategy not in STRATEGIES:
-            out.append(f"{where}placement_strategy: must be one of {', '.join(STRATEGIES)}, "
-                       f"got {self.placement_strategy!r}")
+            out.append(
+                f"{where}placement_strategy: must be one of {', '.join(STRATEGIES)}, got {self.placement_strategy!r}"
+            )
         if self.max_groups is not None and (not _is_int(self.max_groups) or self.max_groups < 1) and where:
             out.append(f"{where}max_groups: must be an int >= 1 (or unset), got {self.max_groups!r}")
         return out
@@ -107,8 +119,10 @@ def read_group_shapes(path: str | Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise ValueError(f"group_shapes: cannot read {path}: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in data.items()):
-        raise ValueError(f"group_shapes: {path} must map base models to settings, e.g. "
-                         "{'builtin:smollm2-135m': {'workers_per_group': 1, 'gpus_per_worker': 1}}")
+        raise ValueError(
+            f"group_shapes: {path} must map base models to settings, e.g. "
+            "{'builtin:smollm2-135m': {'workers_per_group': 1, 'gpus_per_worker': 1}}"
+        )
     return data
 
 
@@ -131,8 +145,10 @@ def _operator_files(settings: dict[str, Any]) -> dict[str, Any]:
     if "tenant_quotas" not in settings and os.environ.get("PREFIXD_QUOTAS"):
         from orchestrator.tenants import read_quotas
 
-        settings["tenant_quotas"] = {t: {k: getattr(q, k) for k in ("max_queued", "max_running", "max_priority")}
-                                     for t, q in read_quotas(os.environ["PREFIXD_QUOTAS"]).items()}
+        settings["tenant_quotas"] = {
+            t: {k: getattr(q, k) for k in ("max_queued", "max_running", "max_priority")}
+            for t, q in read_quotas(os.environ["PREFIXD_QUOTAS"]).items()
+        }
     return settings
 
 
@@ -287,8 +303,9 @@ class OrchestratorConfig:
         if not isinstance(self.compile_layers, bool):
             problems.append(f"compile_layers: must be true or false, got {self.compile_layers!r}")
         elif self.compile_layers and self.zero_stage == 3:
-            problems.append("compile_layers: needs zero_stage 0 or 2 (ZeRO-3 partitions the weights the compiled "
-                            "layers read)")
+            problems.append(
+                "compile_layers: needs zero_stage 0 or 2 (ZeRO-3 partitions the weights the compiled layers read)"
+            )
         for name in ("max_groups", "max_groups_per_base", "group_capacity", "max_attempts", "micro_batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -299,11 +316,12 @@ class OrchestratorConfig:
                 problems.append(f"{name}: must be a number > 0, got {value!r}")
         if not isinstance(self.group_shapes, dict):
             problems.append(f"group_shapes: must map base models to settings, got {self.group_shapes!r}")
-        for base, row in (self.group_shapes.items() if isinstance(self.group_shapes, dict) else ()):
+        for base, row in self.group_shapes.items() if isinstance(self.group_shapes, dict) else ():
             unknown = sorted(set(row) - set(GroupShape.FIELDS))
             if unknown:
-                problems.append(f"group_shapes[{base!r}]: unknown settings {unknown}; accepted: "
-                                f"{', '.join(GroupShape.FIELDS)}")
+                problems.append(
+                    f"group_shapes[{base!r}]: unknown settings {unknown}; accepted: {', '.join(GroupShape.FIELDS)}"
+                )
             else:
                 problems += self.shape_for(base).problems(f"group_shapes[{base!r}].")
         if self.storage is not None:
@@ -317,8 +335,10 @@ class OrchestratorConfig:
         if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
             problems.append(f"num_cpus: must be an int >= 1 or None, got {self.num_cpus!r}")
         if not problems and self.stale_after_s <= 2 * self.heartbeat_s:
-            problems.append(f"stale_after_s: {self.stale_after_s} must exceed 2 x heartbeat_s "
-                            f"({self.heartbeat_s}), or live jobs would be taken back as stale")
+            problems.append(
+                f"stale_after_s: {self.stale_after_s} must exceed 2 x heartbeat_s "
+                f"({self.heartbeat_s}), or live jobs would be taken back as stale"
+            )
         if problems:
             raise ValueError("orchestrator settings: " + "; ".join(problems))
 

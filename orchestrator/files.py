@@ -50,9 +50,12 @@ def check_name(name: str | None) -> str:
     characters); else HTTP 422 naming the `name` parameter. check_name('qa.csv') -> 'qa.csv'."""
     if not name or not name.strip():
         raise HTTPException(422, "name: the file's name is required, e.g. POST /v1/files?name=train.jsonl")
-    if (len(name) > MAX_NAME_CHARS or any(ord(ch) < 32 or ch in "/\\" for ch in name) or name in (".", "..")):
-        raise HTTPException(422, f"name: a bare file name of at most {MAX_NAME_CHARS} characters is accepted "
-                                 "(no folders, no control characters), e.g. train.jsonl")
+    if len(name) > MAX_NAME_CHARS or any(ord(ch) < 32 or ch in "/\\" for ch in name) or name in (".", ".."):
+        raise HTTPException(
+            422,
+            f"name: a bare file name of at most {MAX_NAME_CHARS} characters is accepted "
+            "(no folders, no control characters), e.g. train.jsonl",
+        )
     return name
 
 
@@ -71,8 +74,15 @@ class FileStore:
         folder = self.root.child(tenant, file_id)
         spool.seek(0)
         folder.put_stream(obj, spool)
-        meta = {"id": file_id, "name": name, "size": size, "sha256": sha256, "created_at": time.time(),
-                "tenant": tenant, "object": obj}
+        meta = {
+            "id": file_id,
+            "name": name,
+            "size": size,
+            "sha256": sha256,
+            "created_at": time.time(),
+            "tenant": tenant,
+            "object": obj,
+        }
         folder.write_text(META, json.dumps(meta))
         return meta
 
@@ -121,8 +131,9 @@ async def spool_body(request: Request, limit: int) -> tuple[BinaryIO, int, str]:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPException(413, f"upload over {limit} bytes (the server's max_upload_bytes)",
-                                    headers={"Connection": "close"})
+                raise HTTPException(
+                    413, f"upload over {limit} bytes (the server's max_upload_bytes)", headers={"Connection": "close"}
+                )
             digest.update(chunk)
             spool.write(chunk)
     except BaseException:
@@ -133,6 +144,7 @@ async def spool_body(request: Request, limit: int) -> tuple[BinaryIO, int, str]:
 
 class FileOut(BaseModel):
     """One upload's metadata: GET /v1/files/{id}, and the answer to POST /v1/files."""
+
     id: str
     name: str
     size: int
@@ -167,19 +179,34 @@ def files_router(files: FileStore | None, authorize, max_upload_bytes: int, erro
             raise HTTPException(404, f"no such file: {file_id}")
         return meta
 
-    @router.post("/v1/files", status_code=201, response_model=FileOut,
-                 responses=errors | {413: {"model": _Error}, 415: {"model": _Error}, 422: {"model": _Error}},
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload(request: Request, caller=Depends(authorize),
-                     name: str = Query(..., max_length=MAX_NAME_CHARS,
-                                       description="the file's original name; its suffix tells the format")) -> FileOut:
+    @router.post(
+        "/v1/files",
+        status_code=201,
+        response_model=FileOut,
+        responses=errors | {413: {"model": _Error}, 415: {"model": _Error}, 422: {"model": _Error}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def upload(
+        request: Request,
+        caller=Depends(authorize),
+        name: str = Query(
+            ..., max_length=MAX_NAME_CHARS, description="the file's original name; its suffix tells the format"
+        ),
+    ) -> FileOut:
         """Upload one data file as the raw request body (streamed to storage, at most max_upload_bytes).
         e.g. `curl -H "Authorization: Bearer $T" --data-binary @train.jsonl $URL/v1/files?name=train.jsonl`"""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype.startswith("multipart/"):
-            raise HTTPException(415, "multipart uploads are not accepted: send the file as the raw body "
-                                     "(Content-Type: application/octet-stream) with ?name=FILE")
+            raise HTTPException(
+                415,
+                "multipart uploads are not accepted: send the file as the raw body "
+                "(Content-Type: application/octet-stream) with ?name=FILE",
+            )
         check_name(name)
         fs = store()
         spool, size, sha256 = await spool_body(request, max_upload_bytes)

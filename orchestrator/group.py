@@ -80,12 +80,22 @@ class GroupSettings:
         from workers.ranks import RankSettings
         from workers.zero import ZeroSettings
 
-        zero = ZeroSettings(stage=self.zero_stage, offload_params=self.zero_offload,
-                            persistence_threshold=self.zero_persistence_threshold)
+        zero = ZeroSettings(
+            stage=self.zero_stage,
+            offload_params=self.zero_offload,
+            persistence_threshold=self.zero_persistence_threshold,
+        )
         data_cache, scratch = self.local_dirs()
-        return RankSettings(world=self.world, zero=zero, model_cache=self.model_cache, data_cache=data_cache,
-                            micro_batch_size=self.micro_batch_size, compile_layers=self.compile_layers,
-                            cpus=self.cpus_per_rank, scratch=scratch)
+        return RankSettings(
+            world=self.world,
+            zero=zero,
+            model_cache=self.model_cache,
+            data_cache=data_cache,
+            micro_batch_size=self.micro_batch_size,
+            compile_layers=self.compile_layers,
+            cpus=self.cpus_per_rank,
+            scratch=scratch,
+        )
 
     def local_dirs(self) -> tuple[str, str]:
         """(data cache, scratch for staging checkpoints and results) on the node this runs on: under the
@@ -141,10 +151,20 @@ class WorkerGroup:
             idle = 0.0
             if self._idle_since is not None and not self._held:
                 idle = time.monotonic() - self._idle_since
-            return dict(base_key=self.s.base_key, owner=self.s.owner, pid=os.getpid(), state=self.state,
-                        loads=self.loads, steps=self.steps, held=sorted(self._held), idle_s=idle,
-                        stopping=self._stopping, last_step=dict(self.last_step), **self.placed,
-                        node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None)
+            return dict(
+                base_key=self.s.base_key,
+                owner=self.s.owner,
+                pid=os.getpid(),
+                state=self.state,
+                loads=self.loads,
+                steps=self.steps,
+                held=sorted(self._held),
+                idle_s=idle,
+                stopping=self._stopping,
+                last_step=dict(self.last_step),
+                **self.placed,
+                node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            )
 
     def stop(self, only_if_idle: bool = True) -> bool:
         """Ask the loop to end. With only_if_idle, refused (False) while the group holds any job; else it
@@ -247,8 +267,9 @@ class WorkerGroup:
             self._release(job.id, f"cannot read its job folder: {e}")
             return
         if previous is not None:
-            self.store.log(job.id, f"the result of an earlier attempt is complete in {job_dir}; recorded "
-                                   "without training again")
+            self.store.log(
+                job.id, f"the result of an earlier attempt is complete in {job_dir}; recorded without training again"
+            )
             self._finish(job.id, "succeeded", result_dir=job_dir)
             return
         try:
@@ -263,8 +284,11 @@ class WorkerGroup:
         except Exception as e:  # noqa: BLE001 - any error here belongs to this job alone
             self._release(job.id, f"cannot start training: {type(e).__name__}: {e}")
             return
-        where = (f"resumed from the checkpoint at step {progress.step} of {progress.total_steps}"
-                 if progress.step > 0 else f"started at step 0 of {progress.total_steps}")
+        where = (
+            f"resumed from the checkpoint at step {progress.step} of {progress.total_steps}"
+            if progress.step > 0
+            else f"started at step 0 of {progress.total_steps}"
+        )
         layers = ""
         if self.s.compile_layers:  # asked for: say whether the model could take them
             note = self.trainer.trainer.compile_note
@@ -289,8 +313,11 @@ class WorkerGroup:
 
     def _record(self, report) -> None:
         with self._lock:
-            self.last_step = dict(tokens_per_s=report.tokens_per_s, tasks=len(report.progress),
-                                  peak_memory_mib=report.peak_memory_bytes / 2**20)
+            self.last_step = dict(
+                tokens_per_s=report.tokens_per_s,
+                tasks=len(report.progress),
+                peak_memory_mib=report.peak_memory_bytes / 2**20,
+            )
         for job_id, warning in report.warnings.items():
             self.store.log(job_id, warning, "warning")
         for job_id, error in report.failed.items():  # its own failure: this job alone ends, for good
@@ -305,9 +332,12 @@ class WorkerGroup:
                 result = finished[job_id]
                 job_dir = job_folder(self.s.jobs_dir, job_id)
                 write_result(job_dir, result)
-                self.store.log(job_id, f"finished at step {progress.step}; the group was at "
-                                       f"{report.tokens_per_s:.0f} tokens/s over {len(report.progress)} task(s), "
-                                       f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
+                self.store.log(
+                    job_id,
+                    f"finished at step {progress.step}; the group was at "
+                    f"{report.tokens_per_s:.0f} tokens/s over {len(report.progress)} task(s), "
+                    f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
+                )
                 self._finish(job_id, "succeeded", result_dir=job_dir)
             elif cancel:
                 self.trainer.remove_task(job_id)
@@ -321,8 +351,12 @@ class WorkerGroup:
             self.store.log(job_id, f"step {progress.step}: {metrics}")
         try:
             return self.store.update_progress(
-                job_id, step=progress.step, total_steps=progress.total_steps, loss=_finite(progress.loss),
-                tokens_per_s=_finite(progress.tokens_per_s), examples_per_s=_finite(progress.examples_per_s),
+                job_id,
+                step=progress.step,
+                total_steps=progress.total_steps,
+                loss=_finite(progress.loss),
+                tokens_per_s=_finite(progress.tokens_per_s),
+                examples_per_s=_finite(progress.examples_per_s),
             )
         except (InvalidTransition, UnknownJob) as e:
             self._forget(job_id, f"no longer this group's job ({e}); stopped training it")
@@ -333,8 +367,9 @@ class WorkerGroup:
             lost = [job_id for job_id, attempt in self._lost if self._held.get(job_id) == attempt]
             self._lost.clear()
         for job_id in lost:
-            self._forget(job_id, "the store gave this job to another worker (heartbeats were late); "
-                                 "stopped training it here")
+            self._forget(
+                job_id, "the store gave this job to another worker (heartbeats were late); stopped training it here"
+            )
 
     def _forget(self, job_id: str, message: str) -> None:
         if self.trainer and job_id in self.trainer.active:
@@ -438,8 +473,9 @@ class PatientStore:
                 except (OperationalError, InterfaceError) as e:
                     if time.monotonic() + delay > deadline:
                         raise
-                    log.warning("job store unreachable in %s (%s); retrying in %.1f s", name,
-                                str(e).splitlines()[0], delay)
+                    log.warning(
+                        "job store unreachable in %s (%s); retrying in %.1f s", name, str(e).splitlines()[0], delay
+                    )
                     time.sleep(delay)
                     delay = min(2 * delay, 5.0)
 
@@ -475,8 +511,9 @@ _RemoteWorkerGroup = ray.remote(WorkerGroup)
 _RemoteFollower = ray.remote(GroupFollower)
 
 
-def start_group(settings: GroupSettings, placement_group, *, bundles: list[dict[str, float]],
-                runtime_env: dict | None = None):
+def start_group(
+    settings: GroupSettings, placement_group, *, bundles: list[dict[str, float]], runtime_env: dict | None = None
+):
     """Create the group's actors in its (ready) placement group, one per bundle, and start rank 0's loop,
     which starts the followers' once it hosts the rendezvous. Never waits on Ray: returns (rank-0 actor,
     its loop's ObjectRef, [follower actors]) at once.
@@ -492,9 +529,14 @@ def start_group(settings: GroupSettings, placement_group, *, bundles: list[dict[
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
         # No Ray restarts: a dead group's jobs must be released (an attempt counted) before a new group takes them.
         out: dict[str, Any] = dict(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0, max_concurrency=concurrency,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=placement_group,
-                                                                 placement_group_bundle_index=index))
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            max_restarts=0,
+            max_concurrency=concurrency,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=index
+            ),
+        )
         if custom:
             out["resources"] = custom
         if runtime_env:

@@ -46,8 +46,12 @@ class Reservation:
         """Ask Ray for every rank of a new group at once; returns at once."""
         from ray.util import placement_group
 
-        bundles = group_bundles(shape.workers_per_group, cpus=cpus_per_rank, gpus=shape.gpus_per_worker,
-                                resources=shape.resources_per_worker)
+        bundles = group_bundles(
+            shape.workers_per_group,
+            cpus=cpus_per_rank,
+            gpus=shape.gpus_per_worker,
+            resources=shape.resources_per_worker,
+        )
         pg = placement_group(bundles, strategy=shape.placement_strategy, name=name)
         return cls(base_key, shape, pg, bundles)
 
@@ -88,9 +92,11 @@ class Reservation:
         short = {k: v for k, v in self.need().items() if have.get(k, 0.0) < v}
         if not short:
             return None
-        return (f"the jobs of {self.base_key} need {amounts(short)} for one worker group ({len(self.bundles)} "
-                f"rank(s) of {describe(self.bundles[0])}); this machine's Ray has "
-                f"{amounts({k: have.get(k, 0.0) for k in short})}")
+        return (
+            f"the jobs of {self.base_key} need {amounts(short)} for one worker group ({len(self.bundles)} "
+            f"rank(s) of {describe(self.bundles[0])}); this machine's Ray has "
+            f"{amounts({k: have.get(k, 0.0) for k in short})}"
+        )
 
 
 def release(placement_group) -> None:
@@ -105,9 +111,11 @@ def release(placement_group) -> None:
 
 def amounts(resources: dict[str, float]) -> str:
     """{'GPU': 8, 'CPU': 16} -> '8 GPUs, 16 CPUs'."""
+
     def one(name: str, amount: float) -> str:
         plural = "s" if name in ("GPU", "CPU") and amount != 1 else ""
         return f"{amount:g} {name}{plural}"
+
     return ", ".join(one(k, v) for k, v in resources.items())
 
 

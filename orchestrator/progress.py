@@ -19,8 +19,9 @@ from orchestrator.store import FINAL_STATES, Job
 class ProgressView:
     """Callable with the current job rows (the scheduler's progress_callback)."""
 
-    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None, every_s: float = 10.0,
-                 clock=time.monotonic):
+    def __init__(
+        self, stream: TextIO | None = None, *, tty: bool | None = None, every_s: float = 10.0, clock=time.monotonic
+    ):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.every_s = every_s
@@ -51,8 +52,7 @@ class ProgressView:
         for job in jobs:
             last = self._printed.get(job.id)
             changed = last is None or last[0] != job.state
-            due = (job.state == "running" and last is not None and job.step != last[1]
-                   and now - last[2] >= self.every_s)
+            due = job.state == "running" and last is not None and job.step != last[1] and now - last[2] >= self.every_s
             if changed or due:
                 self.stream.write(self.line(job, now) + "\n")
                 self._printed[job.id] = (job.state, job.step, now)
@@ -74,8 +74,11 @@ class ProgressView:
         elif job.state == "queued" and job.waiting:
             parts.append(f"({job.waiting})")
         elif job.state == "queued" and job.attempts:
-            parts.append(f"(attempt {job.attempts} of {job.max_attempts} ended: {(job.error or '').splitlines()[0]})"
-                         if job.error else f"(after attempt {job.attempts})")
+            parts.append(
+                f"(attempt {job.attempts} of {job.max_attempts} ended: {(job.error or '').splitlines()[0]})"
+                if job.error
+                else f"(after attempt {job.attempts})"
+            )
         if job.state == "succeeded" and job.result_dir:
             parts.append(f"-> {job.result_dir}")
         return "  ".join(parts)

@@ -60,8 +60,14 @@ def describe_base(ref: BaseModelRef) -> str:
 
 def base_model_record(ref: BaseModelRef, sha256: str | None) -> dict[str, Any]:
     """The content of base_model.json."""
-    return {"kind": ref.kind, "location": ref.location, "revision": ref.revision, "dtype": ref.dtype,
-            "sha256": sha256, "description": describe_base(ref)}
+    return {
+        "kind": ref.kind,
+        "location": ref.location,
+        "revision": ref.revision,
+        "dtype": ref.dtype,
+        "sha256": sha256,
+        "description": describe_base(ref),
+    }
 
 
 def read_base_model_record(path: str | Path) -> tuple[BaseModelRef, str | None]:
@@ -69,8 +75,12 @@ def read_base_model_record(path: str | Path) -> tuple[BaseModelRef, str | None]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        ref = BaseModelRef(kind=data["kind"], location=data["location"], revision=data.get("revision"),
-                           dtype=data.get("dtype", "float32"))
+        ref = BaseModelRef(
+            kind=data["kind"],
+            location=data["location"],
+            revision=data.get("revision"),
+            dtype=data.get("dtype", "float32"),
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: not a prefixd base-model record ({e})") from None
     return ref, data.get("sha256")
@@ -87,8 +97,10 @@ def load_recorded_base(ref: BaseModelRef, sha256: str | None):
         if sha256 and folder is not None:
             found = weights_fingerprint(folder)
             if found != sha256:
-                raise ModelLoadError(f"base model {name}: the weights in {folder} have sha256 {found[:12]}..., "
-                                     f"not {sha256[:12]}... as recorded when the prefix was registered")
+                raise ModelLoadError(
+                    f"base model {name}: the weights in {folder} have sha256 {found[:12]}..., "
+                    f"not {sha256[:12]}... as recorded when the prefix was registered"
+                )
         return load_base_model(ref)
     except ModelLoadError as e:
         message = str(e)
@@ -108,15 +120,18 @@ def prompts_of(model_input: Any) -> list[str]:
         elif len(model_input.columns) == 1:
             values = model_input.iloc[:, 0].tolist()
         else:
-            raise ValueError(f"model input: a DataFrame needs a 'prompt' column; got columns "
-                             f"{[str(c) for c in model_input.columns]}")
+            raise ValueError(
+                f"model input: a DataFrame needs a 'prompt' column; got columns {[str(c) for c in model_input.columns]}"
+            )
     elif isinstance(model_input, pd.Series):
         values = model_input.tolist()
     elif isinstance(model_input, (list, tuple)):
         values = list(model_input)
     else:
-        raise ValueError(f"model input: expected a list of strings or a DataFrame with a 'prompt' column, "
-                         f"got {type(model_input).__name__}")
+        raise ValueError(
+            f"model input: expected a list of strings or a DataFrame with a 'prompt' column, "
+            f"got {type(model_input).__name__}"
+        )
     bad = [v for v in values if not isinstance(v, str)]
     if bad:
         raise ValueError(f"model input: every prompt must be a string; got {bad[0]!r}")
@@ -161,5 +176,6 @@ class PrefixPyfuncModel(mlflow.pyfunc.PythonModel):
         max_new_tokens = int((params or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         if not prompts:
             return []
-        return generate_texts(self._prefixed, self._tokenizer, [self._prefix], [0] * len(prompts), prompts,
-                              max_new_tokens=max_new_tokens)
+        return generate_texts(
+            self._prefixed, self._tokenizer, [self._prefix], [0] * len(prompts), prompts, max_new_tokens=max_new_tokens
+        )

@@ -76,13 +76,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from jobs.spec import REGISTERED_NAME_PREFIX, JobSpec
+from orchestrator.config import default_tracking_uri  # noqa: F401 - part of this module's API
 from orchestrator.plan import base_model_ref
 from orchestrator.pyfunc_model import (
     ADAPTER,
@@ -93,7 +94,6 @@ from orchestrator.pyfunc_model import (
     describe_base,
     read_base_model_record,
 )
-from orchestrator.config import default_tracking_uri  # noqa: F401 - part of this module's API
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from orchestrator.results import fetch_result
 from workers.models import BaseModelRef, ModelLoadError, default_model_cache
@@ -139,7 +139,7 @@ def tracking_uri_from_args(args: argparse.Namespace) -> str:
 
 def _sqlite_db(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     return None
 
 
@@ -156,8 +156,12 @@ def _mlflow(uri: str) -> Iterator[Any]:
     db = _sqlite_db(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
-             os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
+    saved = (
+        tracking_utils._tracking_uri,
+        registry_utils._registry_uri,
+        os.environ.get("MLFLOW_TRACKING_URI"),
+        os.environ.get("MLFLOW_REGISTRY_URI"),
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -219,14 +223,18 @@ def read_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolde
         raise RegistryError(str(e)) from None
     try:
         metrics = json.loads((root / "metrics.json").read_text(encoding="utf-8"))
-        history = [json.loads(line) for line in (root / "history.jsonl").read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        history = [
+            json.loads(line)
+            for line in (root / "history.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RegistryError(f"job {job_id}: {root}: metrics.json or history.jsonl is not valid JSON ({e})") from None
     if not isinstance(metrics, dict):
         raise RegistryError(f"job {job_id}: {root / 'metrics.json'}: expected a JSON object")
-    return ResultFolder(root=root, history=history,
-                        metrics={k: float(v) for k, v in metrics.items() if _finite(v)}, keep=keep)
+    return ResultFolder(
+        root=root, history=history, metrics={k: float(v) for k, v in metrics.items() if _finite(v)}, keep=keep
+    )
 
 
 def _finite(v: Any) -> bool:
@@ -281,8 +289,11 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 def _find_run(client, experiment_id: str, job_id: str):
     """The job's active runs, newest first."""
-    return list(client.search_runs([experiment_id], f"tags.`{JOB_TAG}` = {_quote(job_id)}",
-                                   order_by=["attributes.start_time DESC"]))
+    return list(
+        client.search_runs(
+            [experiment_id], f"tags.`{JOB_TAG}` = {_quote(job_id)}", order_by=["attributes.start_time DESC"]
+        )
+    )
 
 
 def _own_tags(spec: JobSpec) -> dict[str, str]:
@@ -292,8 +303,14 @@ def _own_tags(spec: JobSpec) -> dict[str, str]:
 
 def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None) -> dict[str, str]:
     tags = _own_tags(spec)
-    tags.update({JOB_TAG: job_id, TASK_TAG: spec.name, BASE_TAG: describe_base(ref),
-                 "prefixd.registered_model": spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name})
+    tags.update(
+        {
+            JOB_TAG: job_id,
+            TASK_TAG: spec.name,
+            BASE_TAG: describe_base(ref),
+            "prefixd.registered_model": spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name,
+        }
+    )
     if sha256:
         tags[SHA_TAG] = sha256
     return tags
@@ -344,15 +361,14 @@ def _log_job(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, re
         client.delete_run(run.info.run_id)  # a half-logged earlier attempt: start over
 
     sha256 = base_model_sha256(ref)
-    run = client.create_run(experiment_id, tags=_run_tags(job_id, spec, ref, sha256),
-                            run_name=f"{spec.name}-{job_id}")
+    run = client.create_run(experiment_id, tags=_run_tags(job_id, spec, ref, sha256), run_name=f"{spec.name}-{job_id}")
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in spec.flat_params().items()]
     for lo in range(0, len(params), 100):  # MLflow: at most 100 params per batch
-        client.log_batch(run_id, params=params[lo:lo + 100])
+        client.log_batch(run_id, params=params[lo : lo + 100])
     metrics = _metrics_from(result)
     for lo in range(0, len(metrics), 1000):  # and at most 1000 metrics
-        client.log_batch(run_id, metrics=metrics[lo:lo + 1000])
+        client.log_batch(run_id, metrics=metrics[lo : lo + 1000])
     client.log_artifacts(run_id, str(result.adapter), ADAPTER)
     client.log_artifacts(run_id, str(result.prefix), PREFIX)
     client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n", "spec.json")
@@ -442,15 +458,18 @@ def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
         if owner is None:
             client.set_registered_model_tag(name, OWNER_TAG, tenant)
         elif owner != tenant:
-            raise RegistryError(f"job {job.id}: registered model {name!r} belongs to tenant {owner!r}; tenant "
-                                f"{tenant!r} cannot add versions to it or move its aliases (set "
-                                "registry.model_name to a model of your own)")
+            raise RegistryError(
+                f"job {job.id}: registered model {name!r} belongs to tenant {owner!r}; tenant "
+                f"{tenant!r} cannot add versions to it or move its aliases (set "
+                "registry.model_name to a model of your own)"
+            )
         return
     try:
         client.create_registered_model(
-            name, tags={TASK_TAG: spec.name, OWNER_TAG: tenant},
+            name,
+            tags={TASK_TAG: spec.name, OWNER_TAG: tenant},
             description=f"Prefixes for task '{spec.name}' trained by prefixd, one version per job. Aliases: "
-                        f"'champion' (best {spec.registry.metric}), '@latest' (MLflow's: the newest version).",
+            f"'champion' (best {spec.registry.metric}), '@latest' (MLflow's: the newest version).",
         )
     except Exception as e:
         if not _already_exists(e):
@@ -474,7 +493,10 @@ def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) 
             run = _log_job(client, tracking_uri, job.id, spec, ref, result)
             model_id = run.data.tags[MODEL_ID_TAG]
             mv = client.create_model_version(
-                name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
+                name,
+                source=f"models:/{model_id}",
+                run_id=run.info.run_id,
+                model_id=model_id,
                 tags=_version_tags(job.id, spec, ref, run.data.tags.get(SHA_TAG), result.metrics),
                 description=_description(job.id, spec, ref, result.metrics),
             )
@@ -493,12 +515,20 @@ def _one_version_per_job(client, name: str, job_id: str, created: str):
     return client.get_model_version(name, created)
 
 
-def _version_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None,
-                  metrics: Mapping[str, float]) -> dict[str, str]:
+def _version_tags(
+    job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None, metrics: Mapping[str, float]
+) -> dict[str, str]:
     tags = _own_tags(spec)
-    tags.update({JOB_TAG: job_id, TASK_TAG: spec.name, BASE_TAG: describe_base(ref),
-                 "prefixd.registry_metric": spec.registry.metric, "prefixd.direction": spec.registry.direction,
-                 "prefixd.num_virtual_tokens": str(spec.prefix.num_virtual_tokens)})
+    tags.update(
+        {
+            JOB_TAG: job_id,
+            TASK_TAG: spec.name,
+            BASE_TAG: describe_base(ref),
+            "prefixd.registry_metric": spec.registry.metric,
+            "prefixd.direction": spec.registry.direction,
+            "prefixd.num_virtual_tokens": str(spec.prefix.num_virtual_tokens),
+        }
+    )
     if sha256:
         tags[SHA_TAG] = sha256
     for key, value in metrics.items():
@@ -509,8 +539,10 @@ def _version_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | N
 def _description(job_id: str, spec: JobSpec, ref: BaseModelRef, metrics: Mapping[str, float]) -> str:
     metric = spec.registry.metric
     value = f"{metrics[metric]:.6g}" if metric in metrics else "not measured"
-    return (f"Prefix for task '{spec.name}' from job {job_id}: {spec.prefix.num_virtual_tokens} virtual tokens "
-            f"over base model {describe_base(ref)}. {metric} = {value} ({spec.registry.direction}).")
+    return (
+        f"Prefix for task '{spec.name}' from job {job_id}: {spec.prefix.num_virtual_tokens} virtual tokens "
+        f"over base model {describe_base(ref)}. {metric} = {value} ({spec.registry.direction})."
+    )
 
 
 def _metric_of(mv, metric: str) -> float | None:
@@ -554,8 +586,13 @@ def _decide_champion(client, name: str, mv, spec: JobSpec) -> None:
             if better:
                 promote, reason = True, f"{metric} {new:.6g} {sign} {old:.6g} of v{champion} ({direction})"
             else:
-                promote, reason = False, (f"{metric} {new:.6g} {sign} {old:.6g} of v{champion} ({direction}): "
-                                          f"no improvement, champion stays v{champion}")
+                promote, reason = (
+                    False,
+                    (
+                        f"{metric} {new:.6g} {sign} {old:.6g} of v{champion} ({direction}): "
+                        f"no improvement, champion stays v{champion}"
+                    ),
+                )
     client.set_model_version_tag(name, version, REASON_TAG, reason)
     client.set_model_version_tag(name, version, DECISION_TAG, "promote" if promote else "keep")
     if promote:
@@ -582,8 +619,14 @@ def is_unreachable(e: BaseException) -> bool:
     import requests
     import urllib3
 
-    transport = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                 requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+    transport = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,
+        ConnectionError,
+        TimeoutError,
+    )
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -601,9 +644,14 @@ def is_unreachable(e: BaseException) -> bool:
     return False
 
 
-def register_pending(store, tracking_uri: str, *, now: float | None = None,
-                     backoff: Callable[[int], float] = exponential_backoff,
-                     keep_lease: Callable[[], bool] | None = None) -> list[str]:
+def register_pending(
+    store,
+    tracking_uri: str,
+    *,
+    now: float | None = None,
+    backoff: Callable[[int], float] = exponential_backoff,
+    keep_lease: Callable[[], bool] | None = None,
+) -> list[str]:
     """Log and register every succeeded, unregistered job that is due at `now` (default: time.time()).
 
     Returns the ids of the jobs recorded as done in this call. A failed attempt is marked in the store
@@ -628,7 +676,7 @@ def register_pending(store, tracking_uri: str, *, now: float | None = None,
         except Exception as e:  # the loop must go on; the error is kept on the job
             unreachable = is_unreachable(e)
             error = f"{'MLflow unreachable: ' if unreachable else ''}{type(e).__name__}: {e}"[:2000]
-            for other in (due[i:] if unreachable else [job]):
+            for other in due[i:] if unreachable else [job]:
                 store.mark_registration_failed(other.id, error, now + backoff(other.registration_attempts + 1))
             if unreachable:
                 break
@@ -645,8 +693,10 @@ def register_pending(store, tracking_uri: str, *, now: float | None = None,
 def _resolve_name(client, task_or_model: str) -> str:
     """A registered-model name from a model or task name (rule in the module docstring)."""
     if not isinstance(task_or_model, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}", task_or_model):
-        raise RegistryError(f"{task_or_model!r} is not a task or model name (letters, digits, '_', '.' and '-', "
-                            "starting with a letter or digit)")
+        raise RegistryError(
+            f"{task_or_model!r} is not a task or model name (letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit)"
+        )
     try:
         client.get_registered_model(task_or_model)
         return task_or_model
@@ -657,8 +707,9 @@ def _resolve_name(client, task_or_model: str) -> str:
     if len(tagged) == 1:
         return tagged[0]
     if len(tagged) > 1:
-        raise RegistryError(f"task {task_or_model!r} has several registered models ({', '.join(sorted(tagged))}); "
-                            "give the model name")
+        raise RegistryError(
+            f"task {task_or_model!r} has several registered models ({', '.join(sorted(tagged))}); give the model name"
+        )
     default = REGISTERED_NAME_PREFIX + task_or_model
     try:
         client.get_registered_model(default)
@@ -667,9 +718,11 @@ def _resolve_name(client, task_or_model: str) -> str:
         if not _not_found(e) and getattr(e, "error_code", None) != "INVALID_PARAMETER_VALUE":
             raise
     known = sorted(m.name for m in _all_models(client) if TASK_TAG in (m.tags or {}))
-    raise RegistryError(f"no registered model for task or model {task_or_model!r} (looked for a model of that "
-                        f"name, one tagged {TASK_TAG}={task_or_model}, and {default!r}); known: "
-                        f"{', '.join(known) or 'none'}")
+    raise RegistryError(
+        f"no registered model for task or model {task_or_model!r} (looked for a model of that "
+        f"name, one tagged {TASK_TAG}={task_or_model}, and {default!r}); known: "
+        f"{', '.join(known) or 'none'}"
+    )
 
 
 def _all_models(client, filter_string: str | None = None) -> list[Any]:
@@ -688,8 +741,10 @@ def _versions(client, name: str) -> list[Any]:
 
 def check_alias(alias: str) -> str:
     if not isinstance(alias, str) or not re.fullmatch(ALIAS_PATTERN, alias) or re.fullmatch(r"[vV]\d+", alias):
-        raise RegistryError(f"alias {alias!r} is not a valid alias name: use letters, digits, '_' and '-' "
-                            "(at most 255; 'v<number>' is reserved), e.g. champion or latest")
+        raise RegistryError(
+            f"alias {alias!r} is not a valid alias name: use letters, digits, '_' and '-' "
+            "(at most 255; 'v<number>' is reserved), e.g. champion or latest"
+        )
     return alias
 
 
@@ -713,8 +768,9 @@ def _resolve_version(client, name: str, alias: str | None, version: str | int | 
     if version is not None:
         text = str(version)
         if not text.isdigit() or int(text) < 1:
-            raise RegistryError(f"version {version!r} of {name}: a version is a positive integer; "
-                                f"its versions: {', '.join(versions)}")
+            raise RegistryError(
+                f"version {version!r} of {name}: a version is a positive integer; its versions: {', '.join(versions)}"
+            )
         if str(int(text)) not in versions:
             raise RegistryError(f"{name} has no version {text}; its versions: {', '.join(versions)}")
         return client.get_model_version(name, str(int(text))), f"v{int(text)}"
@@ -742,8 +798,11 @@ def _version_dict(client, name: str, mv) -> dict[str, Any]:
         "job_id": tags.get(JOB_TAG),
         "base_model": tags.get(BASE_TAG),
         "base_model_sha256": tags.get(SHA_TAG),
-        "metrics": {k[len(METRIC_TAG):]: m for k in tags if k.startswith(METRIC_TAG)
-                    and (m := _metric_of(mv, k[len(METRIC_TAG):])) is not None},
+        "metrics": {
+            k[len(METRIC_TAG) :]: m
+            for k in tags
+            if k.startswith(METRIC_TAG) and (m := _metric_of(mv, k[len(METRIC_TAG) :])) is not None
+        },
         "tags": tags,
         "run_id": mv.run_id,
         "source": mv.source,
@@ -752,8 +811,9 @@ def _version_dict(client, name: str, mv) -> dict[str, Any]:
     }
 
 
-def lookup(tracking_uri: str, task_or_model: str, alias: str | None = None,
-           version: str | int | None = None) -> dict[str, Any]:
+def lookup(
+    tracking_uri: str, task_or_model: str, alias: str | None = None, version: str | int | None = None
+) -> dict[str, Any]:
     """One registered version as a dict: name, version, aliases (with 'latest' on the newest), task,
     job_id, base_model, base_model_sha256, metrics (final), tags, run_id, source, description, created.
     Neither alias nor version: the champion."""
@@ -776,8 +836,9 @@ def _base_matches(base: str, described: str | None) -> bool:
     return base == location
 
 
-def search_models(tracking_uri: str, base: str | None = None,
-                  tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def search_models(
+    tracking_uri: str, base: str | None = None, tags: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """prefixd's registered models (those tagged prefixd.task), by name, each with: name, task,
     description, tags, aliases ({alias: version}, 'latest' included), latest_version, champion_version,
     versions (those matching the filters) and base_models (theirs). `base` (see _base_matches) and
@@ -792,20 +853,29 @@ def search_models(tracking_uri: str, base: str | None = None,
             versions = _versions(client, model.name)
             if not versions:
                 continue
-            matching = [v for v in versions
-                        if (base is None or _base_matches(base, (v.tags or {}).get(BASE_TAG)))
-                        and all((v.tags or {}).get(k) == val for k, val in tags.items())]
+            matching = [
+                v
+                for v in versions
+                if (base is None or _base_matches(base, (v.tags or {}).get(BASE_TAG)))
+                and all((v.tags or {}).get(k) == val for k, val in tags.items())
+            ]
             if not matching:
                 continue
             latest = str(versions[-1].version)
             aliases = {a: str(v) for a, v in model.aliases.items()} | {LATEST: latest}
-            out.append({
-                "name": model.name, "task": model.tags.get(TASK_TAG), "description": model.description,
-                "tags": dict(model.tags), "aliases": aliases, "latest_version": latest,
-                "champion_version": aliases.get(CHAMPION),
-                "versions": [str(v.version) for v in matching],
-                "base_models": sorted({(v.tags or {}).get(BASE_TAG, "?") for v in matching}),
-            })
+            out.append(
+                {
+                    "name": model.name,
+                    "task": model.tags.get(TASK_TAG),
+                    "description": model.description,
+                    "tags": dict(model.tags),
+                    "aliases": aliases,
+                    "latest_version": latest,
+                    "champion_version": aliases.get(CHAMPION),
+                    "versions": [str(v.version) for v in matching],
+                    "base_models": sorted({(v.tags or {}).get(BASE_TAG, "?") for v in matching}),
+                }
+            )
     return out
 
 
@@ -814,21 +884,32 @@ def _download_model(client, tracking_uri: str, name: str, mv, dst: Path) -> Path
     import mlflow
 
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst),
-                                            tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}",
+            dst_path=str(dst),
+            tracking_uri=tracking_uri,
+            registry_uri=tracking_uri,
+        )
     except Exception as e:
         if is_unreachable(e):
             raise
         raise RegistryError(f"{name} v{mv.version}: cannot download its model from {mv.source}: {e}") from None
     artifacts = dst / "artifacts"
     if not (artifacts / ADAPTER).is_dir() or not (artifacts / BASE_MODEL_FILE).is_file():
-        raise RegistryError(f"{name} v{mv.version}: its model at {mv.source} is not a prefixd prefix "
-                            f"(no artifacts/{ADAPTER}/ or artifacts/{BASE_MODEL_FILE})")
+        raise RegistryError(
+            f"{name} v{mv.version}: its model at {mv.source} is not a prefixd prefix "
+            f"(no artifacts/{ADAPTER}/ or artifacts/{BASE_MODEL_FILE})"
+        )
     return artifacts
 
 
-def download(tracking_uri: str, task_or_model: str, alias: str | None = None, version: str | int | None = None,
-             dst: str | Path = ".") -> Path:
+def download(
+    tracking_uri: str,
+    task_or_model: str,
+    alias: str | None = None,
+    version: str | int | None = None,
+    dst: str | Path = ".",
+) -> Path:
     """Put the version's PEFT adapter files (adapter_config.json, adapter_model.safetensors) and its
     base_model.json into folder `dst` (created if needed; those files overwritten); returns dst, ready
     for `peft.PeftModel.from_pretrained(base_model, dst)`."""
@@ -863,16 +944,21 @@ class GenerationSet:
     base_model: str
 
 
-def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias: str | None = None,
-                                 version: str | int | None = None, device: str = "auto") -> GenerationSet:
+def load_prefixes_for_generation(
+    tracking_uri: str,
+    tasks: Sequence[str],
+    alias: str | None = None,
+    version: str | int | None = None,
+    device: str = "auto",
+) -> GenerationSet:
     """Resolve each task's version (alias, default champion; a version only with one task), download
     the prefixes, load their common base model once, on `device` ('auto': the GPU when there is one,
     `workers.devices.resolve_device`). RegistryError when the tasks' base models differ, the base model is
     not on this machine (naming it), or the device is not available."""
+    from orchestrator.pyfunc_model import load_recorded_base
     from workers.devices import resolve_device
     from workers.formats import PrefixFormatError, load_peft_adapter
     from workers.inject import PrefixedModel
-    from orchestrator.pyfunc_model import load_recorded_base
 
     tasks = list(tasks)
     if not tasks:
@@ -883,8 +969,10 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
         raise RegistryError(str(e)) from None
     _check_selector(alias, version)
     if version is not None and len(tasks) > 1:
-        raise RegistryError(f"a version number names one model's version; got {len(tasks)} tasks "
-                            "(use an alias such as champion for several)")
+        raise RegistryError(
+            f"a version number names one model's version; got {len(tasks)} tasks "
+            "(use an alias such as champion for several)"
+        )
     with _mlflow(tracking_uri) as client, tempfile.TemporaryDirectory(prefix="prefixd-gen-") as tmp:
         picked = []
         for i, task in enumerate(tasks):
@@ -896,8 +984,9 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
         bases = {describe_base(ref) for *_, ref, _ in picked}
         if len(bases) > 1:
             which = "; ".join(f"{name} v{mv.version}: {describe_base(ref)}" for name, mv, _, ref, _ in picked)
-            raise RegistryError(f"the tasks' prefixes belong to different base models ({which}); "
-                                "generate for one base model at a time")
+            raise RegistryError(
+                f"the tasks' prefixes belong to different base models ({which}); generate for one base model at a time"
+            )
         name, mv, _, ref, sha256 = picked[0]
         try:
             model, tokenizer = load_recorded_base(ref, sha256)
@@ -911,13 +1000,26 @@ def load_prefixes_for_generation(tracking_uri: str, tasks: Sequence[str], alias:
                 raise RegistryError(f"{name} v{mv.version}: {e}") from None
             prefixes.append(encoder.prompt_embeddings().detach().to(where))
         versions = [_version_dict(client, name, mv) for name, mv, *_ in picked]
-    return GenerationSet(prefixed=PrefixedModel(model.to(where)), tokenizer=tokenizer, prefixes=prefixes,
-                         versions=versions, base_model=describe_base(ref))
+    return GenerationSet(
+        prefixed=PrefixedModel(model.to(where)),
+        tokenizer=tokenizer,
+        prefixes=prefixes,
+        versions=versions,
+        base_model=describe_base(ref),
+    )
 
 
-def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *, alias: str | None = None,
-             version: str | int | None = None, max_new_tokens: int = 32,
-             with_base: bool = False, device: str = "auto") -> list[dict[str, Any]]:
+def generate(
+    tracking_uri: str,
+    tasks: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    alias: str | None = None,
+    version: str | int | None = None,
+    max_new_tokens: int = 32,
+    with_base: bool = False,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
     """Every prompt with every task's prefix, all rows in ONE mixed-prefix batch; per task (in the order
     given): {task, name, version, outputs: [text per prompt]}. with_base adds a last entry (task None)
     with the base model's own outputs, for comparison."""
@@ -928,14 +1030,24 @@ def generate(tracking_uri: str, tasks: Sequence[str], prompts: Sequence[str], *,
         raise RegistryError("give at least one prompt")
     gs = load_prefixes_for_generation(tracking_uri, tasks, alias, version, device)
     owners = [j for j in range(len(tasks)) for _ in prompts]  # row order: task-major
-    texts = generate_texts(gs.prefixed, gs.tokenizer, gs.prefixes, owners, prompts * len(tasks),
-                           max_new_tokens=max_new_tokens, batch_size=len(owners))
+    texts = generate_texts(
+        gs.prefixed,
+        gs.tokenizer,
+        gs.prefixes,
+        owners,
+        prompts * len(tasks),
+        max_new_tokens=max_new_tokens,
+        batch_size=len(owners),
+    )
     n = len(prompts)
-    results = [{"task": task, "name": v["name"], "version": v["version"], "outputs": texts[j * n:(j + 1) * n]}
-               for j, (task, v) in enumerate(zip(tasks, gs.versions))]
+    results = [
+        {"task": task, "name": v["name"], "version": v["version"], "outputs": texts[j * n : (j + 1) * n]}
+        for j, (task, v) in enumerate(zip(tasks, gs.versions))
+    ]
     if with_base:
-        bare = generate_texts(gs.prefixed, gs.tokenizer, None, None, prompts, max_new_tokens=max_new_tokens,
-                              batch_size=n)
+        bare = generate_texts(
+            gs.prefixed, gs.tokenizer, None, None, prompts, max_new_tokens=max_new_tokens, batch_size=n
+        )
         results.append({"task": None, "name": "base model, no prefix", "version": None, "outputs": bare})
     return results
 
@@ -961,8 +1073,11 @@ def load_pyfunc(tracking_uri: str, task_or_model: str, alias: str | None = None,
 
 def _add_uri_argument(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: a value given to the main parser is not overwritten by this subparser's default.
-    p.add_argument("--mlflow-uri", default=argparse.SUPPRESS,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under the prefixd home)")
+    p.add_argument(
+        "--mlflow-uri",
+        default=argparse.SUPPRESS,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under the prefixd home)",
+    )
 
 
 def _add_version_arguments(p: argparse.ArgumentParser, default: str) -> None:
@@ -982,24 +1097,41 @@ def add_lookup_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
     """prefixd models [--base BASE] [--tag k=v ...] [--json]"""
-    p.add_argument("--base", help="only versions of this base model: 'builtin:smollm2-135m', a folder, "
-                                  "or the full 'kind:location@revision:dtype'")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="only versions with this tag (repeatable; all must match)")
+    p.add_argument(
+        "--base",
+        help="only versions of this base model: 'builtin:smollm2-135m', a folder, "
+        "or the full 'kind:location@revision:dtype'",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only versions with this tag (repeatable; all must match)",
+    )
     p.add_argument("--json", action="store_true", help="print the models as JSON")
     _add_uri_argument(p)
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """prefixd generate --task A [--task B ...] [--alias champion] [--max-new-tokens N] PROMPT..."""
-    p.add_argument("--task", action="append", required=True, dest="tasks", metavar="TASK",
-                   help="task (or registered model) whose prefix to use; repeat for several, all in one batch")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        dest="tasks",
+        metavar="TASK",
+        help="task (or registered model) whose prefix to use; repeat for several, all in one batch",
+    )
     _add_version_arguments(p, CHAMPION)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the outputs as JSON")
     p.add_argument("--with-base", action="store_true", help="also show the base model's outputs without a prefix")
-    p.add_argument("--device", default="auto",
-                   help="where to generate: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to generate: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N",
+    )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="each prompt is run with every task")
     _add_uri_argument(p)
 
@@ -1058,9 +1190,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         return _fail("generate", RegistryError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1"))
     try:
-        results = generate(tracking_uri_from_args(args), args.tasks, args.prompts, alias=args.alias,
-                           version=args.version, max_new_tokens=args.max_new_tokens,
-                           with_base=getattr(args, "with_base", False), device=getattr(args, "device", "auto"))
+        results = generate(
+            tracking_uri_from_args(args),
+            args.tasks,
+            args.prompts,
+            alias=args.alias,
+            version=args.version,
+            max_new_tokens=args.max_new_tokens,
+            with_base=getattr(args, "with_base", False),
+            device=getattr(args, "device", "auto"),
+        )
     except _errors() as e:
         return _fail("generate", e)
     if args.json:

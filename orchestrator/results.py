@@ -22,8 +22,14 @@ from pathlib import Path
 from workers.storage import JobStorage
 
 RESULT_FILE = "result.json"
-REQUIRED = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "prefix/prefix_config.json",
-            "prefix/prefix_encoder.safetensors", "metrics.json", "history.jsonl")
+REQUIRED = (
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "prefix/prefix_config.json",
+    "prefix/prefix_encoder.safetensors",
+    "metrics.json",
+    "history.jsonl",
+)
 """What the registrar needs of a result folder."""
 _FETCHED = ("adapter", "prefix", "metrics.json", "history.jsonl", "data_report.txt", RESULT_FILE)
 

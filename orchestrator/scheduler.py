@@ -199,8 +199,9 @@ class Orchestrator:
 
     # ---- the two modes ----------------------------------------------------------------------------
 
-    def run_until_empty(self, progress_callback: Callable[[list[Job]], None] | None = None,
-                        stop_event: threading.Event | None = None) -> RunSummary:
+    def run_until_empty(
+        self, progress_callback: Callable[[list[Job]], None] | None = None, stop_event: threading.Event | None = None
+    ) -> RunSummary:
         """Schedule until no job is queued or running, or `stop_event` is set (then the groups drain: their
         jobs are queued again, checkpointed, with no attempt charged); returns every job seen.
 
@@ -228,8 +229,12 @@ class Orchestrator:
         jobs = self._watched_jobs()
         if progress_callback is not None:
             progress_callback(jobs)
-        return RunSummary(jobs={j.id: j for j in jobs}, groups_started=self.groups_started,
-                          group_failures=self.group_failures, model_loads=self.model_loads)
+        return RunSummary(
+            jobs={j.id: j for j in jobs},
+            groups_started=self.groups_started,
+            group_failures=self.group_failures,
+            model_loads=self.model_loads,
+        )
 
     def serve(self, stop_event: threading.Event | None = None) -> None:
         """Schedule until `stop_event` is set (or KeyboardInterrupt); groups are stopped on the way out."""
@@ -303,17 +308,18 @@ class Orchestrator:
             finally:
                 group.ping_ref = None
             self._loads[group.owner] = group.status["loads"]
-            if (not group.stopping and group.status["idle_s"] >= self.config.idle_timeout_s
-                    and self._ask_stop(group)):
-                log.info("group %s for %s: idle for %.0f s, released", group.owner, group.base_key,
-                         group.status["idle_s"])
+            if not group.stopping and group.status["idle_s"] >= self.config.idle_timeout_s and self._ask_stop(group):
+                log.info(
+                    "group %s for %s: idle for %.0f s, released", group.owner, group.base_key, group.status["idle_s"]
+                )
 
     def _start_groups(self) -> None:
         self._start_reserved()
         waits: dict[str, str] = {}
         queued = self.store.queued_base_keys()
-        self._cancel_reservations({owner for owner, r in self.reservations.items()
-                                   if r.base_key not in {base for base, _ in queued}})
+        self._cancel_reservations(
+            {owner for owner, r in self.reservations.items() if r.base_key not in {base for base, _ in queued}}
+        )
         for base_key, count in queued:
             shape = self.config.shape_for(base_key)
             mine = [g for g in self.groups.values() if g.base_key == base_key]
@@ -330,8 +336,9 @@ class Orchestrator:
             if len(self.groups) + len(self.reservations) >= self.config.max_groups:
                 waits[base_key] = f"waiting for a worker group: all {self.config.max_groups} group slots are busy"
                 if base_key not in self._waiting_logged:
-                    log.info("%d job(s) for %s wait: all %d group slots are busy", count, base_key,
-                             self.config.max_groups)
+                    log.info(
+                        "%d job(s) for %s wait: all %d group slots are busy", count, base_key, self.config.max_groups
+                    )
                     self._waiting_logged.add(base_key)
                 self._free_an_idle_slot(base_key)
                 continue
@@ -343,8 +350,9 @@ class Orchestrator:
         """Ask Ray for every rank of a new group at once (a placement group); never waits."""
         self.groups_started += 1
         owner = f"{self.id}/g{self.groups_started}"
-        self.reservations[owner] = Reservation.ask(base_key, shape, cpus_per_rank=self._cpus_per_rank(shape),
-                                                   name=f"prefixd-{owner}")
+        self.reservations[owner] = Reservation.ask(
+            base_key, shape, cpus_per_rank=self._cpus_per_rank(shape), name=f"prefixd-{owner}"
+        )
 
     def _start_reserved(self) -> None:
         """Start the groups whose ranks are all reserved now."""
@@ -354,18 +362,35 @@ class Orchestrator:
             del self.reservations[owner]
             cfg, shape = self.config, r.shape
             settings = GroupSettings(
-                base_key=r.base_key, owner=owner, store_url=cfg.store_url, jobs_dir=str(cfg.jobs_dir),
-                data_cache=str(cfg.data_cache), model_cache=str(cfg.model_cache), capacity=cfg.group_capacity,
-                micro_batch_size=cfg.micro_batch_size, heartbeat_s=cfg.heartbeat_s, poll_s=min(cfg.poll_s, 1.0),
-                world=shape.workers_per_group, zero_stage=shape.zero_stage, zero_offload=shape.zero_offload,
-                zero_persistence_threshold=cfg.zero_persistence_threshold, compile_layers=cfg.compile_layers,
+                base_key=r.base_key,
+                owner=owner,
+                store_url=cfg.store_url,
+                jobs_dir=str(cfg.jobs_dir),
+                data_cache=str(cfg.data_cache),
+                model_cache=str(cfg.model_cache),
+                capacity=cfg.group_capacity,
+                micro_batch_size=cfg.micro_batch_size,
+                heartbeat_s=cfg.heartbeat_s,
+                poll_s=min(cfg.poll_s, 1.0),
+                world=shape.workers_per_group,
+                zero_stage=shape.zero_stage,
+                zero_offload=shape.zero_offload,
+                zero_persistence_threshold=cfg.zero_persistence_threshold,
+                compile_layers=cfg.compile_layers,
                 cpus_per_rank=r.bundles[0]["CPU"],
             )
             actor, run_ref, followers = start_group(settings, r.placement_group, bundles=r.bundles)
-            self.groups[owner] = _Group(r.base_key, owner, actor, run_ref, time.time(), followers,
-                                        r.placement_group, cfg.group_capacity)
-            log.info("group %s started for %s (%d rank(s), ZeRO stage %d, %s per rank)", owner, r.base_key,
-                     shape.workers_per_group, shape.zero_stage, describe(r.bundles[0]))
+            self.groups[owner] = _Group(
+                r.base_key, owner, actor, run_ref, time.time(), followers, r.placement_group, cfg.group_capacity
+            )
+            log.info(
+                "group %s started for %s (%d rank(s), ZeRO stage %d, %s per rank)",
+                owner,
+                r.base_key,
+                shape.workers_per_group,
+                shape.zero_stage,
+                describe(r.bundles[0]),
+            )
 
     def _cpus_per_rank(self, shape: GroupShape) -> float:
         """The shape's CPUs per rank; unset: with a local Ray, its CPUs split across one group's ranks (a
@@ -387,7 +412,8 @@ class Orchestrator:
             if why:
                 raise Unschedulable(
                     f"{why}. Change the group settings (--workers-per-group, --gpus-per-worker, --cpus-per-group, "
-                    "--group-shapes) or join a cluster (--ray-address); the jobs stay queued")
+                    "--group-shapes) or join a cluster (--ray-address); the jobs stay queued"
+                )
 
     def _cancel_reservations(self, owners: set[str]) -> None:
         for owner in owners:
@@ -427,8 +453,13 @@ class Orchestrator:
         """Another base model waits (for a slot or for resources): stop one group of another base that has
         nothing to do, without waiting for its idle timeout."""
         for group in self.groups.values():
-            if (group.base_key != base_key and not group.stopping and group.status and group.status["idle_s"] > 0
-                    and self._ask_stop(group)):
+            if (
+                group.base_key != base_key
+                and not group.stopping
+                and group.status
+                and group.status["idle_s"] > 0
+                and self._ask_stop(group)
+            ):
                 log.info("group %s for %s: idle, released for a waiting base model", group.owner, group.base_key)
                 return
 
@@ -501,8 +532,11 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     # RayTaskError's text is a traceback; its last line names the exception.
-    return (lines[-1] if isinstance(error, RayError) and not isinstance(error, RayActorError) and lines
-            else (lines[0] if lines else type(error).__name__))
+    return (
+        lines[-1]
+        if isinstance(error, RayError) and not isinstance(error, RayActorError) and lines
+        else (lines[0] if lines else type(error).__name__)
+    )
 
 
 def _file_handler(path: Path) -> logging.Handler:
@@ -513,5 +547,3 @@ def _file_handler(path: Path) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     return handler
-
-

@@ -170,7 +170,8 @@ _INT_MAX = 2**31 - 1  # INTEGER columns (PostgreSQL's are 32-bit)
 _QUOTA_FIELDS = ("max_queued", "max_running", "max_priority")
 # Job rows as `get` and `list` read them: a queued job carries what its base model waits for.
 _JOB_SELECT = select(jobs_table, _W.reason.label("waiting")).outerjoin(
-    waits_table, (_W.base_key == _J.base_key) & (_J.state == "queued"))
+    waits_table, (_W.base_key == _J.base_key) & (_J.state == "queued")
+)
 
 
 class UnknownJob(KeyError):
@@ -315,11 +316,26 @@ class JobStore:
 
     # ---- submitting and reading -------------------------------------------------------------------
 
-    def submit(self, spec: dict, *, task: str, base_key: str, priority: int = 0, max_attempts: int = 3,
-               tenant: str | None = None, enforce_quota: bool = False) -> str:
+    def submit(
+        self,
+        spec: dict,
+        *,
+        task: str,
+        base_key: str,
+        priority: int = 0,
+        max_attempts: int = 3,
+        tenant: str | None = None,
+        enforce_quota: bool = False,
+    ) -> str:
         """Queue one job; returns its id."""
-        return self.submit_many([NewJob(spec=spec, task=task, base_key=base_key, priority=priority,
-                                        max_attempts=max_attempts, tenant=tenant)], enforce_quota=enforce_quota)[0]
+        return self.submit_many(
+            [
+                NewJob(
+                    spec=spec, task=task, base_key=base_key, priority=priority, max_attempts=max_attempts, tenant=tenant
+                )
+            ],
+            enforce_quota=enforce_quota,
+        )[0]
 
     def submit_many(self, items: Iterable[NewJob | Mapping[str, Any]], *, enforce_quota: bool = False) -> list[str]:
         """Queue several jobs in one transaction: all are stored, or (on any error) none.
@@ -343,10 +359,18 @@ class JobStore:
             if enforce_quota:
                 self._check_quotas(c, rows)
             c.execute(jobs_table.insert(), rows)
-            c.execute(events_table.insert(), [
-                _event_row(r["id"], now, "info", f"submitted: task {r['task']}, base {r['base_key']}, "
-                                                  f"priority {r['priority']}") for r in rows
-            ])
+            c.execute(
+                events_table.insert(),
+                [
+                    _event_row(
+                        r["id"],
+                        now,
+                        "info",
+                        f"submitted: task {r['task']}, base {r['base_key']}, priority {r['priority']}",
+                    )
+                    for r in rows
+                ],
+            )
         return [r["id"] for r in rows]
 
     def get(self, job_id: str) -> Job:
@@ -357,8 +381,9 @@ class JobStore:
             raise UnknownJob(job_id)
         return _to_job(row)
 
-    def list(self, state: str | None = None, task: str | None = None, limit: int | None = None, *,
-             tenant: str | None = None) -> list[Job]:
+    def list(
+        self, state: str | None = None, task: str | None = None, limit: int | None = None, *, tenant: str | None = None
+    ) -> list[Job]:
         """Jobs in submission order, optionally only one state, task and/or tenant; `limit` keeps the newest
         that many."""
         if state is not None and state not in STATES:
@@ -419,8 +444,7 @@ class JobStore:
             else:  # skip tenants at their limit; take no more of a tenant's jobs than it has room for
                 room, default = limits
                 ids = []
-                for job_id, tenant in c.execute(ordered.where(_room_filter(room, default))
-                                                .limit(limit * 8 + 32)).all():
+                for job_id, tenant in c.execute(ordered.where(_room_filter(room, default)).limit(limit * 8 + 32)).all():
                     left = room.get(tenant or "", default)
                     if left is not None:
                         if left <= 0:
@@ -434,18 +458,26 @@ class JobStore:
             moved = c.execute(
                 update(jobs_table)
                 .where(_J.id.in_(ids), _J.state == "queued")
-                .values(state="running", owner=owner, attempts=_J.attempts + 1, started_at=now,
-                        heartbeat_at=now, finished_at=None, updated_at=now)
+                .values(
+                    state="running",
+                    owner=owner,
+                    attempts=_J.attempts + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                    finished_at=None,
+                    updated_at=now,
+                )
             ).rowcount
             # The rows are locked (PostgreSQL) or the whole database is (sqlite): nothing can move them.
             assert moved == len(ids), f"claimed {moved} of {len(ids)} locked rows"
-            rows = c.execute(
-                select(jobs_table).where(_J.id.in_(ids)).order_by(_J.priority.desc(), _J.seq)
-            ).all()
-            c.execute(events_table.insert(), [
-                _event_row(r.id, now, "info", f"claimed by {owner} (attempt {r.attempts} of {r.max_attempts})")
-                for r in rows
-            ])
+            rows = c.execute(select(jobs_table).where(_J.id.in_(ids)).order_by(_J.priority.desc(), _J.seq)).all()
+            c.execute(
+                events_table.insert(),
+                [
+                    _event_row(r.id, now, "info", f"claimed by {owner} (attempt {r.attempts} of {r.max_attempts})")
+                    for r in rows
+                ],
+            )
         return [_to_job(r) for r in rows]
 
     def heartbeat(self, owner: str, job_ids: Iterable[str]) -> list[str]:
@@ -482,9 +514,15 @@ class JobStore:
         with self._tx(write=True) as c:
             row = self._locked(c, job_id, "update progress of", ("running",))
             c.execute(
-                update(jobs_table).where(_J.id == job_id).values(
-                    step=step, total_steps=total_steps, loss=loss, tokens_per_s=tokens_per_s,
-                    examples_per_s=examples_per_s, updated_at=self._clock(),
+                update(jobs_table)
+                .where(_J.id == job_id)
+                .values(
+                    step=step,
+                    total_steps=total_steps,
+                    loss=loss,
+                    tokens_per_s=tokens_per_s,
+                    examples_per_s=examples_per_s,
+                    updated_at=self._clock(),
                 )
             )
         return bool(row.cancel_requested)
@@ -500,13 +538,12 @@ class JobStore:
         with self._tx(write=True) as c:
             self._locked(c, job_id, f"finish as {state}", ("running",))
             c.execute(
-                update(jobs_table).where(_J.id == job_id).values(
-                    state=state, error=error, result_dir=result_dir, finished_at=now, updated_at=now
-                )
+                update(jobs_table)
+                .where(_J.id == job_id)
+                .values(state=state, error=error, result_dir=result_dir, finished_at=now, updated_at=now)
             )
             message = state + (f": {error}" if error else "") + (f"; result in {result_dir}" if result_dir else "")
-            c.execute(events_table.insert(), _event_row(job_id, now, "error" if state == "failed" else "info",
-                                                        message))
+            c.execute(events_table.insert(), _event_row(job_id, now, "error" if state == "failed" else "info", message))
             return _to_job(self._row(c, job_id))
 
     def request_cancel(self, job_id: str) -> Job:
@@ -544,11 +581,17 @@ class JobStore:
             if row.cancel_requested:
                 self._give_back(c, row, reason)
             else:
-                c.execute(update(jobs_table).where(_J.id == job_id).values(
-                    state="queued", attempts=max(0, row.attempts - 1), owner=None, heartbeat_at=None,
-                    updated_at=now))
-                c.execute(events_table.insert(), _event_row(
-                    job_id, now, "info", f"queued again, no attempt charged: {reason}"))
+                c.execute(
+                    update(jobs_table)
+                    .where(_J.id == job_id)
+                    .values(
+                        state="queued", attempts=max(0, row.attempts - 1), owner=None, heartbeat_at=None, updated_at=now
+                    )
+                )
+                c.execute(
+                    events_table.insert(),
+                    _event_row(job_id, now, "info", f"queued again, no attempt charged: {reason}"),
+                )
             return _to_job(self._row(c, job_id))
 
     def requeue_stale(self, older_than_s: float) -> list[str]:
@@ -566,8 +609,12 @@ class JobStore:
         with self._tx(write=True) as c:
             rows = c.execute(q).all()
             for row in rows:
-                self._give_back(c, row, f"orchestrator {row.owner} stopped sending heartbeats "
-                                        f"({now - row.heartbeat_at:.0f} s since the last)")
+                self._give_back(
+                    c,
+                    row,
+                    f"orchestrator {row.owner} stopped sending heartbeats "
+                    f"({now - row.heartbeat_at:.0f} s since the last)",
+                )
         return [r.id for r in rows]
 
     def requeue_owner(self, owner: str) -> list[str]:
@@ -589,10 +636,16 @@ class JobStore:
         with self._tx(write=True) as c:
             self._locked(c, job_id, "mark registered", ("succeeded",))
             c.execute(
-                update(jobs_table).where(_J.id == job_id).values(
-                    registered=True, registry_model=model, registry_version=str(version),
-                    registration_attempts=_J.registration_attempts + 1, registration_error=None,
-                    next_registration_at=None, updated_at=now,
+                update(jobs_table)
+                .where(_J.id == job_id)
+                .values(
+                    registered=True,
+                    registry_model=model,
+                    registry_version=str(version),
+                    registration_attempts=_J.registration_attempts + 1,
+                    registration_error=None,
+                    next_registration_at=None,
+                    updated_at=now,
                 )
             )
             c.execute(events_table.insert(), _event_row(job_id, now, "info", f"registered as {model} v{version}"))
@@ -604,13 +657,19 @@ class JobStore:
         with self._tx(write=True) as c:
             self._locked(c, job_id, "mark registration failed for", ("succeeded",))
             c.execute(
-                update(jobs_table).where(_J.id == job_id).values(
-                    registration_attempts=_J.registration_attempts + 1, registration_error=error,
-                    next_registration_at=retry_at, updated_at=now,
+                update(jobs_table)
+                .where(_J.id == job_id)
+                .values(
+                    registration_attempts=_J.registration_attempts + 1,
+                    registration_error=error,
+                    next_registration_at=retry_at,
+                    updated_at=now,
                 )
             )
-            c.execute(events_table.insert(), _event_row(
-                job_id, now, "warning", f"registration failed (retry in {retry_at - now:.0f} s): {error}"))
+            c.execute(
+                events_table.insert(),
+                _event_row(job_id, now, "warning", f"registration failed (retry in {retry_at - now:.0f} s): {error}"),
+            )
             return _to_job(self._row(c, job_id))
 
     def pending_registrations(self, now: float | None = None) -> list[Job]:
@@ -656,8 +715,7 @@ class JobStore:
                 if row is None:
                     c.execute(leases_table.insert(), {"name": name, "holder": holder, "expires_at": now + ttl_s})
                 elif row.holder == holder or row.expires_at <= now:
-                    c.execute(update(leases_table).where(_L.name == name)
-                              .values(holder=holder, expires_at=now + ttl_s))
+                    c.execute(update(leases_table).where(_L.name == name).values(holder=holder, expires_at=now + ttl_s))
                 else:
                     return False
         except IntegrityError:  # another process inserted the lease row first (PostgreSQL)
@@ -744,8 +802,12 @@ class JobStore:
             return None
         if lock and self._dialect == "postgresql":  # concurrent claimers must not both take a tenant's last slot
             c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CLAIM_LOCK})
-        running = {t or "": n for t, n in c.execute(select(_J.tenant, func.count()).where(_J.state == "running")
-                                                    .group_by(_J.tenant)).all()}
+        running = {
+            t or "": n
+            for t, n in c.execute(
+                select(_J.tenant, func.count()).where(_J.state == "running").group_by(_J.tenant)
+            ).all()
+        }
         default = caps.pop("*", None)
         room = {}
         for tenant in set(caps) | set(running):
@@ -765,19 +827,25 @@ class JobStore:
             mine = [r for r in rows if r["tenant"] == tenant]
             top = max(r["priority"] for r in mine)
             if quota.max_priority is not None and top > quota.max_priority:
-                raise QuotaExceeded(f"priority {top} is over tenant {tenant!r}'s highest priority, "
-                                    f"{quota.max_priority} (its max_priority quota)")
+                raise QuotaExceeded(
+                    f"priority {top} is over tenant {tenant!r}'s highest priority, "
+                    f"{quota.max_priority} (its max_priority quota)"
+                )
             if quota.max_queued is None:
                 continue
             if self._dialect == "postgresql":  # two submits of one tenant must not both pass the count
-                c.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:t))"),
-                          {"k": _PG_QUOTA_LOCK, "t": tenant or ""})
-            queued = c.scalar(select(func.count()).select_from(jobs_table)
-                              .where(_J.tenant == tenant, _J.state == "queued"))
+                c.execute(
+                    text("SELECT pg_advisory_xact_lock(:k, hashtext(:t))"), {"k": _PG_QUOTA_LOCK, "t": tenant or ""}
+                )
+            queued = c.scalar(
+                select(func.count()).select_from(jobs_table).where(_J.tenant == tenant, _J.state == "queued")
+            )
             if queued + len(mine) > quota.max_queued:
-                raise QuotaExceeded(f"tenant {tenant!r} has {queued} job(s) queued and its quota is "
-                                    f"{quota.max_queued} (max_queued); {len(mine)} more would exceed it: wait "
-                                    "for some to start, or cancel some")
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} has {queued} job(s) queued and its quota is "
+                    f"{quota.max_queued} (max_queued); {len(mine)} more would exceed it: wait "
+                    "for some to start, or cancel some"
+                )
 
     def _give_back(self, c: Connection, row, error: str) -> None:
         """End a running attempt that did not finish: cancelled if asked, failed if out of attempts, else
@@ -795,8 +863,7 @@ class JobStore:
         else:
             values.update(finished_at=now)
         c.execute(update(jobs_table).where(_J.id == row.id).values(**values))
-        c.execute(events_table.insert(), _event_row(row.id, now, "info" if state == "cancelled" else "error",
-                                                    message))
+        c.execute(events_table.insert(), _event_row(row.id, now, "info" if state == "cancelled" else "error", message))
 
     def _new_row(self, item: NewJob | Mapping[str, Any], now: float) -> tuple[dict, list[str]]:
         """A jobs-table row for one submitted item, and every problem with it."""
@@ -806,7 +873,8 @@ class JobStore:
             missing = sorted({"spec", "task", "base_key"} - set(item))
             if unknown or missing:
                 return {}, [f"{k}: unknown field (allowed: {', '.join(sorted(known))})" for k in unknown] + [
-                    f"{k}: missing" for k in missing]
+                    f"{k}: missing" for k in missing
+                ]
             item = NewJob(**item)
         problems = []
         for name in ("task", "base_key"):
@@ -815,8 +883,12 @@ class JobStore:
                 problems.append(f"{name}: expected a non-empty string, got {value!r}")
         if not isinstance(item.priority, int) or isinstance(item.priority, bool) or abs(item.priority) > _INT_MAX:
             problems.append(f"priority: expected an int of at most {_INT_MAX} in size, got {item.priority!r}")
-        if (not isinstance(item.max_attempts, int) or isinstance(item.max_attempts, bool) or item.max_attempts < 1
-                or item.max_attempts > _INT_MAX):
+        if (
+            not isinstance(item.max_attempts, int)
+            or isinstance(item.max_attempts, bool)
+            or item.max_attempts < 1
+            or item.max_attempts > _INT_MAX
+        ):
             problems.append(f"max_attempts: expected an int >= 1 and <= {_INT_MAX}, got {item.max_attempts!r}")
         if item.tenant is not None and (not isinstance(item.tenant, str) or not 0 < len(item.tenant) <= 128):
             problems.append(f"tenant: expected a string of 1 to 128 characters or None, got {item.tenant!r}")
@@ -829,15 +901,27 @@ class JobStore:
             except (TypeError, ValueError) as e:
                 problems.append(f"spec: not storable as JSON ({e})")
         row = dict(
-            id=_new_id(now), task=item.task, base_key=item.base_key, priority=item.priority, state="queued",
-            spec=spec_json, attempts=0, max_attempts=item.max_attempts, created_at=now, updated_at=now,
-            cancel_requested=False, registered=False, registration_attempts=0, tenant=item.tenant,
+            id=_new_id(now),
+            task=item.task,
+            base_key=item.base_key,
+            priority=item.priority,
+            state="queued",
+            spec=spec_json,
+            attempts=0,
+            max_attempts=item.max_attempts,
+            created_at=now,
+            updated_at=now,
+            cancel_requested=False,
+            registered=False,
+            registration_attempts=0,
+            tenant=item.tenant,
         )
         return row, problems
 
 
 def _room_filter(room: dict[str, int | None], default: int | None):
     """The claim query's WHERE for `_running_room`'s answer: leave out the tenants with no room left."""
+
     def has_room(n: int | None) -> bool:
         return n is None or n > 0
 

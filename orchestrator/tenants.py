@@ -55,8 +55,10 @@ def parse_entries(entries: Iterable[str], *, admin: bool = False, where: str = "
         name, sep, token = entry.partition("=")
         if sep and token and re.fullmatch(TENANT_PATTERN, name):
             if name == LOCAL_TENANT or name.startswith("token-"):
-                raise ValueError(f"{where}: entry {i}: the tenant name {name!r} is reserved ('{LOCAL_TENANT}' is "
-                                 "the CLI on the store's machine, 'token-...' names bare tokens)")
+                raise ValueError(
+                    f"{where}: entry {i}: the tenant name {name!r} is reserved ('{LOCAL_TENANT}' is "
+                    "the CLI on the store's machine, 'token-...' names bare tokens)"
+                )
             caller = Caller(name, admin)
         else:
             token = entry
@@ -80,8 +82,10 @@ def callers_from_env(env: Mapping[str, str] | None = None) -> dict[str, Caller]:
     conflicting or unreadable entry (the message never shows a token)."""
     env = os.environ if env is None else env
     out: dict[str, Caller] = {}
-    for admin, value_env, file_env in ((False, TOKENS_ENV, TOKENS_FILE_ENV), (True, ADMIN_TOKENS_ENV,
-                                                                              ADMIN_TOKENS_FILE_ENV)):
+    for admin, value_env, file_env in (
+        (False, TOKENS_ENV, TOKENS_FILE_ENV),
+        (True, ADMIN_TOKENS_ENV, ADMIN_TOKENS_FILE_ENV),
+    ):
         entries = env.get(value_env, "").split(",")
         if env.get(file_env):
             try:
@@ -97,6 +101,7 @@ def merge_callers(a: Mapping[str, Caller], b: Mapping[str, Caller]) -> dict[str,
     out = dict(a)
     for token, caller in b.items():
         if out.get(token, caller) != caller:
+
             def who(c: Caller) -> str:
                 return f"{'admin' if c.admin else 'tenant'} {c.tenant!r}"
 
@@ -144,13 +149,23 @@ def check_quotas(data: Any) -> dict[str, Quota]:
         for key, value in settings.items():
             if key not in fields:
                 problems.append(f"{tenant}.{key}: unknown setting; accepted: {', '.join(fields)}")
-            elif value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                        or abs(value) > 2**31 - 1
-                                        or (key != "max_priority" and value < 0)):
-                problems.append(f"{tenant}.{key}: expected an integer{' >= 0' if key != 'max_priority' else ''} "
-                                f"or null, got {value!r}")
-        out[tenant] = Quota(**{k: v for k, v in settings.items() if k in fields and
-                               (v is None or (isinstance(v, int) and not isinstance(v, bool)))})
+            elif value is not None and (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or abs(value) > 2**31 - 1
+                or (key != "max_priority" and value < 0)
+            ):
+                problems.append(
+                    f"{tenant}.{key}: expected an integer{' >= 0' if key != 'max_priority' else ''} "
+                    f"or null, got {value!r}"
+                )
+        out[tenant] = Quota(
+            **{
+                k: v
+                for k, v in settings.items()
+                if k in fields and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
+            }
+        )
     if problems:
         raise ValueError("quotas: " + "; ".join(problems))
     return out

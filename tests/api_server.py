@@ -1,7 +1,7 @@
 """The HTTP API as an operator runs it: its own process on 127.0.0.1, configured by the environment.
 
-    with api_server(home, {"PREFIXD_API_TOKENS": "alice=tok-a"}) as (url, pid):
-        httpx.get(url + "/v1/jobs", headers=auth("tok-a"))
+with api_server(home, {"PREFIXD_API_TOKENS": "alice=tok-a"}) as (url, pid):
+    httpx.get(url + "/v1/jobs", headers=auth("tok-a"))
 """
 
 import contextlib
@@ -25,9 +25,18 @@ while True:
     time.sleep(3600)
 """
 # Settings an operator's environment may carry that would change what the tests see.
-_CLEARED = ("PREFIXD_DATA_ROOT", "PREFIXD_SPEC_BOUNDS", "MLFLOW_TRACKING_URI", "PREFIXD_API_TOKENS",
-            "PREFIXD_API_TOKENS_FILE", "PREFIXD_ADMIN_TOKENS", "PREFIXD_ADMIN_TOKENS_FILE", "PREFIXD_QUOTAS",
-            "PREFIXD_STORAGE", "PREFIXD_MAX_UPLOAD_BYTES")
+_CLEARED = (
+    "PREFIXD_DATA_ROOT",
+    "PREFIXD_SPEC_BOUNDS",
+    "MLFLOW_TRACKING_URI",
+    "PREFIXD_API_TOKENS",
+    "PREFIXD_API_TOKENS_FILE",
+    "PREFIXD_ADMIN_TOKENS",
+    "PREFIXD_ADMIN_TOKENS_FILE",
+    "PREFIXD_QUOTAS",
+    "PREFIXD_STORAGE",
+    "PREFIXD_MAX_UPLOAD_BYTES",
+)
 
 
 def auth(token: str) -> dict:
@@ -39,8 +48,9 @@ def api_server(home: Path, settings: dict[str, str]):
     """Start the API for `home` with these environment settings (and none of `_CLEARED` otherwise);
     yields (url, pid); killed on exit."""
     env = {k: v for k, v in os.environ.items() if k not in _CLEARED} | {"PYTHONPATH": str(ROOT)} | settings
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(home)], stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(home)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
     try:
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), "the API did not start"
@@ -57,8 +67,10 @@ def send_chunked(url: str, path: str, token: str, content_type: str, total: int)
     chunk = b"x" * (1 << 16)
     sent, response = 0, b""
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
-                  f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
         try:
             while sent < total:
                 readable, writable, _ = select.select([s], [s], [], 10)

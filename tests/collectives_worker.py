@@ -34,23 +34,74 @@ import torch.distributed.distributed_c10d as c10d  # noqa: E402
 from workers.devices import Collectives  # noqa: E402  (imports nothing of torch.distributed's by name)
 
 MODULE_COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_coalesced", "all_gather_into_tensor",
-    "_all_gather_base", "all_gather_object", "gather", "gather_object", "scatter", "scatter_object_list",
-    "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast",
-    "broadcast_object_list", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv",
-    "send_object_list", "recv_object_list", "batch_isend_irecv", "all_to_all", "all_to_all_single",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_coalesced",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_object",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "send_object_list",
+    "recv_object_list",
+    "batch_isend_irecv",
+    "all_to_all",
+    "all_to_all_single",
 )
 FUNCTIONAL_COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "all_reduce_inplace", "all_gather_tensor", "all_gather_tensor_inplace",
-    "all_gather_into_tensor_coalesced", "all_gather_inplace", "reduce_scatter_tensor",
-    "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_inplace", "broadcast", "all_to_all_single",
-    "all_to_all_inplace", "permute_tensor",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_reduce_inplace",
+    "all_gather_tensor",
+    "all_gather_tensor_inplace",
+    "all_gather_into_tensor_coalesced",
+    "all_gather_inplace",
+    "reduce_scatter_tensor",
+    "reduce_scatter_tensor_coalesced",
+    "reduce_scatter_tensor_inplace",
+    "broadcast",
+    "all_to_all_single",
+    "all_to_all_inplace",
+    "permute_tensor",
 )
 GROUP_METHODS = (
-    "allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather", "_allgather_base",
-    "allgather_coalesced", "allgather_into_tensor_coalesced", "all_gather_single", "gather", "scatter",
-    "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced", "reduce_scatter_single",
-    "alltoall", "alltoall_base", "all_to_all_single", "send", "recv", "recv_anysource", "barrier",
+    "allreduce",
+    "allreduce_coalesced",
+    "broadcast",
+    "reduce",
+    "allgather",
+    "_allgather_base",
+    "allgather_coalesced",
+    "allgather_into_tensor_coalesced",
+    "all_gather_single",
+    "gather",
+    "scatter",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "reduce_scatter_tensor_coalesced",
+    "reduce_scatter_single",
+    "alltoall",
+    "alltoall_base",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "recv_anysource",
+    "barrier",
     "monitored_barrier",
 )
 SETUP = ("init_process_group", "new_group", "destroy_process_group")
@@ -118,6 +169,7 @@ class Interceptor:
                 return fn(*args, **kwargs)
             finally:
                 self._local.setup -= 1
+
         return wrapper
 
     def _collective(self, label, fn):
@@ -129,6 +181,7 @@ class Interceptor:
                 return fn(*args, **kwargs)
             finally:
                 self._local.depth -= 1
+
         return wrapper
 
     def check(self, label: str, args, kwargs) -> None:
@@ -157,8 +210,10 @@ class Interceptor:
     def report(self) -> dict:
         run = [c for c in self.calls if c["phase"] == "run"]
         return dict(
-            calls=len(run), passing_calls=sum(c["passing"] for c in run),
-            by_name=dict(Counter(c["name"] for c in run)), setup_calls=self.setup_calls,
+            calls=len(run),
+            passing_calls=sum(c["passing"] for c in run),
+            by_name=dict(Counter(c["name"] for c in run)),
+            setup_calls=self.setup_calls,
             violations=[v for v in self.violations if v["phase"] == "run"],
             probes={p: [v for v in self.violations if v["phase"] == f"probe:{p}"] for p in PROBES},
             probe_calls=[c for c in self.calls if c["phase"] != "run"],
@@ -225,9 +280,19 @@ def task_config(work: Path, label: str, name: str):
     train = work / f"{name}.jsonl" if name in TASKS else work / "missing.jsonl"
     p, lr, examples, steps = TASKS.get(name, ("", 3, 1e-2, 1, 2))[1:]
     data = DataSettings(train=str(train), input_column="input", target_column="target", max_length=32)
-    return TaskConfig(task_id=name, name=name, data=data, out_dir=str(work / label / name), num_virtual_tokens=p,
-                      steps=steps, examples_per_step=examples, learning_rate=lr, eval_every=2, checkpoint_every=2,
-                      seed=5)
+    return TaskConfig(
+        task_id=name,
+        name=name,
+        data=data,
+        out_dir=str(work / label / name),
+        num_virtual_tokens=p,
+        steps=steps,
+        examples_per_step=examples,
+        learning_rate=lr,
+        eval_every=2,
+        checkpoint_every=2,
+        seed=5,
+    )
 
 
 def write_data(work: Path) -> None:

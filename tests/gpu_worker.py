@@ -36,11 +36,20 @@ def task_config(work: Path, run: str, name: str, steps: int) -> TaskConfig:
     """The TaskConfig of task `name` for the run `run` (results under work/run/name). Evaluates at step 4
     and at the end, checkpoints at step 3: prefix, optimizer state and RNG leave the device and are written."""
     _, p, lr, examples = TASKS[name]
-    data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target",
-                        max_length=40)
-    return TaskConfig(task_id=name, name=name, data=data, out_dir=str(work / run / name), num_virtual_tokens=p,
-                      steps=steps, examples_per_step=examples, learning_rate=lr, eval_every=4,
-                      checkpoint_every=3, seed=3)
+    data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target", max_length=40)
+    return TaskConfig(
+        task_id=name,
+        name=name,
+        data=data,
+        out_dir=str(work / run / name),
+        num_virtual_tokens=p,
+        steps=steps,
+        examples_per_step=examples,
+        learning_rate=lr,
+        eval_every=4,
+        checkpoint_every=3,
+        seed=3,
+    )
 
 
 def write_data(work: Path) -> None:
@@ -67,8 +76,12 @@ def main(spec: dict) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     work = Path(spec["work"])
     stage = int(spec.get("stage", 0))
-    settings = RankSettings(world=1, device=spec["device"], micro_batch_size=MICRO_BATCH,
-                            zero=ZeroSettings(stage=stage, persistence_threshold=0 if stage == 3 else None))
+    settings = RankSettings(
+        world=1,
+        device=spec["device"],
+        micro_batch_size=MICRO_BATCH,
+        zero=ZeroSettings(stage=stage, persistence_threshold=0 if stage == 3 else None),
+    )
     store, port = host_rendezvous("127.0.0.1", 1)
     channel = GroupChannel.join(0, settings, ("127.0.0.1", port), store=store)
     replicated = channel.load(BaseModelRef(kind="path", location=spec["folder"], dtype=spec["dtype"]))

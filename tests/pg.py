@@ -78,28 +78,47 @@ class PostgresServer:
     def _admin(self, sql: str) -> None:
         import psycopg
 
-        with psycopg.connect(host=self.host, port=self.port, user=self.superuser, dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host=self.host, port=self.port, user=self.superuser, dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(sql)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
         if self.user is not None:
-            cmd = ["runuser", "-u", self.user, "--", *cmd] if shutil.which("runuser") else [
-                "su", "-s", "/bin/sh", self.user, "-c", shlex.join(cmd)]
+            cmd = (
+                ["runuser", "-u", self.user, "--", *cmd]
+                if shutil.which("runuser")
+                else ["su", "-s", "/bin/sh", self.user, "-c", shlex.join(cmd)]
+            )
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
         return subprocess.run(cmd, capture_output=True, text=True, env=env, check=check, timeout=120)
 
     def start(self) -> None:
         data = self.root / "data"
-        self._run("initdb", "-D", str(data), "-U", self.superuser, "--auth=trust", "-E", "UTF8", "--no-locale",
-                  "--no-sync")
+        self._run(
+            "initdb", "-D", str(data), "-U", self.superuser, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"
+        )
         for _ in range(_START_TRIES):
             self.port = free_port()
-            options = (f"-h {self.host} -p {self.port} -k {self.root} -F -c synchronous_commit=off "
-                       f"-c full_page_writes=off -c max_connections=100")
-            result = self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "log"), "-o", options,
-                               "-w", "-t", "60", "start", check=False)
+            options = (
+                f"-h {self.host} -p {self.port} -k {self.root} -F -c synchronous_commit=off "
+                f"-c full_page_writes=off -c max_connections=100"
+            )
+            result = self._run(
+                "pg_ctl",
+                "-D",
+                str(data),
+                "-l",
+                str(self.root / "log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+                check=False,
+            )
             if result.returncode == 0:
                 return
         log = (self.root / "log").read_text(errors="replace")[-3000:] if (self.root / "log").exists() else ""
@@ -118,8 +137,10 @@ def start_postgres() -> PostgresServer:
     """Start a throwaway server; pytest.skip if this machine has no PostgreSQL binaries."""
     bin_dir = find_pg_bin()
     if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; "
-                    "install the 'postgresql' package (.ci/run does) to run the PostgreSQL tests")
+        pytest.skip(
+            "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin; "
+            "install the 'postgresql' package (.ci/run does) to run the PostgreSQL tests"
+        )
     user = _server_user()
     # Not pytest's tmp_path: that lives under a 0700 folder the server's user could not enter.
     root = Path(tempfile.mkdtemp(prefix="prefixd-pg-"))

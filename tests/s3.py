@@ -9,14 +9,18 @@ nodes started afterwards inherit).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fake-test-access-key", "AWS_SECRET_ACCESS_KEY": "fake-test-secret-key-0042",
-               "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "fake-test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "fake-test-secret-key-0042",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ class S3:
 @contextmanager
 def s3_server(bucket: str = "prefixd-test") -> Iterator[S3]:
     """The server, its bucket, and CREDENTIALS set in os.environ (restored on exit)."""
-    from moto.server import ThreadedMotoServer
     import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     with pytest.MonkeyPatch.context() as mp:
@@ -47,8 +51,9 @@ def s3_server(bucket: str = "prefixd-test") -> Iterator[S3]:
         server.start()
         try:
             host, port = server.get_host_and_port()
-            pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                              allow_bucket_creation=True).create_dir(bucket)
+            pafs.S3FileSystem(
+                endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+            ).create_dir(bucket)
             yield S3(endpoint=f"http://{host}:{port}", bucket=bucket)
         finally:
             server.stop()

@@ -24,8 +24,9 @@ def server(tmp_path_factory):
     (root / "data").mkdir()
     write_task(root / "data" / "rev.jsonl", "reverse")
     (root / "secret.jsonl").write_text('{"input": "x", "target": "y"}\n')
-    config = OrchestratorConfig.from_env(home=root, store_url=f"sqlite:///{root / 'jobs.db'}",
-                                         mlflow_uri=default_tracking_uri(root))
+    config = OrchestratorConfig.from_env(
+        home=root, store_url=f"sqlite:///{root / 'jobs.db'}", mlflow_uri=default_tracking_uri(root)
+    )
     api = start_api(config, port=0, tokens=frozenset({TOKEN}))
     assert api.data_root == root / "data"
     yield api.url, config.store_url, root
@@ -33,16 +34,26 @@ def server(tmp_path_factory):
 
 
 def spec(**over):
-    base = {"name": "rev", "base_model": {"builtin": "smollm2-135m"},
-            "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-            "training": {"steps": 5}}
+    base = {
+        "name": "rev",
+        "base_model": {"builtin": "smollm2-135m"},
+        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+        "training": {"steps": 5},
+    }
     return base | over
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ROUTES = [("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/j-x"), ("post", "/v1/jobs/j-x/cancel"),
-          ("get", "/v1/jobs/j-x/logs"), ("get", "/v1/models"), ("get", "/v1/models/rev"),
-          ("post", "/v1/specs/validate")]
+ROUTES = [
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs"),
+    ("get", "/v1/jobs/j-x"),
+    ("post", "/v1/jobs/j-x/cancel"),
+    ("get", "/v1/jobs/j-x/logs"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/rev"),
+    ("post", "/v1/specs/validate"),
+]
 
 
 @pytest.mark.parametrize("method, path", ROUTES)
@@ -79,8 +90,10 @@ def test_bad_specs_are_refused_and_nothing_is_stored(server):
         (spec(training={"steps": 0}), "training.steps"),
         (spec(name="../evil"), "name"),
         (spec(data={"train": "../secret.jsonl", "input_column": "input", "target_column": "target"}), "data.train"),
-        (spec(data={"train": str(root / "secret.jsonl"), "input_column": "input", "target_column": "target"}),
-         "data.train"),
+        (
+            spec(data={"train": str(root / "secret.jsonl"), "input_column": "input", "target_column": "target"}),
+            "data.train",
+        ),
         (spec(unknown_key=1), "unknown_key"),
         (spec(base_model={"path": "/etc"}), "base_model.path"),
     ]
@@ -88,8 +101,11 @@ def test_bad_specs_are_refused_and_nothing_is_stored(server):
         r = httpx.post(base + "/v1/jobs", json=body, headers=AUTH)
         assert r.status_code == 422, (field, r.text)
         assert field in r.text
-    for raw, ctype in [(b"\xff\xfe\x00garbage", "application/yaml"), (b"{not json", "application/json"),
-                       (b"just a scalar", "application/yaml")]:
+    for raw, ctype in [
+        (b"\xff\xfe\x00garbage", "application/yaml"),
+        (b"{not json", "application/json"),
+        (b"just a scalar", "application/yaml"),
+    ]:
         r = httpx.post(base + "/v1/jobs", content=raw, headers=AUTH | {"Content-Type": ctype})
         assert r.status_code == 422, r.text
     big = httpx.post(base + "/v1/jobs", content=b"x" * (2 << 20), headers=AUTH | {"Content-Type": "application/yaml"})
@@ -109,8 +125,15 @@ def test_unknown_job_and_bad_query(server):
 def test_openapi_describes_every_route(server):
     base, _, _ = server
     doc = httpx.get(base + "/openapi.json").json()
-    assert set(doc["paths"]) >= {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
-                                 "/v1/jobs/{job_id}/logs", "/v1/models", "/v1/models/{task}", "/v1/specs/validate"}
+    assert set(doc["paths"]) >= {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/logs",
+        "/v1/models",
+        "/v1/models/{task}",
+        "/v1/specs/validate",
+    }
 
 
 def test_fuzz_from_openapi_no_server_errors(server):
@@ -125,8 +148,7 @@ def test_fuzz_from_openapi_no_server_errors(server):
     for op in schema.get_all_operations():
         operation = op.ok()
 
-        @settings(max_examples=25, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def check(case):
             for headers in (AUTH, {}):
@@ -162,8 +184,9 @@ def test_start_api_port_taken_and_non_loopback_warning(server, tmp_path, monkeyp
     api = start_api(config, host="0.0.0.0", port=0, data_root=tmp_path / "elsewhere")
     port = api.url.rsplit(":", 1)[1]
     try:
-        assert capsys.readouterr().err.startswith(f"warning: the HTTP API listens on 0.0.0.0:{port}, "
-                                                  "reachable from other machines")
+        assert capsys.readouterr().err.startswith(
+            f"warning: the HTTP API listens on 0.0.0.0:{port}, reachable from other machines"
+        )
         assert api.data_root == tmp_path / "elsewhere" and api.data_root.is_dir()
         assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=AUTH).json() == []
     finally:
@@ -182,8 +205,11 @@ def test_validate_checks_without_queueing_and_jobs_carry_every_field(server):
     base, url, _ = server
     before = len(JobStore(url).list())
     r = httpx.post(base + "/v1/specs/validate", json=spec(priority=4), headers=AUTH)
-    assert r.status_code == 200 and r.json() == {"task": "rev", "base_key": "builtin:smollm2-135m:float32",
-                                                  "priority": 4}
+    assert r.status_code == 200 and r.json() == {
+        "task": "rev",
+        "base_key": "builtin:smollm2-135m:float32",
+        "priority": 4,
+    }
     r = httpx.post(base + "/v1/specs/validate", json=spec(training={"steps": 0}), headers=AUTH)
     assert r.status_code == 422 and [p["path"] for p in r.json()["problems"]] == ["training.steps"]
     assert len(JobStore(url).list()) == before
@@ -252,8 +278,14 @@ def test_submit_over_http_train_and_look_up(tmp_path, monkeypatch, capsys):
     from orchestrator.cli import main
     from orchestrator.scheduler import Orchestrator
 
-    for name in ("PREFIXD_HOME", "PREFIXD_STORE_URL", "PREFIXD_RAY_ADDRESS", "PREFIXD_SERVER", "PREFIXD_DATA_ROOT",
-                 "MLFLOW_TRACKING_URI"):
+    for name in (
+        "PREFIXD_HOME",
+        "PREFIXD_STORE_URL",
+        "PREFIXD_RAY_ADDRESS",
+        "PREFIXD_SERVER",
+        "PREFIXD_DATA_ROOT",
+        "MLFLOW_TRACKING_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "server"
     data = home / "data"
@@ -261,14 +293,26 @@ def test_submit_over_http_train_and_look_up(tmp_path, monkeypatch, capsys):
     write_task(data / "rev.jsonl", "reverse")
     spec_file = tmp_path / "client" / "rev.yaml"  # not next to the data: its relative paths are the server's
     spec_file.parent.mkdir()
-    spec_file.write_text(yaml.safe_dump({
-        "name": "rev", "base_model": {"path": "tiny-llama"},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-        "prefix": {"num_virtual_tokens": 5},
-        "training": {"steps": 10, "examples_per_step": 4, "eval_every": 5, "checkpoint_every": 5,
-                     "learning_rate": 0.02}}))
-    config = OrchestratorConfig.from_env(home=home, num_cpus=2, zero_stage=0, max_groups=1, poll_s=0.2,
-                                         heartbeat_s=0.5, stale_after_s=5)
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "rev",
+                "base_model": {"path": "tiny-llama"},
+                "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+                "prefix": {"num_virtual_tokens": 5},
+                "training": {
+                    "steps": 10,
+                    "examples_per_step": 4,
+                    "eval_every": 5,
+                    "checkpoint_every": 5,
+                    "learning_rate": 0.02,
+                },
+            }
+        )
+    )
+    config = OrchestratorConfig.from_env(
+        home=home, num_cpus=2, zero_stage=0, max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=5
+    )
     api = start_api(config, port=0, tokens=frozenset({TOKEN}))
     monkeypatch.setenv("PREFIXD_TOKEN", TOKEN)
     capsys.readouterr()  # (DeepSpeed's import prints its accelerator on stdout)
@@ -284,17 +328,29 @@ def test_submit_over_http_train_and_look_up(tmp_path, monkeypatch, capsys):
         # The orchestrator itself registered it in MLflow at config.tracking_uri, which the API reads.
         status = httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=AUTH, timeout=60).json()
         assert (status["state"], status["step"], status["total_steps"]) == ("succeeded", 10, 10)
-        assert (status["registered"], status["registry_model"], status["registry_version"]) == \
-            (True, "prefixd-rev", "1")
+        assert (status["registered"], status["registry_model"], status["registry_version"]) == (
+            True,
+            "prefixd-rev",
+            "1",
+        )
         version = httpx.get(f"{api.url}/v1/models/rev", headers=AUTH, timeout=60).json()
-        assert (version["name"], version["version"], version["job_id"], version["task"]) == \
-            ("prefixd-rev", "1", job_id, "rev")
+        assert (version["name"], version["version"], version["job_id"], version["task"]) == (
+            "prefixd-rev",
+            "1",
+            job_id,
+            "rev",
+        )
         assert version["aliases"] == ["champion", "latest"] and "eval_loss" in version["metrics"]
         assert version["base_model"].startswith(f"path:{data / 'tiny-llama'}")
 
         capsys.readouterr()
-        for argv in (["lookup", "rev"], ["lookup", "rev", "--json"], ["models"], ["models", "--json"],
-                     ["status", job_id]):
+        for argv in (
+            ["lookup", "rev"],
+            ["lookup", "rev", "--json"],
+            ["models"],
+            ["models", "--json"],
+            ["status", job_id],
+        ):
             assert main(["--server", api.url, *argv]) == 0
             remote = capsys.readouterr().out
             assert main(["--home", str(home), *argv]) == 0

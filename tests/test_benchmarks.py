@@ -28,8 +28,9 @@ RESULT = r"(PASS|MISS)"
 
 
 def run_script(name: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -37,14 +38,22 @@ def run_script(name: str, *args: str) -> str:
 def test_prefix_overhead_quick(tmp_path):
     out_file = tmp_path / "overhead.json"
     out = run_script("prefix_overhead.py", "--tiny", "--quick", "--json", str(out_file))
-    assert re.search(r"^variant \(forward\+backward\)\s+cpu s\s+wall s\s+wall min\s+wall max\s+tokens/s \(cpu\)$",
-                     out, re.M), out
+    assert re.search(
+        r"^variant \(forward\+backward\)\s+cpu s\s+wall s\s+wall min\s+wall max\s+tokens/s \(cpu\)$", out, re.M
+    ), out
     for variant in ("plain", "shared", "mixed", "peft"):  # cpu, wall, wall min, wall max, tokens/s
         assert re.search(rf"^{variant}: .*\s{NUMBER}" + rf"\s+{NUMBER}" * 3 + r"\s+\d+$", out, re.M), (variant, out)
-    for label, bound in (("(a) prefix P=10 / no prefix", "1.10"), ("(b) mixed prefixes / 1 shared", "1.05"),
-                         ("(c) prefixd / PEFT", "1.00")):  # cpu ratio, IQR, wall ratio, IQR, target, result
-        assert re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+<= {re.escape(bound)}"
-                         rf"\s+{RESULT}$", out, re.M), (label, out)
+    for label, bound in (
+        ("(a) prefix P=10 / no prefix", "1.10"),
+        ("(b) mixed prefixes / 1 shared", "1.05"),
+        ("(c) prefixd / PEFT", "1.00"),
+    ):  # cpu ratio, IQR, wall ratio, IQR, target, result
+        assert re.search(
+            rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+<= {re.escape(bound)}"
+            rf"\s+{RESULT}$",
+            out,
+            re.M,
+        ), (label, out)
     report = json.loads(out_file.read_text())
     assert set(report["median_s"]["cpu"]) == set(report["median_s"]["wall"]) == {"plain", "shared", "mixed", "peft"}
     assert all(len(t) == 2 for t in report["times_s"]["wall"].values())  # --quick: 2 rounds
@@ -56,22 +65,30 @@ def test_prefix_overhead_quick(tmp_path):
 def test_multitask_quick(tmp_path):
     out_file = tmp_path / "multitask.json"
     out = run_script("multitask.py", "--tiny", "--quick", "--compare-eager", "--device", "cpu", "--json", str(out_file))
-    header = re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(a0\) tok/s\s+a/a0\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*"
-                       r"\(a\) RSS / N=1$", out, re.M)
+    header = re.search(
+        r"^N\s+steps\s+\(a\) tok/s\s+\(a0\) tok/s\s+a/a0\s+\(b\) tok/s\s+wall a/b\s+cpu a/b\s+.*"
+        r"\(a\) RSS / N=1$",
+        out,
+        re.M,
+    )
     assert header, out
     for n in (1, 2):  # --quick: N = 1, 2, one step; then 15 columns: 10 numbers, 2 percentages, 3 numbers
         row = rf"^{n}\s+1" + rf"\s+{NUMBER}" * 10 + r"\s+\d+%" * 2 + rf"\s+{NUMBER}" * 3 + "$"
         assert re.search(row, out, re.M), (n, out)
-    for what, bound in (("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"),
-                        ("\\(a\\) FLOP/s / matmul FLOP/s", ">= 0.75"),
-                        ("\\(a\\) peak RSS / single-task run \\(N=1\\)", "<= 1.20")):
+    for what, bound in (
+        ("\\(a\\) tokens/s / \\(b\\) tokens/s", ">= 1.15"),
+        ("\\(a\\) FLOP/s / matmul FLOP/s", ">= 0.75"),
+        ("\\(a\\) peak RSS / single-task run \\(N=1\\)", "<= 1.20"),
+    ):
         assert re.search(rf"^N=2: {what}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (what, out)
     report = json.loads(out_file.read_text())
     assert [s["n"] for s in report["summary"]] == [1, 2]
     for s in report["summary"]:
         assert s["a_tokens_per_s"] > 0 and s["b_tokens_per_s"] > 0 and s["matmul_gflops"] > 0
-        assert s["a_peak_rss_bytes"] > 0 and s["c_peak_rss_bytes"] == s["n"] * report["raw"]["peft_single"][
-            "peak_rss_bytes"]
+        assert (
+            s["a_peak_rss_bytes"] > 0
+            and s["c_peak_rss_bytes"] == s["n"] * report["raw"]["peft_single"]["peak_rss_bytes"]
+        )
     # every step trained N tasks x 4 rows x 16 tokens, in (a) and in (b) alike
     raw = report["raw"]["joint"]["2"]
     assert raw["a_tokens"] == raw["b_tokens"] == [2 * 4 * 16]
@@ -96,8 +113,10 @@ def test_multitask_quick(tmp_path):
 def test_matmul_reference_weighs_rounds_by_time():
     """A slow round (low matmul rate, long step) counts for its time: the share then lies within the
     per-round shares, which the median of all samples does not guarantee."""
-    joint = {"a_cpu_s": [1.0, 3.0], "matmul_during_a_by_round": [[{"cpu": 100.0}] * 3,
-                                                                  [{"cpu": 200.0}, {"cpu": 190.0}, {"cpu": 900.0}]]}
+    joint = {
+        "a_cpu_s": [1.0, 3.0],
+        "matmul_during_a_by_round": [[{"cpu": 100.0}] * 3, [{"cpu": 200.0}, {"cpu": 190.0}, {"cpu": 900.0}]],
+    }
     assert multitask.reference_rate_during_a(joint, "cpu") == pytest.approx((1 * 100 + 3 * 200) / 4)
     flops = [80.0, 450.0]  # per round: shares 0.80 and 0.75
     shares = [f / (t * m) for f, t, m in zip(flops, joint["a_cpu_s"], (100.0, 200.0))]
@@ -120,15 +139,20 @@ def test_matmul_rows_quick():
         assert re.search(rf"^{rows}" + rf"\s+{NUMBER}" * 4 + r"\s+\d+%$", out, re.M), out
 
 
-PARSERS = {"benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
-           "benchmarks/multitask.py": multitask.build_parser}
+PARSERS = {
+    "benchmarks/prefix_overhead.py": prefix_overhead.build_parser,
+    "benchmarks/multitask.py": multitask.build_parser,
+}
 
 
 def readme_commands() -> list[list[str]]:
     """The README's command lines for these two scripts (other benchmarks have their own tests)."""
     text = (BENCH / "README.md").read_text(encoding="utf-8")
-    commands = [shlex.split(line.strip().split("#")[0]) for line in text.splitlines()
-                if line.strip().startswith("python benchmarks/")]
+    commands = [
+        shlex.split(line.strip().split("#")[0])
+        for line in text.splitlines()
+        if line.strip().startswith("python benchmarks/")
+    ]
     return [c for c in commands if c[1] in PARSERS]
 
 
@@ -160,20 +184,31 @@ def test_multitask_gpu_protocol_runs_on_the_cpu(tmp_path):
     """multitask_gpu.main is device-generic: on the CPU it runs the GPU protocol (one process, (a) and (b)
     per N, peak memory per variant) with RSS for memory. The table, the targets and the JSON are checked."""
     out_file = tmp_path / "gpu.json"
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import multitask, multitask_gpu; "
-            f"args = multitask.build_parser().parse_args(['--tiny', '--quick', '--json', {str(out_file)!r}]); "
-            "args.seq_len = 16; multitask_gpu.main(args, [1, 2], device='cpu')")
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import multitask, multitask_gpu; "
+        f"args = multitask.build_parser().parse_args(['--tiny', '--quick', '--json', {str(out_file)!r}]); "
+        "args.seq_len = 16; multitask_gpu.main(args, [1, 2], device='cpu')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"^multitask \(cpu\): tiny Llama .* float32 base, fp32 prefixes; cpu", out, re.M), out
-    assert re.search(r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+a/b\s+\(a\) TFLOP/s\s+\(a\) peak GiB\s+"
-                     r"\(b\) peak GiB\s+\(c\) peak GiB\s+\(a\) peak / N=1$", out, re.M), out
+    assert re.search(
+        r"^N\s+steps\s+\(a\) tok/s\s+\(b\) tok/s\s+a/b\s+\(a\) TFLOP/s\s+\(a\) peak GiB\s+"
+        r"\(b\) peak GiB\s+\(c\) peak GiB\s+\(a\) peak / N=1$",
+        out,
+        re.M,
+    ), out
     for n in (1, 2):  # --quick: one round; 8 numbers
         assert re.search(rf"^{n}\s+1" + rf"\s+{NUMBER}" * 8 + "$", out, re.M), (n, out)
-    for what, bound in (("(a) tokens/s / (b) tokens/s", ">= 1.50"),
-                        ("(a) peak memory / single-task run (N=1)", "<= 1.20")):
-        assert re.search(rf"^N=2: {re.escape(what)}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (what, out)
+    for what, bound in (
+        ("(a) tokens/s / (b) tokens/s", ">= 1.50"),
+        ("(a) peak memory / single-task run (N=1)", "<= 1.20"),
+    ):
+        assert re.search(rf"^N=2: {re.escape(what)}\s+{NUMBER}\s+{re.escape(bound)}\s+{RESULT}$", out, re.M), (
+            what,
+            out,
+        )
     report = json.loads(out_file.read_text())
     assert report["config"]["device"] == "cpu" and report["config"]["compiled_layers"]
     assert [s["n"] for s in report["summary"]] == [1, 2]
@@ -192,8 +227,10 @@ def test_multitask_device_and_dtype_arguments(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             multitask.main(["--device", "cuda", "--tiny", "--quick"])
-        assert "--device: device 'cuda': this machine has no CUDA device visible; accepted here: auto, cpu" in \
-            capsys.readouterr().err
+        assert (
+            "--device: device 'cuda': this machine has no CUDA device visible; accepted here: auto, cpu"
+            in capsys.readouterr().err
+        )
     with pytest.raises(SystemExit):
         multitask.main(["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--quick"])
     assert "--dtype bfloat16: the CPU run is fp32" in capsys.readouterr().err
@@ -204,8 +241,14 @@ def test_multitask_device_and_dtype_arguments(capsys):
 
 def run_gpu_check(tmp_path, *args, **env):
     environment = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path)) | env
-    return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=environment)
+    return subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
 
 
 def test_gpu_check_smoke(tmp_path):

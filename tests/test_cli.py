@@ -6,8 +6,8 @@ Training commands (`run`, killed and restarted) are tested in test_orchestrator.
 
 import argparse
 import json
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +38,11 @@ def run(capsys, *argv):
 @pytest.fixture
 def bad_spec(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("name: Bad Name\nbase_model: {builtin: smollm2-135m}\n"
-                    "data: {train: missing.jsonl, input_column: q, target_column: a}\n"
-                    "training: {steps: 0}\nextra_key: 1\n")
+    path.write_text(
+        "name: Bad Name\nbase_model: {builtin: smollm2-135m}\n"
+        "data: {train: missing.jsonl, input_column: q, target_column: a}\n"
+        "training: {steps: 0}\nextra_key: 1\n"
+    )
     return str(path)
 
 
@@ -54,20 +56,37 @@ def test_command_table_matches_the_parser():
     assert _subcommands(build_parser(registry_arguments=False)) == set(COMMANDS)
     for name, (function, help_text, add_arguments) in COMMANDS.items():
         assert callable(function) and callable(add_arguments) and help_text, name
-    assert {"validate", "submit", "run", "serve", "status", "cancel", "logs", "schema",
-            "lookup", "models", "generate"} <= set(COMMANDS)
+    assert {
+        "validate",
+        "submit",
+        "run",
+        "serve",
+        "status",
+        "cancel",
+        "logs",
+        "schema",
+        "lookup",
+        "models",
+        "generate",
+    } <= set(COMMANDS)
 
 
 def test_validate(home, capsys, bad_spec):
     code, out, err = run(capsys, "--home", str(home), "validate", UPPERCASE, REVERSE)
     assert code == 0 and err == ""
-    assert out.splitlines() == [f"{UPPERCASE}: ok (uppercase, base builtin:smollm2-135m:float32)",
-                                f"{REVERSE}: ok (reverse-words, base builtin:smollm2-135m:float32)"]
+    assert out.splitlines() == [
+        f"{UPPERCASE}: ok (uppercase, base builtin:smollm2-135m:float32)",
+        f"{REVERSE}: ok (reverse-words, base builtin:smollm2-135m:float32)",
+    ]
 
     code, out, err = run(capsys, "validate", UPPERCASE, bad_spec)
     assert code == 1
-    for problem in ("name:", "data.train: no such file 'missing.jsonl'", "training.steps: must be >= 1",
-                    "extra_key: unknown key"):
+    for problem in (
+        "name:",
+        "data.train: no such file 'missing.jsonl'",
+        "training.steps: must be >= 1",
+        "extra_key: unknown key",
+    ):
         assert problem in err, (problem, err)
     assert "Traceback" not in err
 
@@ -88,7 +107,9 @@ def test_submit_status_cancel_logs(home, capsys):
     code, out, _ = run(capsys, "--home", str(home), "status", "--json")
     jobs = json.loads(out)
     assert code == 0 and [(j["id"], j["task"], j["state"]) for j in jobs] == [
-        (upper, "uppercase", "queued"), (reverse, "reverse-words", "queued")]
+        (upper, "uppercase", "queued"),
+        (reverse, "reverse-words", "queued"),
+    ]
     assert jobs[1]["priority"] == 10 and jobs[0]["spec"]["training"]["steps"] == 60
     assert jobs[0]["base_key"] == "builtin:smollm2-135m:float32"
 
@@ -180,8 +201,9 @@ def test_registry_commands_without_the_registry_module(home, capsys, monkeypatch
     monkeypatch.setattr(cli, "_registry", lambda: (None, "orchestrator.registry is not installed yet"))
     code, out, err = run(capsys, "--home", str(home), "lookup", "some-model", "--alias", "best")
     assert code == 1 and out == ""
-    assert err.strip() == ("prefixd lookup: error: `prefixd lookup` is not available: "
-                           "orchestrator.registry is not installed yet")
+    assert err.strip() == (
+        "prefixd lookup: error: `prefixd lookup` is not available: orchestrator.registry is not installed yet"
+    )
     assert _subcommands(build_parser()) == set(COMMANDS)  # the parser still builds
 
 
@@ -206,8 +228,9 @@ def api(tmp_path_factory):
     from orchestrator.config import OrchestratorConfig, default_tracking_uri
 
     home = tmp_path_factory.mktemp("server-home")
-    config = OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}",
-                                         mlflow_uri=default_tracking_uri(home))
+    config = OrchestratorConfig.from_env(
+        home=home, store_url=f"sqlite:///{home / 'jobs.db'}", mlflow_uri=default_tracking_uri(home)
+    )
     handle = start_api(config, port=0, tokens=frozenset({TOKEN}), data_root=EXAMPLES)
     yield handle, config
     handle.stop()
@@ -229,6 +252,7 @@ def test_commands_are_sorted_by_what_they_do_with_a_server():
 
 def test_server_registry_arguments_match_the_registry_ones():
     """lookup/models through --server take their options from cli.py (no MLflow import): the same ones."""
+
     def options(parser, name):
         [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         return {(a.dest, tuple(a.option_strings)) for a in action.choices[name]._actions}
@@ -250,8 +274,15 @@ def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys
         assert train.read_bytes() == (EXAMPLES / "uppercase.jsonl").read_bytes()
 
     # Every read command prints exactly what it prints on the server's own store.
-    for argv in (["status"], ["status", "--json"], ["status", upper], ["status", reverse, "--json"],
-                 ["list", "--state", "queued", "--limit", "1", "--json"], ["logs", upper], ["logs", upper, "--json"]):
+    for argv in (
+        ["status"],
+        ["status", "--json"],
+        ["status", upper],
+        ["status", reverse, "--json"],
+        ["list", "--state", "queued", "--limit", "1", "--json"],
+        ["logs", upper],
+        ["logs", upper, "--json"],
+    ):
         remote_out = run(capsys, "--server", url, *argv)
         assert remote_out == run(capsys, "--store-url", store_url, *argv), argv
         assert remote_out[0] == 0 and remote_out[1], argv
@@ -277,9 +308,13 @@ def test_server_refusals_are_one_clear_message(remote, capsys, bad_spec, monkeyp
         before = len(store.list())
     code, out, err = run(capsys, "--server", url, "submit", UPPERCASE, bad_spec, "/nonexistent/spec.yaml")
     assert code == 1 and out == ""
-    for line in (f"{bad_spec}: 4 problems in the job spec", "training.steps: must be >= 1",
-                 "extra_key: unknown key", "/nonexistent/spec.yaml: 1 problem",
-                 "2 of 3 specs invalid; nothing was submitted"):
+    for line in (
+        f"{bad_spec}: 4 problems in the job spec",
+        "training.steps: must be >= 1",
+        "extra_key: unknown key",
+        "/nonexistent/spec.yaml: 1 problem",
+        "2 of 3 specs invalid; nothing was submitted",
+    ):
         assert line in err, (line, err)
     with JobStore(store_url) as store:
         assert len(store.list()) == before  # all or none, as locally
@@ -292,8 +327,10 @@ def test_server_refusals_are_one_clear_message(remote, capsys, bad_spec, monkeyp
     monkeypatch.setenv("PREFIXD_TOKEN", "not-the-token")
     code, out, err = run(capsys, "--server", url, "list")
     assert (code, out) == (1, "")
-    assert err.strip() == (f"prefixd list: error: {url} refused the token (HTTP 403: token not accepted) "
-                           "(the token comes from PREFIXD_TOKEN)")
+    assert err.strip() == (
+        f"prefixd list: error: {url} refused the token (HTTP 403: token not accepted) "
+        "(the token comes from PREFIXD_TOKEN)"
+    )
     monkeypatch.delenv("PREFIXD_TOKEN")
     code, _, err = run(capsys, "--server", url, "status")
     assert code == 1 and "needs a bearer token: set PREFIXD_TOKEN" in err
@@ -319,8 +356,10 @@ def test_server_from_the_environment_and_local_only_commands(remote, capsys, hom
     for argv in (["run"], ["serve"], ["generate", "--task", "uppercase", "hi"]):
         code, out, err = run(capsys, *argv)
         assert (code, out) == (2, "")
-        assert err.startswith(f"prefixd {argv[0]}: error: `prefixd {argv[0]}` works on this machine") and \
-            "PREFIXD_SERVER" in err, err
+        assert (
+            err.startswith(f"prefixd {argv[0]}: error: `prefixd {argv[0]}` works on this machine")
+            and "PREFIXD_SERVER" in err
+        ), err
     monkeypatch.delenv("PREFIXD_SERVER")
     code, _, err = run(capsys, "--server", url, "run")
     assert code == 2 and "drop --server" in err

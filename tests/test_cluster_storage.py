@@ -49,9 +49,15 @@ def cluster(s3, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     keep_ray_on_loopback()
-    c = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False,
-        _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3}))
+    c = Cluster(
+        initialize_head=True,
+        head_node_args=dict(
+            num_cpus=1,
+            node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        ),
+    )
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     c.homes = tmp_path_factory.mktemp("node-homes")
     yield c
@@ -64,16 +70,25 @@ def two_trainer_nodes(cluster) -> None:
     while len(cluster.worker_nodes) < 2:
         home = cluster.homes / f"node-{len(list(cluster.homes.iterdir()))}"
         home.mkdir()
-        cluster.add_node(num_cpus=1, resources={"trainer": 1}, node_ip_address="127.0.0.1",
-                         env_vars={NODE_HOME_ENV: str(home)})
+        cluster.add_node(
+            num_cpus=1, resources={"trainer": 1}, node_ip_address="127.0.0.1", env_vars={NODE_HOME_ENV: str(home)}
+        )
 
 
 def write_job_spec(folder: Path, name: str, base: Path, train: str) -> Path:
-    spec = {"name": name, "base_model": {"path": str(base)},
-            "data": {"train": train, "input_column": "input", "target_column": "target", "max_length": 40},
-            "prefix": {"num_virtual_tokens": 5},
-            "training": {"steps": 60, "examples_per_step": 4, "eval_every": 30, "checkpoint_every": 5,
-                         "learning_rate": 0.02}}
+    spec = {
+        "name": name,
+        "base_model": {"path": str(base)},
+        "data": {"train": train, "input_column": "input", "target_column": "target", "max_length": 40},
+        "prefix": {"num_virtual_tokens": 5},
+        "training": {
+            "steps": 60,
+            "examples_per_step": 4,
+            "eval_every": 30,
+            "checkpoint_every": 5,
+            "learning_rate": 0.02,
+        },
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.yaml").write_text(json.dumps(spec), encoding="utf-8")  # JSON is YAML
     return folder / f"{name}.yaml"
@@ -84,19 +99,30 @@ def kill_mid_job_and_resume(cluster, storage_uri: str, base: Path, tmp_path: Pat
     storage = JobStorage.open(storage_uri)
     specs = []
     for name, kind in KINDS.items():  # the data lives in the storage too
-        storage.write_bytes(f"data/{name}.jsonl",
-                            Path(write_task(tmp_path / f"{name}.jsonl", kind, seed=len(name))).read_bytes())
+        storage.write_bytes(
+            f"data/{name}.jsonl", Path(write_task(tmp_path / f"{name}.jsonl", kind, seed=len(name))).read_bytes()
+        )
         specs.append(write_job_spec(tmp_path / "specs", name, base, storage.child("data", f"{name}.jsonl").uri))
     home = tmp_path / "head-home"
     config = OrchestratorConfig.from_env(
-        home=home, storage=storage_uri, zero_stage=0, cpus_per_group=1, resources_per_worker={"trainer": 1},
-        max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=30, idle_timeout_s=600)
+        home=home,
+        storage=storage_uri,
+        zero_stage=0,
+        cpus_per_group=1,
+        resources_per_worker={"trainer": 1},
+        max_groups=1,
+        poll_s=0.2,
+        heartbeat_s=0.5,
+        stale_after_s=30,
+        idle_timeout_s=600,
+    )
     ids = submit(home, *specs)
     orchestrator, close = serve(config)
     store = JobStore(config.store_url)
     try:
-        wait_for(lambda: all((store.get(i).step or 0) >= 11 for i in ids), 240,
-                 "both jobs past their step-10 checkpoint")
+        wait_for(
+            lambda: all((store.get(i).step or 0) >= 11 for i in ids), 240, "both jobs past their step-10 checkpoint"
+        )
         [before] = orchestrator.group_statuses().values()
         [victim] = [n for n in cluster.worker_nodes if n.node_id == before["node_id"]]
         cluster.remove_node(victim, allow_graceful=False)  # the node dies mid-job

@@ -33,8 +33,14 @@ TIMEOUT_S = 240
 
 
 def _env(cache: Path) -> dict:
-    env = dict(os.environ, HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
     env.pop("TORCH_DIST_INIT_BARRIER", None)
     return env
 
@@ -75,12 +81,27 @@ def group_run(tmp_path_factory):
     procs = []
     try:
         with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "rank0", str(folder), str(work), str(reports[0])],
-                stdout=subprocess.PIPE, stderr=err0, text=True, cwd=ROOT, env=_env(work / "cache0")))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "rank0", str(folder), str(work), str(reports[0])],
+                    stdout=subprocess.PIPE,
+                    stderr=err0,
+                    text=True,
+                    cwd=ROOT,
+                    env=_env(work / "cache0"),
+                )
+            )
             port = _port_of(procs[0], deadline, logs[0])
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), "rank1", str(port), str(reports[1])],
-                                          stdout=err1, stderr=err1, text=True, cwd=ROOT, env=_env(work / "cache1")))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "rank1", str(port), str(reports[1])],
+                    stdout=err1,
+                    stderr=err1,
+                    text=True,
+                    cwd=ROOT,
+                    env=_env(work / "cache1"),
+                )
+            )
             # until both end, one fails (its peer would wait for it up to the group's timeout), or time is up
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 if any(p.poll() not in (None, 0) for p in procs):
@@ -94,7 +115,8 @@ def group_run(tmp_path_factory):
                 p.wait()
     for r, code in enumerate(codes):
         assert code is not None, f"the group did not finish in {TIMEOUT_S} s:\n" + "\n".join(
-            log.read_text()[-2000:] for log in logs)
+            log.read_text()[-2000:] for log in logs
+        )
         assert code == 0, f"rank {r} failed:\n{logs[r].read_text()[-4000:]}"
     return [json.loads(r.read_text()) for r in reports], work, folder
 
@@ -111,8 +133,12 @@ def test_every_collective_of_the_group_goes_through_collectives(group_run):
         assert rep["by_name"].get("dist.broadcast_object_list") == 14, rep["by_name"]
         assert rep["by_name"].get("dist.all_reduce", 0) >= 15, rep["by_name"]  # votes, sums, gradients, evals
         assert rep["setup_calls"] == [], rep["setup_calls"]  # init_process_group itself made no collective
-        assert {"torch.distributed.all_reduce", "torch.distributed.distributed_c10d.broadcast",
-                "ProcessGroup.allreduce", "Backend.allreduce"} <= set(rep["wrapped"])
+        assert {
+            "torch.distributed.all_reduce",
+            "torch.distributed.distributed_c10d.broadcast",
+            "ProcessGroup.allreduce",
+            "Backend.allreduce",
+        } <= set(rep["wrapped"])
         print(f"rank {r}: {rep['calls']} collectives, all through Collectives: {rep['by_name']}")
     # both ranks made the same collectives (lockstep) and followed every step
     assert reports[0]["by_name"] == reports[1]["by_name"]
@@ -131,8 +157,12 @@ def test_the_intercepted_group_trains_like_one_process(group_run):
 
     reports, work, folder = group_run
     group = reports[0]["result"]
-    trainer = MultiTaskTrainer(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                               micro_batch_size=2 * MICRO_BATCH, data_cache_dir=str(work / "cache-alone"))
+    trainer = MultiTaskTrainer(
+        AutoModelForCausalLM.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
+        micro_batch_size=2 * MICRO_BATCH,
+        data_cache_dir=str(work / "cache-alone"),
+    )
     alone = drive(trainer, work, "alone")
     assert alone["refused"] and alone["finished"] == group["finished"]
     for name in ("rev", "one", "nxt"):
@@ -163,9 +193,9 @@ def one_rank():
     destroyed afterwards so the process can hold another."""
     import torch.distributed as dist
 
+    from workers.devices import Placement
     from workers.ranks import host_rendezvous
     from workers.zero import init_group
-    from workers.devices import Placement
 
     assert not dist.is_initialized()
     interceptor = Interceptor("cpu").install()
@@ -216,14 +246,46 @@ def test_collectives_on_one_rank(one_rank):
 
 # ---------------------------------------------------------------------- the sources
 COLLECTIVE_NAMES = {
-    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_coalesced", "all_gather_into_tensor",
-    "_all_gather_base", "all_gather_object", "gather", "gather_object", "scatter", "scatter_object_list", "reduce",
-    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "broadcast_object_list",
-    "barrier", "monitored_barrier", "send", "recv", "isend", "irecv", "send_object_list", "recv_object_list",
-    "batch_isend_irecv", "all_to_all", "all_to_all_single", "inference_all_reduce",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_coalesced",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_object",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "send_object_list",
+    "recv_object_list",
+    "batch_isend_irecv",
+    "all_to_all",
+    "all_to_all_single",
+    "inference_all_reduce",
 }
-GROUP_ONLY_NAMES = {"allreduce", "allgather", "alltoall", "allreduce_coalesced", "alltoall_base",
-                    "_allgather_base", "allgather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced"}
+GROUP_ONLY_NAMES = {
+    "allreduce",
+    "allgather",
+    "alltoall",
+    "allreduce_coalesced",
+    "alltoall_base",
+    "_allgather_base",
+    "allgather_into_tensor_coalesced",
+    "reduce_scatter_tensor_coalesced",
+}
 DIST_MODULES = ("torch.distributed", "torch.distributed.distributed_c10d", "deepspeed.comm")
 
 
@@ -260,13 +322,20 @@ def collective_uses(path: Path) -> list[str]:
 def test_no_source_names_a_collective_outside_collectives(tmp_path):
     # the scan finds each way of writing one
     probe = tmp_path / "probe.py"
-    probe.write_text("import torch.distributed as dist\nimport torch\nfrom torch import distributed as d2\n"
-                     "from torch.distributed import all_gather\nimport deepspeed.comm as ds\n"
-                     "dist.all_reduce(t)\ntorch.distributed.barrier()\nd2.broadcast_object_list(b)\n"
-                     "ds.all_reduce(t)\npg.allreduce([t])\nself.coll.dist.all_gather(x, t)\n", encoding="utf-8")
+    probe.write_text(
+        "import torch.distributed as dist\nimport torch\nfrom torch import distributed as d2\n"
+        "from torch.distributed import all_gather\nimport deepspeed.comm as ds\n"
+        "dist.all_reduce(t)\ntorch.distributed.barrier()\nd2.broadcast_object_list(b)\n"
+        "ds.all_reduce(t)\npg.allreduce([t])\nself.coll.dist.all_gather(x, t)\n",
+        encoding="utf-8",
+    )
     assert len(collective_uses(probe)) == 7
-    sources = [p for folder in ("workers", "orchestrator") for p in sorted((ROOT / folder).rglob("*.py"))
-               if p != ROOT / "workers" / "devices.py"]
+    sources = [
+        p
+        for folder in ("workers", "orchestrator")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p != ROOT / "workers" / "devices.py"
+    ]
     assert len(sources) > 10
     found = [use for p in sources for use in collective_uses(p)]
     assert found == [], "collectives that bypass workers.devices.Collectives:\n" + "\n".join(found)

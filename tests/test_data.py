@@ -159,7 +159,9 @@ def test_truncation_policies(tmp_path):
     assert report.files[0].skipped_examples == {"too_long": [1, 3]}
     assert report.rows_kept == 2 and "2 too_long (rows 1, 3)" in str(report)
     # error: the first long row stops it, named.
-    with pytest.raises(DataError, match=r"d.jsonl: row 1: prompt \+ target \+ eos is 11 tokens, more than max_length 9"):
+    with pytest.raises(
+        DataError, match=r"d.jsonl: row 1: prompt \+ target \+ eos is 11 tokens, more than max_length 9"
+    ):
         load(tmp_path, tok, train=path, max_length=9, truncation="error")
 
 
@@ -217,7 +219,10 @@ def test_csv_reads_text_as_is(tmp_path):
         (b'{"q": "a", "a": "b"}\n{"q": ["a"], "a": "b"}\n', r"d.jsonl: row 2, column 'q': a list"),
         (b'{"q": "a", "a": true}\n', r"d.jsonl: row 1, column 'a': a bool \(True\); accepted: text or numbers"),
         (b'{"q": "a", "a": {"x": 1}}\n', r"d.jsonl: row 1, column 'a': a dict"),
-        (b'{"q": "a", "b": "b"}\n', r"d.jsonl: no column 'a' \(named by data.target_column\); the file has columns: q, b"),
+        (
+            b'{"q": "a", "b": "b"}\n',
+            r"d.jsonl: no column 'a' \(named by data.target_column\); the file has columns: q, b",
+        ),
         (b'{"x": "a", "a": "b"}\n', r"no column 'q' \(named by data.template\); the file has columns: x, a"),
         (b'{"q": "a", "a": ""}\n{"q": "a"}\n', r"(?s)d.jsonl: every row was skipped.*2 empty_target \(rows 1, 2\)"),
     ],
@@ -252,8 +257,9 @@ def test_bad_files_of_other_formats_are_named(tmp_path):
 
 def test_settings_report_every_problem_at_once():
     with pytest.raises(DataError) as e:
-        DataSettings(train="x", template="{0} {q", input_column="q", target_column="a", truncation="middle",
-                     max_length=1)
+        DataSettings(
+            train="x", template="{0} {q", input_column="q", target_column="a", truncation="middle", max_length=1
+        )
     for part in (
         "exactly one of input_column and template",
         "template '{0} {q'",

@@ -161,14 +161,24 @@ def test_secrets_are_required_and_fake_in_the_example():
     example = env_example()
     variables = compose_variables(COMPOSE)
     secrets = [k for k in example if any(w in k for w in SECRET_WORDS)]
-    assert {"POSTGRES_PASSWORD", "PREFIXD_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
-            "PREFIXD_API_TOKENS", "RAY_AUTH_TOKEN"} <= set(secrets)
+    assert {
+        "POSTGRES_PASSWORD",
+        "PREFIXD_DB_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "PREFIXD_API_TOKENS",
+        "RAY_AUTH_TOKEN",
+    } <= set(secrets)
     for key in secrets:
         assert "change-me" in example[key] and "fake" in example[key], (
             f".env.example: {key} must hold a clearly fake placeholder"
         )
-    for key in ("POSTGRES_PASSWORD", "PREFIXD_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
-                "PREFIXD_API_TOKENS", "RAY_AUTH_TOKEN"):
+    for key in (
+        "POSTGRES_PASSWORD",
+        "PREFIXD_DB_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "PREFIXD_API_TOKENS",
+        "RAY_AUTH_TOKEN",
+    ):
         ops = {op for op, _ in variables[key]}
         # Required where first used; later uses of the same variable need no second check.
         assert ":?" in ops, f"${{{key}}} must be required (${{{key}:?...}}), never defaulted"
@@ -347,7 +357,11 @@ def _run_compose(args: list[str], env_file: Path) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if k not in env_example() and not k.startswith("COMPOSE_")}
     return subprocess.run(
         [*command, "--env-file", str(env_file), "-f", str(COMPOSE), *args, "config", "-q"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=DOCKER,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=DOCKER,
     )
 
 
@@ -367,8 +381,7 @@ def test_docker_compose_config_refuses_a_missing_secret(tmp_path):
     for secret in ("RAY_AUTH_TOKEN", "PREFIXD_API_TOKENS", "MLFLOW_DB_PASSWORD"):
         env_file = tmp_path / f"without-{secret}.env"
         env_file.write_text(
-            "".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
-                    if not line.startswith(f"{secret}="))
+            "".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines() if not line.startswith(f"{secret}="))
         )
         result = _run_compose([], env_file)
         assert result.returncode != 0, f"compose started without {secret}"
@@ -562,7 +575,7 @@ def test_dockerfile_installs_with_install_sh(flavour):
 @pytest.mark.parametrize("flavour", ["cpu", "gpu"])
 def test_dockerfile_runtime_is_non_root_with_a_healthcheck(flavour):
     instructions = _instructions(DOCKERFILES[flavour])
-    final = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM"):]
+    final = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM") :]
     words = [w for w, _ in final]
     users = [rest for w, rest in final if w == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), "runtime must end as a numeric non-root user"
@@ -577,7 +590,7 @@ def test_dockerfile_runtime_is_non_root_with_a_healthcheck(flavour):
 
 def _dockerignore_patterns(flavour: str) -> list[str]:
     text = (DOCKER / f"Dockerfile.{flavour}.dockerignore").read_text()
-    return [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def test_dockerignore_is_a_whitelist_shared_by_both_images():
@@ -625,14 +638,14 @@ def test_dockerfiles_pass_hadolint(flavour):
 
 def _pip_install_args(command: str) -> list[str]:
     tokens = shlex.split(command, comments=True)
-    return tokens[tokens.index("install") + 1:]
+    return tokens[tokens.index("install") + 1 :]
 
 
 def makefile_install_recipe() -> list[str]:
     lines = (ROOT / "Makefile").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
     recipe = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("\t"):
             break
         recipe.append(line.strip())
@@ -716,7 +729,8 @@ def test_shell_scripts_parse(script):
 def test_shell_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or (
         str(Path(sys.executable).with_name("shellcheck"))
-        if Path(sys.executable).with_name("shellcheck").is_file() else None
+        if Path(sys.executable).with_name("shellcheck").is_file()
+        else None
     )
     if shellcheck is None:
         pytest.skip("shellcheck not found")
@@ -746,7 +760,9 @@ def _run_worker(tmp_path: Path, **env: str) -> list[str]:
     result = subprocess.run(
         [str(DOCKER / "entrypoint-worker.sh")],
         env={**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env},
-        capture_output=True, text=True, timeout=20,
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.returncode == 0, result.stderr
     return out.read_text().splitlines()
@@ -754,17 +770,31 @@ def _run_worker(tmp_path: Path, **env: str) -> list[str]:
 
 def test_worker_entrypoint_joins_the_head(tmp_path):
     args = _run_worker(tmp_path, RAY_WORKER_NUM_CPUS="3", RAY_START_EXTRA_ARGS="--object-store-memory=1000000000")
-    assert args == ["start", "--address=ray-head:6379", "--disable-usage-stats", "--num-cpus=3",
-                    "--object-store-memory=1000000000", "--block"]
+    assert args == [
+        "start",
+        "--address=ray-head:6379",
+        "--disable-usage-stats",
+        "--num-cpus=3",
+        "--object-store-memory=1000000000",
+        "--block",
+    ]
 
 
 @pytest.mark.parametrize("prefix", ["", "ulimit -n 65536; "])
 def test_worker_entrypoint_uses_the_kuberay_command(tmp_path, prefix):
-    generated = prefix + "ray start  --address=prefixd-head-svc.prefixd.svc.cluster.local:6379  " \
-                         "--num-gpus=1  --resources='{\"accel\": 1}'  --metrics-export-port=8080 "
+    generated = (
+        prefix + "ray start  --address=prefixd-head-svc.prefixd.svc.cluster.local:6379  "
+        "--num-gpus=1  --resources='{\"accel\": 1}'  --metrics-export-port=8080 "
+    )
     args = _run_worker(tmp_path, KUBERAY_GEN_RAY_START_CMD=generated)
-    assert args == ["start", "--address=prefixd-head-svc.prefixd.svc.cluster.local:6379", "--num-gpus=1",
-                    '--resources={"accel": 1}', "--metrics-export-port=8080", "--block"]
+    assert args == [
+        "start",
+        "--address=prefixd-head-svc.prefixd.svc.cluster.local:6379",
+        "--num-gpus=1",
+        '--resources={"accel": 1}',
+        "--metrics-export-port=8080",
+        "--block",
+    ]
 
 
 HEAD_ENV = {
@@ -784,7 +814,7 @@ def _head_copy(tmp_path: Path, healthcheck_body: str) -> Path:
 
 
 def test_head_entrypoint_refuses_to_start_without_api_tokens(tmp_path):
-    bin_dir = _fake_bin(tmp_path, ray="touch \"$RAN\"\n")
+    bin_dir = _fake_bin(tmp_path, ray='touch "$RAN"\n')
     env = {**os.environ, **HEAD_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAN": str(tmp_path / "ran")}
     del env["PREFIXD_API_TOKENS"]
     result = subprocess.run([str(DOCKER / "entrypoint-head.sh")], env=env, capture_output=True, text=True, timeout=20)
@@ -793,7 +823,9 @@ def test_head_entrypoint_refuses_to_start_without_api_tokens(tmp_path):
 
 
 def test_head_entrypoint_serves_after_ray_and_stops_ray_when_the_api_exits(tmp_path):
-    ray = 'echo "$@" > "$RAY_ARGS"; trap "echo stopped > \\"$RAY_STOPPED\\"; exit 0" TERM; while :; do sleep 0.1; done\n'
+    ray = (
+        'echo "$@" > "$RAY_ARGS"; trap "echo stopped > \\"$RAY_STOPPED\\"; exit 0" TERM; while :; do sleep 0.1; done\n'
+    )
     prefixd = RECORD_ARGS + "exit 3\n"
     bin_dir = _fake_bin(tmp_path, ray=ray, prefixd=prefixd)
     script = _head_copy(tmp_path, "import sys\nsys.exit(0)\n")
@@ -812,8 +844,20 @@ def test_head_entrypoint_serves_after_ray_and_stops_ray_when_the_api_exits(tmp_p
     assert ray_args[:2] == ["start", "--head"] and "--block" in ray_args and "--num-cpus=0" in ray_args
     assert "--dashboard-host=0.0.0.0" in ray_args
     api_args = (tmp_path / "api-args").read_text().splitlines()
-    assert api_args == ["serve", "--api", "--host", "0.0.0.0", "--port", "8765", "--ray-address", "auto",
-                        "--store-url", HEAD_ENV["PREFIXD_STORE_URL"], "--mlflow-uri", HEAD_ENV["MLFLOW_TRACKING_URI"]]
+    assert api_args == [
+        "serve",
+        "--api",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8765",
+        "--ray-address",
+        "auto",
+        "--store-url",
+        HEAD_ENV["PREFIXD_STORE_URL"],
+        "--mlflow-uri",
+        HEAD_ENV["MLFLOW_TRACKING_URI"],
+    ]
     assert (tmp_path / "ray-stopped").read_text().strip() == "stopped"
 
 
@@ -822,15 +866,20 @@ def _run_head(tmp_path: Path, **extra: str) -> list[str]:
     ray = 'trap "exit 0" TERM; while :; do sleep 0.1; done\n'
     bin_dir = _fake_bin(tmp_path, ray=ray, prefixd=RECORD_ARGS + "exit 3\n")
     script = _head_copy(tmp_path, "import sys\nsys.exit(0)\n")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KUBERAY_", "PREFIXD_"))},
-           **HEAD_ENV, **extra, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "api-args")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KUBERAY_", "PREFIXD_"))},
+        **HEAD_ENV,
+        **extra,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "ARGS_OUT": str(tmp_path / "api-args"),
+    }
     result = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=20)
     assert result.returncode == 3, result.stderr
     return (tmp_path / "api-args").read_text().splitlines()
 
 
 def test_head_entrypoint_gives_up_when_ray_dies_before_the_gcs_is_up(tmp_path):
-    bin_dir = _fake_bin(tmp_path, ray="exit 7\n", prefixd="touch \"$RAN\"\n")
+    bin_dir = _fake_bin(tmp_path, ray="exit 7\n", prefixd='touch "$RAN"\n')
     script = _head_copy(tmp_path, "import sys\nsys.exit(1)\n")
     env = {**os.environ, **HEAD_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAN": str(tmp_path / "ran")}
     env.pop("KUBERAY_GEN_RAY_START_CMD", None)
@@ -848,8 +897,14 @@ def healthcheck(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "TIMEOUT_S", 2.0)
-    for name in ("PREFIXD_API_PORT", "MLFLOW_PORT", "RAY_DASHBOARD_PORT",
-                 "RAY_DASHBOARD_AGENT_LISTEN_PORT", "PREFIXD_HEALTH_PATH", "PREFIXD_ROLE"):
+    for name in (
+        "PREFIXD_API_PORT",
+        "MLFLOW_PORT",
+        "RAY_DASHBOARD_PORT",
+        "RAY_DASHBOARD_AGENT_LISTEN_PORT",
+        "PREFIXD_HEALTH_PATH",
+        "PREFIXD_ROLE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return module
 

@@ -43,9 +43,11 @@ def test_parse_and_group_references_by_input(tmp_path):
     assert pairs[0] == (CENTRE, "A coffee shop in the city centre area called Blue Spice .")  # stripped
     groups = e2e_quality.group_by_input(pairs)
     assert list(groups) == [CENTRE, RIVER]  # order of first appearance
-    assert groups[CENTRE] == ["A coffee shop in the city centre area called Blue Spice .",
-                              "Blue Spice is a coffee shop in city centre .",
-                              "The Blue Spice coffee shop is in the city centre ."]  # not adjacent, still grouped
+    assert groups[CENTRE] == [
+        "A coffee shop in the city centre area called Blue Spice .",
+        "Blue Spice is a coffee shop in city centre .",
+        "The Blue Spice coffee shop is in the city centre .",
+    ]  # not adjacent, still grouped
     assert groups[RIVER] == ["There is a coffee shop Blue Spice in the riverside area ."]
 
 
@@ -62,7 +64,8 @@ def test_jsonl_targets_start_with_a_space_and_multi_reference_bleu(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[1] == {"table": CENTRE, "text": " Blue Spice is a coffee shop in city centre ."}
     assert e2e_quality.TEMPLATE.format(table=rows[1]["table"]) + rows[1]["text"] == (
-        f"Table: {CENTRE}\nText: Blue Spice is a coffee shop in city centre .")
+        f"Table: {CENTRE}\nText: Blue Spice is a coffee shop in city centre ."
+    )
     # A prediction equal to the input's second reference scores 100 against the group, not against the first
     groups = e2e_quality.group_by_input(pairs)
     pred = ["Blue Spice is a coffee shop in city centre ."]
@@ -80,10 +83,17 @@ def test_eval_sample_is_fixed_and_distinct():
 
 def test_prompts_and_cotenants(tmp_path):
     prompt = e2e_quality.few_shot_prompt([("name : A", "A is here ."), ("name : B", "B is there .")], "name : C")
-    assert prompt == "Table: name : A\nText: A is here .\n\nTable: name : B\nText: B is there .\n\nTable: name : C\nText:"
+    assert (
+        prompt == "Table: name : A\nText: A is here .\n\nTable: name : B\nText: B is there .\n\nTable: name : C\nText:"
+    )
     assert e2e_quality.first_line(" A pub .\nTable: x") == "A pub ."
     assert [e2e_quality.number_words(n) for n in (0, 13, 40, 342, 900)] == [
-        "zero", "thirteen", "forty", "three hundred forty two", "nine hundred"]
+        "zero",
+        "thirteen",
+        "forty",
+        "three hundred forty two",
+        "nine hundred",
+    ]
     train, val = e2e_quality.write_cotenant("reverse", tmp_path, rows=5)
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     assert len(rows) == 5 and len(val.read_text().splitlines()) == e2e_quality.VALIDATION_ROWS
@@ -99,16 +109,29 @@ def test_schedule_factor_matches_the_trainers():
 
 def write_history(path: Path, losses):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"step": i + 1, "loss": v, "learning_rate": 1e-3}) + "\n"
-                            for i, v in enumerate(losses)))
+    path.write_text(
+        "".join(json.dumps({"step": i + 1, "loss": v, "learning_rate": 1e-3}) + "\n" for i, v in enumerate(losses))
+    )
 
 
 def multitask_json(path: Path):
     """The fields of multitask.py's --json output that plots.py reads, for N = 1, 4, 16."""
-    summary = [{"n": n, "clock": "cpu", "a_tokens_per_s": 300.0 + 10 * n, "b_tokens_per_s": 280.0,
-                "a_peak_rss_bytes": (1.5 + 0.01 * n) * 2**30, "c_peak_rss_bytes": n * 1.6 * 2**30} for n in (1, 4, 16)]
-    path.write_text(json.dumps({"benchmark": "multitask", "summary": summary,
-                                "raw": {"peft_single": {"peak_rss_bytes": 1.6 * 2**30}}}))
+    summary = [
+        {
+            "n": n,
+            "clock": "cpu",
+            "a_tokens_per_s": 300.0 + 10 * n,
+            "b_tokens_per_s": 280.0,
+            "a_peak_rss_bytes": (1.5 + 0.01 * n) * 2**30,
+            "c_peak_rss_bytes": n * 1.6 * 2**30,
+        }
+        for n in (1, 4, 16)
+    ]
+    path.write_text(
+        json.dumps(
+            {"benchmark": "multitask", "summary": summary, "raw": {"peft_single": {"peak_rss_bytes": 1.6 * 2**30}}}
+        )
+    )
 
 
 def test_plots_script_writes_the_three_pngs(tmp_path):
@@ -118,15 +141,28 @@ def test_plots_script_writes_the_three_pngs(tmp_path):
     write_history(hist / "prefixd-seed0" / "e2e.jsonl", [3.0 / (1 + 0.1 * s) for s in range(30)])
     multitask_json(tmp_path / "multitask.json")
     out = tmp_path / "pngs"
-    proc = subprocess.run([sys.executable, str(BENCH / "plots.py"), "--history-dir", str(hist), "--multitask-json",
-                           str(tmp_path / "multitask.json"), "--out", str(out)], capture_output=True, text=True,
-                          timeout=90)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "plots.py"),
+            "--history-dir",
+            str(hist),
+            "--multitask-json",
+            str(tmp_path / "multitask.json"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode == 0, proc.stderr
     for name in ("loss_curves.png", "multitask_throughput.png", "multitask_memory.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    assert proc.stdout.split() == [str(out / n) for n in ("loss_curves.png", "multitask_throughput.png",
-                                                         "multitask_memory.png")]
+    assert proc.stdout.split() == [
+        str(out / n) for n in ("loss_curves.png", "multitask_throughput.png", "multitask_memory.png")
+    ]
 
 
 def test_plots_read_runs_and_reject_a_foreign_json(tmp_path):

@@ -25,8 +25,9 @@ from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_mode
 
 def trained_like_encoder(base, proj, p=6):
     torch.manual_seed(4)
-    cfg = configure_for_model(PrefixTuningConfig(num_virtual_tokens=p, prefix_projection=proj, encoder_hidden_size=24),
-                              base.config)
+    cfg = configure_for_model(
+        PrefixTuningConfig(num_virtual_tokens=p, prefix_projection=proj, encoder_hidden_size=24), base.config
+    )
     return cfg, PrefixEncoder(cfg)
 
 
@@ -44,8 +45,9 @@ def test_ours_to_peft_folder_to_peftmodel(tmp_path, model_type, proj):
     cfg, enc = trained_like_encoder(base, proj)
     save_peft_adapter(tmp_path / "adapter", enc, cfg)
     ids, mask, labels = inputs(model_type)
-    ours = PrefixedModel(copy.deepcopy(base)).forward([enc.prompt_embeddings()], torch.zeros(2, dtype=torch.long),
-                                                      ids, mask, labels)
+    ours = PrefixedModel(copy.deepcopy(base)).forward(
+        [enc.prompt_embeddings()], torch.zeros(2, dtype=torch.long), ids, mask, labels
+    )
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
     kwargs = {"labels": labels} if labels is not None else {}
     out = ref(input_ids=ids, attention_mask=mask, **kwargs)
@@ -57,8 +59,9 @@ def test_peft_saved_to_ours(tmp_path, model_type):
     base = tiny_model(model_type)
     torch.manual_seed(6)
     task = "SEQ_2_SEQ_LM" if model_type in SEQ2SEQ else "CAUSAL_LM"
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=7,
-                                                                            prefix_projection=True))
+    ref = peft.get_peft_model(
+        copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=7, prefix_projection=True)
+    )
     ref.save_pretrained(tmp_path / "peft")
     ref.eval()
     cfg, enc = load_peft_adapter(tmp_path / "peft", base.config)
@@ -66,8 +69,9 @@ def test_peft_saved_to_ours(tmp_path, model_type):
     ids, mask, labels = inputs(model_type)
     kwargs = {"labels": labels} if labels is not None else {}
     expected = ref(input_ids=ids, attention_mask=mask, **kwargs).logits
-    ours = PrefixedModel(copy.deepcopy(base)).forward([enc.prompt_embeddings()], torch.zeros(2, dtype=torch.long),
-                                                      ids, mask, labels)
+    ours = PrefixedModel(copy.deepcopy(base)).forward(
+        [enc.prompt_embeddings()], torch.zeros(2, dtype=torch.long), ids, mask, labels
+    )
     assert (ours.logits - expected).abs().max() < 1e-6
 
 
@@ -83,8 +87,10 @@ def test_own_prefix_folder_keeps_projection(tmp_path):
 
 
 def test_state_tree_round_trip(tmp_path):
-    opt_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 5)}},
-                 "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "foreach": None}]}
+    opt_state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 5)}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "foreach": None}],
+    }
     tree = {"optimizer": opt_state, "rng": torch.get_rng_state(), "position": [2, 17], "name": "x"}
     save_tree(tmp_path / "state", tree)
     back = load_tree(tmp_path / "state")

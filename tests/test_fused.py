@@ -18,13 +18,15 @@ def mixed_batch(prefixed: PrefixedModel, seed: int = 0, length: int = 11):
     """Two prefixes of different lengths over three right-padded rows, labels on the second half."""
     gen = torch.Generator().manual_seed(seed)
     width = prefixed.shape.num_layers * 2 * prefixed.shape.token_dim
-    prefixes = [torch.randn(3, width, generator=gen).requires_grad_(),
-                torch.randn(6, width, generator=gen).requires_grad_()]
+    prefixes = [
+        torch.randn(3, width, generator=gen).requires_grad_(),
+        torch.randn(6, width, generator=gen).requires_grad_(),
+    ]
     ids = torch.randint(4, 90, (3, length), generator=gen)
     mask = torch.ones(3, length, dtype=torch.long)
-    mask[1, length * 2 // 3:] = 0
+    mask[1, length * 2 // 3 :] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :length // 2] = -100
+    labels[:, : length // 2] = -100
     return prefixes, torch.tensor([0, 1, 0]), ids, mask, labels
 
 
@@ -40,8 +42,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("model_type, attention, length",
-                         [(m, "sdpa", 11) for m in FUSABLE] + [("llama", "eager", 11), ("llama", "sdpa", 40)])
+@pytest.mark.parametrize(
+    "model_type, attention, length",
+    [(m, "sdpa", 11) for m in FUSABLE] + [("llama", "eager", 11), ("llama", "sdpa", 40)],
+)
 def test_compiled_layers_give_the_eager_losses_and_gradients(model_type, attention, length):
     """sdpa models hand the layers a boolean mask, eager-attention models an additive float one; 40-token
     rows take the fused attention kernel instead of the grouped matmuls (see test_attention_forms)."""
@@ -76,8 +80,9 @@ def test_attention_forms(t, s, grouped):
     assert additive.dtype == torch.float32 and fused.additive_mask(additive, torch.float32) is additive
     assert torch.equal(additive == 0, keep) and (additive[~keep] == torch.finfo(torch.float32).min).all()
     for mask in (keep, additive):
-        expected = F.scaled_dot_product_attention(q, fused._repeat_kv(k, 2), fused._repeat_kv(v, 2),
-                                                  attn_mask=mask, scale=0.3)
+        expected = F.scaled_dot_product_attention(
+            q, fused._repeat_kv(k, 2), fused._repeat_kv(v, 2), attn_mask=mask, scale=0.3
+        )
         assert torch.allclose(fused._attention(q, k, v, mask, 0.3), expected, atol=1e-6)
         assert torch.allclose(fused._grouped_attention(q, k, v, mask, 0.3), expected, atol=1e-6)
 
@@ -90,8 +95,11 @@ def test_the_written_out_cross_entropy_gives_the_losses_and_gradients_of_f_cross
     targets[3] = targets[4]  # two rows, one target id
     weights = torch.rand(7, generator=gen)
     results = []
-    for loss_fn in (fused.token_cross_entropy, fused.fused_token_cross_entropy,
-                    torch.compile(fused.fused_token_cross_entropy)):
+    for loss_fn in (
+        fused.token_cross_entropy,
+        fused.fused_token_cross_entropy,
+        torch.compile(fused.fused_token_cross_entropy),
+    ):
         x = logits.clone().requires_grad_()
         loss = loss_fn(x, targets)
         (loss * weights).sum().backward()
@@ -164,8 +172,9 @@ def test_trainer_with_compiled_layers_trains_as_eager_and_cotenants_stay_indepen
     prefix lengths: jointly compiled = each alone compiled (1e-5), and = eager (float rounding)."""
 
     def trainer(compile_layers):
-        return MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), micro_batch_size=5,
-                                compile_layers=compile_layers)
+        return MultiTaskTrainer(
+            tiny_model("llama"), char_tokenizer(), micro_batch_size=5, compile_layers=compile_layers
+        )
 
     joint = trainer(True)
     assert joint.compile_note is None and joint.prefixed.compiled is not None

@@ -77,7 +77,7 @@ def test_placement_on_the_cpu():
     place = Placement.detect(cpus=3, device="cpu")
     assert (place.device, place.threads, place.backend) == (torch.device("cpu"), 3, "gloo")
     assert Placement.detect(cpus=0.5, device="cpu").threads == 1  # a fraction of a CPU still runs a thread
-    assert Placement.detect(None, device="cpu").threads is None    # torch's own choice
+    assert Placement.detect(None, device="cpu").threads is None  # torch's own choice
     # a GPU rank: NCCL for device tensors, gloo for CPU ones, and no thread count
     assert Placement(torch.device("cuda", 0)).backend == "cpu:gloo,cuda:nccl"
 
@@ -96,10 +96,10 @@ def work(tmp_path_factory):
 
 def group_run(work: Path, run: str, *, device: str, dtype: str = "float32", stage: int = 0) -> dict:
     """Train TASKS through a one-rank group in a fresh process (gpu_worker.py); its RESULT and prefixes."""
-    spec = dict(folder=str(work / "tiny-llama"), work=str(work), run=run, device=device, dtype=dtype,
-                stage=stage, steps=STEPS)
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=600)
+    spec = dict(
+        folder=str(work / "tiny-llama"), work=str(work), run=run, device=device, dtype=dtype, stage=stage, steps=STEPS
+    )
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     result["final"] = {t: prefix(work / run / t) for t in TASKS}
@@ -212,8 +212,7 @@ def cuda_batch(prefixed, length: int):
     from tests.test_fused import mixed_batch
 
     prefixes, rows, ids, mask, labels = mixed_batch(prefixed, length=length)
-    return ([p.detach().cuda().requires_grad_() for p in prefixes], rows.cuda(), ids.cuda(), mask.cuda(),
-            labels.cuda())
+    return ([p.detach().cuda().requires_grad_() for p in prefixes], rows.cuda(), ids.cuda(), mask.cuda(), labels.cuda())
 
 
 def loss_and_grads(prefixed, prefixes, rows, ids, mask, labels):
@@ -256,8 +255,9 @@ def test_trainer_with_compiled_layers_on_cuda_trains_as_eager(tmp_path, no_tf32)
 
     outcomes = {}
     for compiled in (True, False):
-        trainer = MultiTaskTrainer(tiny_model("llama").cuda(), char_tokenizer(), micro_batch_size=5,
-                                   compile_layers=compiled)
+        trainer = MultiTaskTrainer(
+            tiny_model("llama").cuda(), char_tokenizer(), micro_batch_size=5, compile_layers=compiled
+        )
         assert trainer.device.type == "cuda" and trainer.compile_note is None
         for name in ("rev", "nxt"):  # rows of different lengths: the graph meets several shapes
             trainer.add_task(trainer_task(tmp_path, name, steps=4, out=tmp_path / f"c{compiled}" / name))

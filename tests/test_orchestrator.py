@@ -141,9 +141,18 @@ def test_group_settings_from_the_command_line_and_their_checks(tmp_path):
     assert (config.zero_stage, config.compile_layers) == (0, True)
     args = build_parser().parse_args(["run", "--workers-per-group", "2", "--zero-offload", "--gpus-per-worker", "1"])
     config = OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(args))
-    assert (config.workers_per_group, config.zero_offload, config.gpus_per_worker, config.zero_stage) == (2, True, 1.0, 3)
-    assert OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(build_parser().parse_args(["run"]))
-                                       ).compile_layers is False
+    assert (config.workers_per_group, config.zero_offload, config.gpus_per_worker, config.zero_stage) == (
+        2,
+        True,
+        1.0,
+        3,
+    )
+    assert (
+        OrchestratorConfig.from_env(
+            home=tmp_path, **_scheduler_settings(build_parser().parse_args(["run"]))
+        ).compile_layers
+        is False
+    )
     with pytest.raises(ValueError, match="compile_layers: needs zero_stage 0 or 2"):
         OrchestratorConfig.from_env(home=tmp_path, compile_layers=True)  # the default stage is 3
     with pytest.raises(ValueError, match="compile_layers: must be true or false, got 'yes'"):
@@ -154,12 +163,36 @@ def test_progress_view_plain_and_terminal():
     from orchestrator.store import Job
 
     def job(**kw):
-        base = dict(id="j-1", task="rev", base_key="b", priority=0, state="running", spec={}, attempts=1,
-                    max_attempts=3, created_at=0.0, started_at=0.0, finished_at=None, updated_at=0.0, error=None,
-                    step=10, total_steps=110, loss=1.5, tokens_per_s=1234.0, examples_per_s=5.0, result_dir=None,
-                    cancel_requested=False, owner="o", heartbeat_at=0.0, registered=False, registry_model=None,
-                    registry_version=None, registration_attempts=0, registration_error=None,
-                    next_registration_at=None)
+        base = dict(
+            id="j-1",
+            task="rev",
+            base_key="b",
+            priority=0,
+            state="running",
+            spec={},
+            attempts=1,
+            max_attempts=3,
+            created_at=0.0,
+            started_at=0.0,
+            finished_at=None,
+            updated_at=0.0,
+            error=None,
+            step=10,
+            total_steps=110,
+            loss=1.5,
+            tokens_per_s=1234.0,
+            examples_per_s=5.0,
+            result_dir=None,
+            cancel_requested=False,
+            owner="o",
+            heartbeat_at=0.0,
+            registered=False,
+            registry_model=None,
+            registry_version=None,
+            registration_attempts=0,
+            registration_error=None,
+            next_registration_at=None,
+        )
         return Job(**(base | kw))
 
     now = [100.0]
@@ -220,8 +253,22 @@ def test_run_with_compiled_layers(ray_local, tiny_base, tmp_path, capsys):
     """`--zero-stage 0 --compile-layers`: the group trains with compiled decoder layers and says so."""
     home = tmp_path / "home"
     [job_id] = submit(home, write_spec(tmp_path / "specs", "compiled", "reverse", tiny_base, steps=6))
-    code = main(["--home", str(home), "run", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "5",
-                 "--zero-stage", "0", "--compile-layers"])
+    code = main(
+        [
+            "--home",
+            str(home),
+            "run",
+            "--poll",
+            "0.2",
+            "--heartbeat",
+            "0.5",
+            "--stale-after",
+            "5",
+            "--zero-stage",
+            "0",
+            "--compile-layers",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
         assert store.get(job_id).state == "succeeded"
@@ -239,23 +286,40 @@ def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
         write_spec(tmp_path / "specs", "long-b", "next", tiny_base, steps=60),
     ]
     short, long_a, long_b = submit(home, *specs)
-    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "run", "--num-cpus", "2",
-               "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--home",
+        str(home),
+        "run",
+        "--num-cpus",
+        "2",
+        "--poll",
+        "0.2",
+        "--heartbeat",
+        "0.5",
+        "--stale-after",
+        "3",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
     store = JobStore(f"sqlite:///{home / 'jobs.db'}")
 
     def start(log_name):
         log = open(tmp_path / log_name, "w")
         # A session of its own: the kill below reaches everything this `prefixd run` started.
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     first = start("run1.log")
     try:
+
         def mid_batch():
             jobs = {j.id: j for j in store.list()}
-            return (jobs[short].state == "succeeded"
-                    and all((jobs[i].step or 0) >= 6 and jobs[i].state == "running" for i in (long_a, long_b)))
+            return jobs[short].state == "succeeded" and all(
+                (jobs[i].step or 0) >= 6 and jobs[i].state == "running" for i in (long_a, long_b)
+            )
 
         wait_for(mid_batch, 150, "the short job done and the long ones past a checkpoint")
     finally:
@@ -300,18 +364,37 @@ def test_sigterm_hands_jobs_back_without_an_attempt_and_they_resume_exactly(tiny
     """SIGTERM to `prefixd run` mid-training: each job is checkpointed at the step boundary and queued again
     with its attempt not charged; the next run resumes both from there to the uninterrupted results."""
     home = tmp_path / "home"
-    ids = submit(home, write_spec(tmp_path / "specs", "term-a", "double", tiny_base, steps=30, checkpoint_every=50),
-                 write_spec(tmp_path / "specs", "term-b", "next", tiny_base, steps=30, checkpoint_every=50))
-    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "run", "--num-cpus", "2",
-               "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "3"]
+    ids = submit(
+        home,
+        write_spec(tmp_path / "specs", "term-a", "double", tiny_base, steps=30, checkpoint_every=50),
+        write_spec(tmp_path / "specs", "term-b", "next", tiny_base, steps=30, checkpoint_every=50),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--home",
+        str(home),
+        "run",
+        "--num-cpus",
+        "2",
+        "--poll",
+        "0.2",
+        "--heartbeat",
+        "0.5",
+        "--stale-after",
+        "3",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
     store = JobStore(f"sqlite:///{home / 'jobs.db'}")
     with open(tmp_path / "run1.log", "w") as log:
-        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        wait_for(lambda: all((j.step or 0) >= 4 and j.state == "running" for j in store.list()), 150,
-                 "both jobs training")
+        wait_for(
+            lambda: all((j.step or 0) >= 4 and j.state == "running" for j in store.list()), 150, "both jobs training"
+        )
         first.send_signal(signal.SIGTERM)
         code = first.wait(120)
     finally:
@@ -325,8 +408,9 @@ def test_sigterm_hands_jobs_back_without_an_attempt_and_they_resume_exactly(tiny
         assert any("no attempt charged" in m and "checkpointed at step" in m for m in events(store, job_id))
 
     with open(tmp_path / "run2.log", "w") as log:
-        second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        second = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         code = second.wait(240)
     finally:
@@ -389,8 +473,9 @@ def _kill_session(process: subprocess.Popen) -> None:
 class Served:
     def __init__(self, home: Path, base: Path, specs: Path):
         self.home, self.base, self.specs = home, base, specs
-        self.config = OrchestratorConfig.from_env(home=home, cpus_per_group=1, max_groups=1, poll_s=0.2,
-                                                  heartbeat_s=0.5, stale_after_s=5, idle_timeout_s=600)
+        self.config = OrchestratorConfig.from_env(
+            home=home, cpus_per_group=1, max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=5, idle_timeout_s=600
+        )
         self.orchestrator = Orchestrator(self.config)
         self.store = JobStore(self.config.store_url)
         self.stop = threading.Event()
@@ -401,8 +486,9 @@ class Served:
         return submit(self.home, write_spec(self.specs, name, kind, self.base, **training))[0]
 
     def wait_state(self, job_id, states, timeout=120):
-        return wait_for(lambda: (j := self.store.get(job_id)).state in states and j, timeout,
-                        f"job {job_id} to be {states}")
+        return wait_for(
+            lambda: (j := self.store.get(job_id)).state in states and j, timeout, f"job {job_id} to be {states}"
+        )
 
     def wait_step(self, job_id, step, timeout=120):
         return wait_for(lambda: (self.store.get(job_id).step or 0) >= step, timeout, f"job {job_id} at step {step}")
@@ -423,8 +509,11 @@ def test_job_joins_a_training_group_without_reloading(served):
     long = served.submit("join-long", "reverse", steps=100_000, eval_every=100_000, checkpoint_every=100_000)
     served.wait_step(long, 3, timeout=150)  # the group is up and training
     # the group's status is read from the worker and can trail the job's step by a moment
-    wait_for(lambda: [s["loads"] for s in served.orchestrator.group_statuses().values()] == [1], 30,
-             "the group to report its one model load")
+    wait_for(
+        lambda: [s["loads"] for s in served.orchestrator.group_statuses().values()] == [1],
+        30,
+        "the group to report its one model load",
+    )
     [status] = served.orchestrator.group_statuses().values()
     assert status["loads"] == 1
 

@@ -12,8 +12,7 @@ import ray
 from orchestrator.config import OrchestratorConfig
 from orchestrator.scheduler import Orchestrator, start_local_ray
 from orchestrator.store import JobStore
-from tests.test_orchestrator import (  # noqa: F401
-    events, prefix_of, prefix_trained_alone, submit, tiny_base, wait_for, write_spec)
+from tests.test_orchestrator import events, prefix_of, prefix_trained_alone, submit, tiny_base, wait_for, write_spec  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -27,25 +26,39 @@ def ray_two():
 
 def test_two_rank_group_survives_a_killed_rank(ray_two, tiny_base, tmp_path):
     home, specs = tmp_path / "home", tmp_path / "specs"
-    config = OrchestratorConfig.from_env(home=home, workers_per_group=2, zero_stage=3, zero_persistence_threshold=0,
-                                         cpus_per_group=1, max_groups=1, poll_s=0.2, heartbeat_s=0.5,
-                                         stale_after_s=5, idle_timeout_s=600, register=False)
+    config = OrchestratorConfig.from_env(
+        home=home,
+        workers_per_group=2,
+        zero_stage=3,
+        zero_persistence_threshold=0,
+        cpus_per_group=1,
+        max_groups=1,
+        poll_s=0.2,
+        heartbeat_s=0.5,
+        stale_after_s=5,
+        idle_timeout_s=600,
+        register=False,
+    )
     orchestrator = Orchestrator(config)
     store = JobStore(config.store_url)
     stop = threading.Event()
     thread = threading.Thread(target=orchestrator.serve, args=(stop,), daemon=True)
     thread.start()
     try:
-        ids = submit(home, write_spec(specs, "z-rev", "reverse", tiny_base, steps=40, checkpoint_every=5),
-                     write_spec(specs, "z-nxt", "next", tiny_base, steps=40, checkpoint_every=5))
+        ids = submit(
+            home,
+            write_spec(specs, "z-rev", "reverse", tiny_base, steps=40, checkpoint_every=5),
+            write_spec(specs, "z-nxt", "next", tiny_base, steps=40, checkpoint_every=5),
+        )
         wait_for(lambda: (store.get(ids[0]).step or 0) >= 12, 240, "12 steps")
         [group] = orchestrator.groups.values()
         assert len(group.followers) == 1
         os.kill(ray.get(group.followers[0].pid.remote()), signal.SIGKILL)  # rank 1 dies mid-training
 
         for job_id in ids:
-            job = wait_for(lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j, 300,
-                           f"{job_id} to end")
+            job = wait_for(
+                lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j, 300, f"{job_id} to end"
+            )
             assert job.state == "succeeded", job.error
             assert job.attempts == 2, events(store, job_id)
             assert any(m.startswith("resumed from the checkpoint at step") for m in events(store, job_id))

@@ -5,11 +5,11 @@ import threading
 import time
 
 import pytest
+from pg import start_postgres
 from sqlalchemy.exc import OperationalError
 
 from orchestrator.group import PatientStore
 from orchestrator.store import InvalidTransition, JobStore
-from pg import start_postgres
 
 
 def _pg_ctl(server, action: str) -> None:

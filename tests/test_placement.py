@@ -28,8 +28,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     keep_ray_on_loopback()
-    c = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=4, resources={"slot": 2}, node_ip_address="127.0.0.1", include_dashboard=False))
+    c = Cluster(
+        initialize_head=True,
+        head_node_args=dict(num_cpus=4, resources={"slot": 2}, node_ip_address="127.0.0.1", include_dashboard=False),
+    )
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     yield c
@@ -62,8 +64,18 @@ def status_text(home, job_id: str) -> str:
 def test_group_that_does_not_fit_holds_nothing_until_a_node_joins(cluster, tiny_base, tmp_path):
     home = tmp_path / "home"
     config = OrchestratorConfig.from_env(
-        home=home, workers_per_group=3, zero_stage=0, cpus_per_group=1, resources_per_worker={"slot": 1},
-        max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=10, idle_timeout_s=600, register=False)
+        home=home,
+        workers_per_group=3,
+        zero_stage=0,
+        cpus_per_group=1,
+        resources_per_worker={"slot": 1},
+        max_groups=1,
+        poll_s=0.2,
+        heartbeat_s=0.5,
+        stale_after_s=10,
+        idle_timeout_s=600,
+        register=False,
+    )
     orchestrator, close = serve(config)
     store = JobStore(config.store_url)
     try:
@@ -80,8 +92,11 @@ def test_group_that_does_not_fit_holds_nothing_until_a_node_joins(cluster, tiny_
         assert store.get(job_id).state == "queued"
 
         cluster.add_node(num_cpus=1, resources={"slot": 1}, node_ip_address="127.0.0.1")
-        job = wait_for(lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j, 300,
-                       "the job to end once the third slot exists")
+        job = wait_for(
+            lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j,
+            300,
+            "the job to end once the third slot exists",
+        )
         assert job.state == "succeeded", job.error
         assert job.attempts == 1 and job.waiting is None
         assert store.waiting() == {}
@@ -90,27 +105,49 @@ def test_group_that_does_not_fit_holds_nothing_until_a_node_joins(cluster, tiny_
     finally:
         close()
         store.close()
-    wait_for(lambda: ray.available_resources().get("slot") == 3.0, 30,  # Ray frees a placement group lazily
-             "the group's reservation to be given back")
+    wait_for(
+        lambda: ray.available_resources().get("slot") == 3.0,
+        30,  # Ray frees a placement group lazily
+        "the group's reservation to be given back",
+    )
 
 
 @pytest.mark.slow
 def test_two_groups_of_one_base_train_different_jobs_at_once(cluster, tiny_base, tmp_path):
     home = tmp_path / "home"
     config = OrchestratorConfig.from_env(
-        home=home, zero_stage=0, cpus_per_group=1, group_capacity=1, max_groups=2, max_groups_per_base=2,
-        poll_s=0.2, heartbeat_s=0.5, stale_after_s=10, idle_timeout_s=600, register=False)
+        home=home,
+        zero_stage=0,
+        cpus_per_group=1,
+        group_capacity=1,
+        max_groups=2,
+        max_groups_per_base=2,
+        poll_s=0.2,
+        heartbeat_s=0.5,
+        stale_after_s=10,
+        idle_timeout_s=600,
+        register=False,
+    )
     orchestrator, close = serve(config)
     store = JobStore(config.store_url)
     try:
-        ids = submit(home, *(write_spec(tmp_path / "specs", f"rep{i}", kind, tiny_base, steps=25, eval_every=25,
-                                        checkpoint_every=25)
-                             for i, kind in enumerate(("reverse", "next"))))
-        owners = wait_for(lambda: len(o := {j.owner for j in store.list(state="running")}) == 2 and o, 120,
-                          "both jobs running in two groups")
+        ids = submit(
+            home,
+            *(
+                write_spec(tmp_path / "specs", f"rep{i}", kind, tiny_base, steps=25, eval_every=25, checkpoint_every=25)
+                for i, kind in enumerate(("reverse", "next"))
+            ),
+        )
+        owners = wait_for(
+            lambda: len(o := {j.owner for j in store.list(state="running")}) == 2 and o,
+            120,
+            "both jobs running in two groups",
+        )
         assert len({orchestrator.groups[o].base_key for o in owners}) == 1
-        jobs = [wait_for(lambda: (j := store.get(i)).state in ("succeeded", "failed") and j, 300, f"{i} to end")
-                for i in ids]
+        jobs = [
+            wait_for(lambda: (j := store.get(i)).state in ("succeeded", "failed") and j, 300, f"{i} to end")
+            for i in ids
+        ]
     finally:
         close()
         store.close()
@@ -126,44 +163,76 @@ def test_two_groups_of_one_base_train_different_jobs_at_once(cluster, tiny_base,
 
 
 def test_group_shapes_table_per_base_model(tmp_path):
-    shapes = {"builtin:big": {"workers_per_group": 8, "zero_stage": 3, "gpus_per_worker": 1,
-                              "placement_strategy": "STRICT_PACK"},
-              "builtin:small:bfloat16": {"zero_stage": 0, "gpus_per_worker": 1, "max_groups": 4}}
+    shapes = {
+        "builtin:big": {
+            "workers_per_group": 8,
+            "zero_stage": 3,
+            "gpus_per_worker": 1,
+            "placement_strategy": "STRICT_PACK",
+        },
+        "builtin:small:bfloat16": {"zero_stage": 0, "gpus_per_worker": 1, "max_groups": 4},
+    }
     config = OrchestratorConfig.from_env(home=tmp_path, group_shapes=shapes, cpus_per_group=2)
     big = config.shape_for("builtin:big:float32")  # matched without its dtype
-    assert (big.workers_per_group, big.zero_stage, big.gpus_per_worker, big.placement_strategy, big.max_groups,
-            big.cpus_per_group) == (8, 3, 1, "STRICT_PACK", 1, 2)
+    assert (
+        big.workers_per_group,
+        big.zero_stage,
+        big.gpus_per_worker,
+        big.placement_strategy,
+        big.max_groups,
+        big.cpus_per_group,
+    ) == (8, 3, 1, "STRICT_PACK", 1, 2)
     small = config.shape_for("builtin:small:bfloat16")
     assert (small.workers_per_group, small.zero_stage, small.max_groups) == (1, 0, 4)
     assert config.shape_for("builtin:small:float32") == GroupShape(cpus_per_group=2, max_groups=1)  # other dtype
 
 
 def test_group_shape_errors_name_the_base_and_setting(tmp_path):
-    bad = {"builtin:x": {"workers_per_group": 0, "zero_stage": 1, "placement_strategy": "SPREAD",
-                         "resources_per_worker": {"GPU": 1}},
-           "builtin:y": {"gpus": 1}}
+    bad = {
+        "builtin:x": {
+            "workers_per_group": 0,
+            "zero_stage": 1,
+            "placement_strategy": "SPREAD",
+            "resources_per_worker": {"GPU": 1},
+        },
+        "builtin:y": {"gpus": 1},
+    }
     with pytest.raises(ValueError) as e:
         OrchestratorConfig.from_env(home=tmp_path, group_shapes=bad, max_groups_per_base=0)
     text = str(e.value)
-    for part in ("group_shapes['builtin:x'].workers_per_group: must be an int >= 1, got 0",
-                 "group_shapes['builtin:x'].zero_stage: must be 0, 2 or 3, got 1",
-                 "group_shapes['builtin:x'].placement_strategy: must be one of PACK, STRICT_PACK, got 'SPREAD'",
-                 "group_shapes['builtin:x'].resources_per_worker: CPU and GPU are set by",
-                 "group_shapes['builtin:y']: unknown settings ['gpus']",
-                 "max_groups_per_base: must be an int >= 1, got 0"):
+    for part in (
+        "group_shapes['builtin:x'].workers_per_group: must be an int >= 1, got 0",
+        "group_shapes['builtin:x'].zero_stage: must be 0, 2 or 3, got 1",
+        "group_shapes['builtin:x'].placement_strategy: must be one of PACK, STRICT_PACK, got 'SPREAD'",
+        "group_shapes['builtin:x'].resources_per_worker: CPU and GPU are set by",
+        "group_shapes['builtin:y']: unknown settings ['gpus']",
+        "max_groups_per_base: must be an int >= 1, got 0",
+    ):
         assert part in text, (part, text)
 
 
 def test_group_shapes_file_from_the_command_line(tmp_path):
     table = tmp_path / "shapes.yaml"
     table.write_text("builtin:smollm2-135m:\n  workers_per_group: 2\n  zero_stage: 3\n  gpus_per_worker: 1\n")
-    from orchestrator.cli import build_parser, _scheduler_settings
+    from orchestrator.cli import _scheduler_settings, build_parser
 
-    args = build_parser().parse_args(["--home", str(tmp_path), "serve", "--group-shapes", str(table),
-                                      "--max-groups-per-base", "3", "--placement-strategy", "STRICT_PACK"])
+    args = build_parser().parse_args(
+        [
+            "--home",
+            str(tmp_path),
+            "serve",
+            "--group-shapes",
+            str(table),
+            "--max-groups-per-base",
+            "3",
+            "--placement-strategy",
+            "STRICT_PACK",
+        ]
+    )
     settings = _scheduler_settings(args)
-    assert settings["group_shapes"] == {"builtin:smollm2-135m": {"workers_per_group": 2, "zero_stage": 3,
-                                                                 "gpus_per_worker": 1}}
+    assert settings["group_shapes"] == {
+        "builtin:smollm2-135m": {"workers_per_group": 2, "zero_stage": 3, "gpus_per_worker": 1}
+    }
     config = OrchestratorConfig.from_env(home=tmp_path, **settings)
     assert config.shape_for("builtin:smollm2-135m:float32").workers_per_group == 2
     assert config.shape_for("builtin:smollm2-135m:float32").max_groups == 3
@@ -196,14 +265,25 @@ def test_a_local_group_gets_the_machines_cores(cluster, tiny_base, tmp_path):
     """No --cpus-per-group with a local Ray: the one group reserves every CPU Ray has (4 here) and its rank
     trains with that many torch threads, on the CPU."""
     home = tmp_path / "home"
-    config = OrchestratorConfig.from_env(home=home, zero_stage=0, max_groups=1, poll_s=0.2, heartbeat_s=0.5,
-                                         stale_after_s=10, idle_timeout_s=600, register=False)
+    config = OrchestratorConfig.from_env(
+        home=home,
+        zero_stage=0,
+        max_groups=1,
+        poll_s=0.2,
+        heartbeat_s=0.5,
+        stale_after_s=10,
+        idle_timeout_s=600,
+        register=False,
+    )
     orchestrator, close = serve(config)
     store = JobStore(config.store_url)
     try:
         [job_id] = submit(home, write_spec(tmp_path / "specs", "cores", "reverse", tiny_base, steps=40))
-        status = wait_for(lambda: [s for s in orchestrator.group_statuses().values() if s.get("threads")], 120,
-                          "the group to report its placement")[0]
+        status = wait_for(
+            lambda: [s for s in orchestrator.group_statuses().values() if s.get("threads")],
+            120,
+            "the group to report its placement",
+        )[0]
         assert (status["device"], status["threads"]) == ("cpu", 4)
         assert ray.available_resources().get("CPU", 0.0) == 0.0  # all four reserved by the group's one rank
         job = wait_for(lambda: (j := store.get(job_id)).state in ("succeeded", "failed") and j, 300, "the job")

@@ -25,8 +25,14 @@ def test_shape_per_architecture_matches_peft(model_type):
     config = tiny_config(model_type)
     shape = prefix_shape(config)
     layers, kv, head_dim, token_dim, sub, context = EXPECTED[model_type]
-    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.token_dim,
-            shape.num_transformer_submodules, shape.context_length) == (layers, kv, head_dim, token_dim, sub, context)
+    assert (
+        shape.num_layers,
+        shape.num_kv_heads,
+        shape.head_dim,
+        shape.token_dim,
+        shape.num_transformer_submodules,
+        shape.context_length,
+    ) == (layers, kv, head_dim, token_dim, sub, context)
     filled = configure_for_model(PrefixTuningConfig(num_virtual_tokens=4), config)
     # PEFT's own filling of the same fields
     from peft.utils.other import _prepare_prompt_learning_config
@@ -45,19 +51,43 @@ def test_configure_does_not_mutate_the_callers_config():
 
 
 def test_seed_example_runs_and_state_dict_keys_equal_peft():
-    config = PrefixTuningConfig(peft_type="PREFIX_TUNING", task_type="SEQ_2_SEQ_LM", num_virtual_tokens=20,
-                                token_dim=768, num_transformer_submodules=1, num_attention_heads=12, num_layers=12,
-                                encoder_hidden_size=768)
+    config = PrefixTuningConfig(
+        peft_type="PREFIX_TUNING",
+        task_type="SEQ_2_SEQ_LM",
+        num_virtual_tokens=20,
+        token_dim=768,
+        num_transformer_submodules=1,
+        num_attention_heads=12,
+        num_layers=12,
+        encoder_hidden_size=768,
+    )
     encoder = PrefixEncoder(config)
     out = encoder(torch.arange(20).unsqueeze(0).expand(3, -1))
     assert out.shape == (3, 20, 2 * 12 * 768)
     for proj in (False, True):
-        ours = PrefixEncoder(PrefixTuningConfig(num_virtual_tokens=5, token_dim=16, num_layers=2, num_attention_heads=2,
-                                                encoder_hidden_size=8, prefix_projection=proj))
-        theirs = peft.PrefixEncoder(peft.PrefixTuningConfig(num_virtual_tokens=5, token_dim=16, num_layers=2,
-                                                            num_attention_heads=2, encoder_hidden_size=8,
-                                                            prefix_projection=proj))
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+        ours = PrefixEncoder(
+            PrefixTuningConfig(
+                num_virtual_tokens=5,
+                token_dim=16,
+                num_layers=2,
+                num_attention_heads=2,
+                encoder_hidden_size=8,
+                prefix_projection=proj,
+            )
+        )
+        theirs = peft.PrefixEncoder(
+            peft.PrefixTuningConfig(
+                num_virtual_tokens=5,
+                token_dim=16,
+                num_layers=2,
+                num_attention_heads=2,
+                encoder_hidden_size=8,
+                prefix_projection=proj,
+            )
+        )
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }
         theirs.load_state_dict(ours.state_dict())
         tokens = torch.arange(5).unsqueeze(0)
         assert torch.equal(ours(tokens), theirs(tokens))

@@ -38,10 +38,13 @@ def quiet_mlflow(monkeypatch):
 
 
 def make_spec(root: Path, **over):
-    raw = {"name": "rev", "base_model": {"path": "base"},
-           "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-           "prefix": {"num_virtual_tokens": 4},
-           "training": {"steps": 2, "examples_per_step": 4, "eval_every": 2, "checkpoint_every": 100}} | over
+    raw = {
+        "name": "rev",
+        "base_model": {"path": "base"},
+        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+        "prefix": {"num_virtual_tokens": 4},
+        "training": {"steps": 2, "examples_per_step": 4, "eval_every": 2, "checkpoint_every": 100},
+    } | over
     return parse_spec(raw, base_dir=root)
 
 
@@ -76,8 +79,10 @@ def test_two_orchestrators_on_one_postgres_store_register_each_job_once(trained,
     spec = make_spec(trained)
     store = JobStore(fresh_postgres_url)
     ids = [finished(store, spec, trained / "result", tmp_path / f"job{i}", "alice") for i in range(20)]
-    configs = [OrchestratorConfig.from_env(home=tmp_path / f"orch{i}", store_url=fresh_postgres_url,
-                                           mlflow_uri=uri) for i in range(2)]
+    configs = [
+        OrchestratorConfig.from_env(home=tmp_path / f"orch{i}", store_url=fresh_postgres_url, mlflow_uri=uri)
+        for i in range(2)
+    ]
     orchestrators = [Orchestrator(c) for c in configs]
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -130,8 +135,9 @@ def test_a_model_belongs_to_its_tenant(trained, tmp_path):
     store.finish(bob_job, "succeeded", result_dir=str(tmp_path / "b1"))
     assert registry.register_pending(store, uri) == []
     row = store.get(bob_job)
-    assert not row.registered and "belongs to tenant 'alice'; tenant 'bob' cannot add versions" in \
-        row.registration_error
+    assert (
+        not row.registered and "belongs to tenant 'alice'; tenant 'bob' cannot add versions" in row.registration_error
+    )
     assert [str(v.version) for v in client.search_model_versions("name = 'prefixd-rev'")] == ["1"]
     assert str(client.get_registered_model("prefixd-rev").aliases["champion"]) == "1"
 
@@ -143,16 +149,23 @@ def test_a_model_belongs_to_its_tenant(trained, tmp_path):
     assert str(client.get_registered_model("prefixd-rev").aliases["champion"]) == "1"
 
     # Over HTTP, bob's spec naming alice's model is refused before anything is queued.
-    app = create_app(ApiSettings(store_url=store.url, callers=parse_entries(["alice=ta", "bob=tb"]),
-                                 data_root=trained, tracking_uri=uri))
-    body = {"name": "rev", "base_model": {"path": "base"}, "training": {"steps": 2},
-            "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40}}
+    app = create_app(
+        ApiSettings(
+            store_url=store.url, callers=parse_entries(["alice=ta", "bob=tb"]), data_root=trained, tracking_uri=uri
+        )
+    )
+    body = {
+        "name": "rev",
+        "base_model": {"path": "base"},
+        "training": {"steps": 2},
+        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+    }
     with TestClient(app) as http:
         r = http.post("/v1/jobs", json=body, headers={"Authorization": "Bearer tb"})
         assert r.status_code == 422 and r.json()["problems"][0]["path"] == "registry.model_name"
-        r = http.post("/v1/jobs", json=body | {"registry": {"model_name": "bobs-rev"}},
-                      headers={"Authorization": "Bearer tb"})
+        r = http.post(
+            "/v1/jobs", json=body | {"registry": {"model_name": "bobs-rev"}}, headers={"Authorization": "Bearer tb"}
+        )
         assert r.status_code == 201
         assert http.post("/v1/jobs", json=body, headers={"Authorization": "Bearer ta"}).status_code == 201
     store.close()
-

@@ -70,8 +70,14 @@ def make_spec(root: Path, name: str, base: Path, **registry_fields):
         "base_model": {"path": str(base)},
         "data": {"train": f"{name}.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
         "prefix": {"num_virtual_tokens": {"rev": 4, "dbl": 6}.get(name, 4)},
-        "training": {"steps": 6, "examples_per_step": 4, "learning_rate": 3e-2, "eval_every": 3,
-                     "checkpoint_every": 100, "seed": 1},
+        "training": {
+            "steps": 6,
+            "examples_per_step": 4,
+            "learning_rate": 3e-2,
+            "eval_every": 3,
+            "checkpoint_every": 100,
+            "seed": 1,
+        },
         "registry": registry_fields,
         "tags": {"team": "nlp", "kind": name},
     }
@@ -130,16 +136,18 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     uri = default_tracking_uri(home)
     assert uri == f"sqlite:///{home.resolve()}/mlflow/mlflow.db"
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    rev, dbl = trained["specs"]["rev"], trained["specs"]["dbl"]
+    rev = trained["specs"]["rev"]
     dbl_em = make_spec(trained["root"], "dbl", trained["base"], metric="exact_match")  # maximize
     assert dbl_em.registry.direction == "maximize"
     # (spec, eval_loss or exact_match, champion after it)
-    plan = [(rev, dict(eval_loss=2.0, eval_perplexity=7.39), "1"),
-            (rev, dict(eval_loss=2.5, eval_perplexity=12.2), "1"),  # worse: champion stays
-            (rev, dict(eval_loss=1.5, eval_perplexity=4.48), "3"),  # better: champion moves
-            (dbl_em, dict(eval_loss=3.0, exact_match=0.25), "1"),
-            (dbl_em, dict(eval_loss=1.0, exact_match=0.125), "1"),  # lower loss, but exact_match decides
-            (dbl_em, dict(eval_loss=2.0, exact_match=0.5), "3")]
+    plan = [
+        (rev, dict(eval_loss=2.0, eval_perplexity=7.39), "1"),
+        (rev, dict(eval_loss=2.5, eval_perplexity=12.2), "1"),  # worse: champion stays
+        (rev, dict(eval_loss=1.5, eval_perplexity=4.48), "3"),  # better: champion moves
+        (dbl_em, dict(eval_loss=3.0, exact_match=0.25), "1"),
+        (dbl_em, dict(eval_loss=1.0, exact_match=0.125), "1"),  # lower loss, but exact_match decides
+        (dbl_em, dict(eval_loss=2.0, exact_match=0.5), "3"),
+    ]
     job_ids = []
     for i, (spec, metrics, champion) in enumerate(plan):
         job_ids.append(finished_job(store, spec, trained["results"][spec.name], tmp_path / f"job{i}", **metrics))
@@ -170,12 +178,14 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     assert float(v2.tags["prefixd.metric.eval_perplexity"]) == 12.2
     assert v1.tags["team"] == "nlp" and v1.tags["prefixd.registry_metric"] == "eval_loss"
     assert v1.tags["prefixd.champion_reason"] == "first version of the model (eval_loss 2)"
-    assert v2.tags["prefixd.champion_reason"] == ("eval_loss 2.5 >= 2 of v1 (minimize): no improvement, "
-                                                 "champion stays v1")
+    assert v2.tags["prefixd.champion_reason"] == (
+        "eval_loss 2.5 >= 2 of v1 (minimize): no improvement, champion stays v1"
+    )
     assert v3.tags["prefixd.champion_reason"] == "eval_loss 1.5 < 2 of v1 (minimize)"
     assert [v.tags["prefixd.champion_decision"] for v in (v1, v2, v3)] == ["promote", "keep", "promote"]
     assert client.get_registered_model("prefixd-rev").tags["prefixd.champion_reason"] == (
-        "v3: eval_loss 1.5 < 2 of v1 (minimize)")
+        "v3: eval_loss 1.5 < 2 of v1 (minimize)"
+    )
     d2 = versions_of(uri, "prefixd-dbl")[1]
     assert d2.tags["prefixd.champion_reason"].startswith("exact_match 0.125 <= 0.25 of v1 (maximize)")
     assert "job " + job_ids[0] in v1.description and "eval_loss = 2" in v1.description
@@ -201,7 +211,9 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "prefix", "spec.json", "metrics.json", "history.jsonl", "data_report.txt"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} == {
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    }
     spec_json = json.loads(Path(client.download_artifacts(run.info.run_id, "spec.json", str(tmp_path))).read_text())
     assert spec_json == rev.to_dict()
 
@@ -220,20 +232,26 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     assert register_pending(store, uri) == [job_q]
     stored = store.get(job_q)
     assert stored.registered and stored.registry_model.startswith("runs:/") and stored.registry_version == "-"
-    assert client.get_run(stored.registry_model[len("runs:/"):]).data.tags["prefixd.job_id"] == job_q
+    assert client.get_run(stored.registry_model[len("runs:/") :]).data.tags["prefixd.job_id"] == job_q
     assert not client.search_registered_models("name = 'prefixd-rev-quiet'")
 
     # -- lookups by task and by model name; model search with filters; the CLI verbs
     info = lookup(uri, "rev")
     assert (info["name"], info["version"], info["aliases"], info["job_id"]) == (
-        "prefixd-rev", "3", ["champion", "latest"], job_ids[2])
+        "prefixd-rev",
+        "3",
+        ["champion", "latest"],
+        job_ids[2],
+    )
     assert info["metrics"] == {"eval_loss": 1.5, "eval_perplexity": 4.48} and info["run_id"] == v3.run_id
     assert info["source"] == v3.source and info["base_model_sha256"] == sha
     assert lookup(uri, "prefixd-rev", version=2)["aliases"] == []
     assert lookup(uri, "dbl", alias="latest")["version"] == "3"
     found = search_models(uri)
     assert [(m["name"], m["champion_version"], m["latest_version"], m["versions"]) for m in found] == [
-        ("prefixd-dbl", "3", "3", ["1", "2", "3"]), ("prefixd-rev", "3", "3", ["1", "2", "3"])]
+        ("prefixd-dbl", "3", "3", ["1", "2", "3"]),
+        ("prefixd-rev", "3", "3", ["1", "2", "3"]),
+    ]
     assert [m["name"] for m in search_models(uri, base=str(trained["base"]), tags={"kind": "rev"})] == ["prefixd-rev"]
     assert [m["name"] for m in search_models(uri, base=f"path:{trained['base']}")] == ["prefixd-dbl", "prefixd-rev"]
     assert search_models(uri, base="builtin:smollm2-135m") == []
@@ -244,8 +262,19 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     assert lines[1].split()[:5] == ["prefixd-dbl", "dbl", "3", "3", "1,2,3"] and len(lines) == 2
     assert cmd_lookup(args(mlflow_uri=uri, task="rev", alias=None, version="1", json=True, download=None)) == 0
     assert json.loads(capsys.readouterr().out)["job_id"] == job_ids[0]
-    assert cmd_lookup(args(mlflow_uri=uri, task="prefixd-rev", alias="champion", version=None, json=False,
-                           download=str(tmp_path / "dl"))) == 0
+    assert (
+        cmd_lookup(
+            args(
+                mlflow_uri=uri,
+                task="prefixd-rev",
+                alias="champion",
+                version=None,
+                json=False,
+                download=str(tmp_path / "dl"),
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("prefixd-rev v3 (champion, latest)\n") and f"adapter written to {tmp_path / 'dl'}" in out
     assert "  eval_loss      1.5\n" in out and "  tag team       nlp\n" in out
@@ -288,21 +317,32 @@ def test_mlflow_server_flow_peft_download_pyfunc_and_generate(trained, mlflow_se
         theirs = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         _, encoder = load_prefix(trained["results"]["rev"] / "prefix", base_b.config)
         prefix = encoder.prompt_embeddings().detach()
-        ours = PrefixedModel(base_b).forward([prefix], torch.zeros(len(PROMPTS), dtype=torch.long),
-                                             batch["input_ids"], batch["attention_mask"]).logits
+        ours = (
+            PrefixedModel(base_b)
+            .forward([prefix], torch.zeros(len(PROMPTS), dtype=torch.long), batch["input_ids"], batch["attention_mask"])
+            .logits
+        )
     assert theirs.shape == ours.shape == (len(PROMPTS), len(PROMPTS[0]), 96)
     assert torch.equal(theirs, ours)
 
     # -- generation: prefixd's own path, the CLI's mixed batch and the pyfunc model agree
-    expected = generate_texts(PrefixedModel(base_b), tokenizer, [prefix], [0] * len(PROMPTS), PROMPTS,
-                              max_new_tokens=8)
+    expected = generate_texts(PrefixedModel(base_b), tokenizer, [prefix], [0] * len(PROMPTS), PROMPTS, max_new_tokens=8)
     capsys.readouterr()
-    code = cmd_generate(args(mlflow_uri=uri, tasks=["rev", "dbl"], alias=None, version=None, max_new_tokens=8,
-                             json=False, prompts=PROMPTS))
+    code = cmd_generate(
+        args(
+            mlflow_uri=uri,
+            tasks=["rev", "dbl"],
+            alias=None,
+            version=None,
+            max_new_tokens=8,
+            json=False,
+            prompts=PROMPTS,
+        )
+    )
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out[0] == "== rev (prefixd-rev v1)" and out[len(PROMPTS) + 1] == "== dbl (prefixd-dbl v1)"
-    by_task = {"rev": out[1:len(PROMPTS) + 1], "dbl": out[len(PROMPTS) + 2:]}
+    by_task = {"rev": out[1 : len(PROMPTS) + 1], "dbl": out[len(PROMPTS) + 2 :]}
     assert by_task["rev"] == [f"{p}\t{t}" for p, t in zip(PROMPTS, expected)]
 
     mlflow.set_tracking_uri(uri)
@@ -315,8 +355,9 @@ def test_mlflow_server_flow_peft_download_pyfunc_and_generate(trained, mlflow_se
     assert model.predict(PROMPTS, params={"max_new_tokens": 8}) == expected
     frame = pd.DataFrame({"prompt": PROMPTS})
     assert dbl_model.predict(frame, params={"max_new_tokens": 8}) == [line.split("\t")[1] for line in by_task["dbl"]]
-    assert model.predict(PROMPTS[:1]) == generate_texts(PrefixedModel(base_b), tokenizer, [prefix], [0],
-                                                        PROMPTS[:1], max_new_tokens=32)
+    assert model.predict(PROMPTS[:1]) == generate_texts(
+        PrefixedModel(base_b), tokenizer, [prefix], [0], PROMPTS[:1], max_new_tokens=32
+    )
 
 
 def test_server_stopped_mid_batch_every_job_registered_exactly_once(trained, mlflow_server, tmp_path):
@@ -325,8 +366,10 @@ def test_server_stopped_mid_batch_every_job_registered_exactly_once(trained, mlf
     clock = Clock()
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", clock=clock)
     spec = make_spec(trained["root"], "rev", trained["base"], model_name="outage-rev")
-    ids = [finished_job(store, spec, trained["results"]["rev"], tmp_path / f"job{i}", eval_loss=2.0 - i / 10)
-           for i in range(4)]
+    ids = [
+        finished_job(store, spec, trained["results"]["rev"], tmp_path / f"job{i}", eval_loss=2.0 - i / 10)
+        for i in range(4)
+    ]
 
     def stop_after_first_registration():
         deadline = time.monotonic() + 120
@@ -364,8 +407,9 @@ def test_server_stopped_mid_batch_every_job_registered_exactly_once(trained, mlf
     assert {store.get(j).registry_version for j in ids} == {str(v.version) for v in versions}
     assert all(store.get(j).registered for j in ids)
     client = MlflowClient(uri, uri)
-    runs = client.search_runs([client.get_run(versions[0].run_id).info.experiment_id],
-                              "tags.`prefixd.registered_model` = 'outage-rev'")
+    runs = client.search_runs(
+        [client.get_run(versions[0].run_id).info.experiment_id], "tags.`prefixd.registered_model` = 'outage-rev'"
+    )
     assert sorted(r.data.tags["prefixd.job_id"] for r in runs) == sorted(ids)  # one live run per job
     # eval_loss falls with each job: the champion is the last job's version
     last = next(v for v in versions if v.tags["prefixd.job_id"] == ids[-1])
@@ -388,7 +432,7 @@ def test_bad_input_names_the_problem(trained, tmp_path, capsys):
             assert m in str(e.value), str(e.value)
 
     fails(lambda: lookup(uri, "nope"), "no registered model for task or model 'nope'", "known: prefixd-rev")
-    fails(lambda: lookup(uri, "it's"), "\"it's\" is not a task or model name")
+    fails(lambda: lookup(uri, "it's"), '"it\'s" is not a task or model name')
     fails(lambda: lookup(uri, "rev", alias="staging"), "prefixd-rev has no alias 'staging'", "champion, latest")
     fails(lambda: lookup(uri, "rev", version=7), "prefixd-rev has no version 7; its versions: 1")
     fails(lambda: lookup(uri, "rev", version="two"), "version 'two'", "positive integer")
@@ -402,8 +446,11 @@ def test_bad_input_names_the_problem(trained, tmp_path, capsys):
         (cmd_lookup, dict(task="rev", alias=None, version="9", json=False, download=None), "no version 9"),
         (cmd_lookup, dict(task="rev", alias="-x y", version=None, json=False, download=None), "not a valid alias"),
         (cmd_models, dict(base=None, tag=["novalue"], json=False), "expected KEY=VALUE"),
-        (cmd_generate, dict(tasks=["nope"], alias=None, version=None, max_new_tokens=4, json=False, prompts=["a"]),
-         "'nope'"),
+        (
+            cmd_generate,
+            dict(tasks=["nope"], alias=None, version=None, max_new_tokens=4, json=False, prompts=["a"]),
+            "'nope'",
+        ),
     ]
     for cmd, kw, message in cases:
         capsys.readouterr()
@@ -414,8 +461,20 @@ def test_bad_input_names_the_problem(trained, tmp_path, capsys):
     # The registered version's base model is gone from this machine: every loading path names it.
     shutil.rmtree(moved)
     capsys.readouterr()
-    assert cmd_generate(args(mlflow_uri=uri, tasks=["rev"], alias=None, version=None, max_new_tokens=4,
-                             json=False, prompts=["rev ab="])) == 2
+    assert (
+        cmd_generate(
+            args(
+                mlflow_uri=uri,
+                tasks=["rev"],
+                alias=None,
+                version=None,
+                max_new_tokens=4,
+                json=False,
+                prompts=["rev ab="],
+            )
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"prefixd-rev v1: base model path:{moved}:float32" in err and "no such folder" in err, err
     fails(lambda: registry.load_pyfunc(uri, "rev"), f"base model path:{moved}:float32")
@@ -452,9 +511,27 @@ def test_cli_argument_parsers():
     assert (a.mlflow_uri, a.task, a.version, a.alias, a.json, a.download) == ("http://x", "rev", "3", None, True, None)
     a = parser.parse_args(["models", "--base", "builtin:smollm2-135m", "--tag", "team=nlp", "--tag", "k=v"])
     assert (a.mlflow_uri, a.base, a.tag) == (None, "builtin:smollm2-135m", ["team=nlp", "k=v"])
-    a = parser.parse_args(["generate", "--task", "a", "--task", "b", "--max-new-tokens", "5", "p1", "p2",
-                           "--mlflow-uri", "sqlite:///x.db"])
-    assert (a.tasks, a.alias, a.max_new_tokens, a.prompts, a.mlflow_uri) == (["a", "b"], None, 5, ["p1", "p2"],
-                                                                             "sqlite:///x.db")
+    a = parser.parse_args(
+        [
+            "generate",
+            "--task",
+            "a",
+            "--task",
+            "b",
+            "--max-new-tokens",
+            "5",
+            "p1",
+            "p2",
+            "--mlflow-uri",
+            "sqlite:///x.db",
+        ]
+    )
+    assert (a.tasks, a.alias, a.max_new_tokens, a.prompts, a.mlflow_uri) == (
+        ["a", "b"],
+        None,
+        5,
+        ["p1", "p2"],
+        "sqlite:///x.db",
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["lookup", "rev", "--alias", "a", "--version", "1"])

@@ -15,10 +15,56 @@ from workers.trainer import MultiTaskTrainer, TaskConfig
 
 pytestmark = pytest.mark.slow
 
-FIRST = ["John", "Mary", "Alice", "Bob", "Carlos", "Diana", "Erik", "Fatima", "George", "Hannah", "Ivan", "Julia",
-         "Kenji", "Laura", "Mohammed", "Nina", "Oscar", "Priya", "Quentin", "Rosa", "Samuel", "Tara", "Umar", "Vera"]
-LAST = ["Smith", "Garcia", "Brown", "Miller", "Davis", "Wilson", "Moore", "Taylor", "Anderson", "Thomas", "Jackson",
-        "White", "Harris", "Martin", "Thompson", "Lopez", "Lee", "Walker", "Hall", "Young", "King", "Wright"]
+FIRST = [
+    "John",
+    "Mary",
+    "Alice",
+    "Bob",
+    "Carlos",
+    "Diana",
+    "Erik",
+    "Fatima",
+    "George",
+    "Hannah",
+    "Ivan",
+    "Julia",
+    "Kenji",
+    "Laura",
+    "Mohammed",
+    "Nina",
+    "Oscar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Samuel",
+    "Tara",
+    "Umar",
+    "Vera",
+]
+LAST = [
+    "Smith",
+    "Garcia",
+    "Brown",
+    "Miller",
+    "Davis",
+    "Wilson",
+    "Moore",
+    "Taylor",
+    "Anderson",
+    "Thomas",
+    "Jackson",
+    "White",
+    "Harris",
+    "Martin",
+    "Thompson",
+    "Lopez",
+    "Lee",
+    "Walker",
+    "Hall",
+    "Young",
+    "King",
+    "Wright",
+]
 
 
 def write_names(path, target):
@@ -43,11 +89,28 @@ def trained(smollm2, tmp_path_factory):
     trainer = MultiTaskTrainer(model, tok, micro_batch_size=16)
     before = {}
     for name, (target, p) in tasks.items():
-        data = DataSettings(train=write_names(tmp / f"{name}.jsonl", target), template="first={first} last={last} ->",
-                            target_column="target", max_length=32, validation_fraction=0.1)
-        cfg = TaskConfig(task_id=name, name=name, data=data, out_dir=str(tmp / name), num_virtual_tokens=p,
-                         learning_rate=3e-2, steps=40, examples_per_step=8, eval_every=20, checkpoint_every=1000,
-                         eval_generation=True, eval_samples=30, eval_max_new_tokens=8)
+        data = DataSettings(
+            train=write_names(tmp / f"{name}.jsonl", target),
+            template="first={first} last={last} ->",
+            target_column="target",
+            max_length=32,
+            validation_fraction=0.1,
+        )
+        cfg = TaskConfig(
+            task_id=name,
+            name=name,
+            data=data,
+            out_dir=str(tmp / name),
+            num_virtual_tokens=p,
+            learning_rate=3e-2,
+            steps=40,
+            examples_per_step=8,
+            eval_every=20,
+            checkpoint_every=1000,
+            eval_generation=True,
+            eval_samples=30,
+            eval_max_new_tokens=8,
+        )
         trainer.add_task(cfg)
         before[name] = trainer.evaluate(name)
     results = {}
@@ -93,8 +156,12 @@ def test_two_prefix_batch_generates_each_row_as_alone(smollm2, trained):
     pm = PrefixedModel(model)
     prefixes = [load_prefix(results[n].prefix_dir)[1].prompt_embeddings().detach() for n in ("lastfirst", "initials")]
     # names of the task's lists; the pairs may or may not be among the training rows
-    prompts = ["first=Mary last=Wright ->", "first=Ivan last=Lee ->", "first=Nina last=Hall ->",
-               "first=Oscar last=King ->"]
+    prompts = [
+        "first=Mary last=Wright ->",
+        "first=Ivan last=Lee ->",
+        "first=Nina last=Hall ->",
+        "first=Oscar last=King ->",
+    ]
     owners = [0, 1, 1, 0]
     mixed = generate_texts(pm, tok, prefixes, owners, prompts, max_new_tokens=8)
     alone = [generate_texts(pm, tok, [prefixes[o]], [0], [p], max_new_tokens=8)[0] for p, o in zip(prompts, owners)]

@@ -117,26 +117,53 @@ def test_minimal_spec_is_fully_defaulted(task):
         "name": "t",
         "base_model": {"builtin": "smollm2-135m", "path": None, "hub": None, "dtype": "float32"},
         "data": {
-            "train": str(task / "train.jsonl"), "validation": None, "format": "auto", "input_column": "input",
-            "template": None, "target_column": "target", "max_length": 256, "truncation": "left",
-            "validation_fraction": 0.1, "seed": 0,
+            "train": str(task / "train.jsonl"),
+            "validation": None,
+            "format": "auto",
+            "input_column": "input",
+            "template": None,
+            "target_column": "target",
+            "max_length": 256,
+            "truncation": "left",
+            "validation_fraction": 0.1,
+            "seed": 0,
         },
         "prefix": {"num_virtual_tokens": 10, "projection": False, "projection_hidden_size": 512, "init": "random"},
         "training": {
-            "steps": 10, "epochs": None, "examples_per_step": 8, "learning_rate": 0.005, "schedule": "constant",
-            "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "eval_every": 50,
-            "checkpoint_every": 50, "eval_generation": {"enabled": False, "samples": 32, "max_new_tokens": 32},
+            "steps": 10,
+            "epochs": None,
+            "examples_per_step": 8,
+            "learning_rate": 0.005,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "seed": 0,
+            "eval_every": 50,
+            "checkpoint_every": 50,
+            "eval_generation": {"enabled": False, "samples": 32, "max_new_tokens": 32},
         },
         "priority": 0,
-        "registry": {"model_name": "prefixd-t", "metric": "eval_loss", "direction": "minimize",
-                     "experiment": None, "register": True},
+        "registry": {
+            "model_name": "prefixd-t",
+            "metric": "eval_loss",
+            "direction": "minimize",
+            "experiment": None,
+            "register": True,
+        },
         "tags": {},
     }
 
 
 def test_round_trip_trusts_the_stored_dict(task):
-    spec = load_spec(write(task, patched(minimal(), tags={"team": "nlp"}, training__steps=DELETE,
-                                         training__epochs=2, registry={"metric": "bleu"})))
+    spec = load_spec(
+        write(
+            task,
+            patched(
+                minimal(), tags={"team": "nlp"}, training__steps=DELETE, training__epochs=2, registry={"metric": "bleu"}
+            ),
+        )
+    )
     stored = json.dumps(spec.to_dict())
     (task / "train.jsonl").unlink()  # from_dict must not look at files
     again = JobSpec.from_dict(json.loads(stored))
@@ -153,8 +180,9 @@ def test_parse_of_to_dict_is_the_same_spec(task):
 
 def test_relative_paths_resolve_against_the_spec_folder(task):
     (task / "specs").mkdir()
-    spec = load_spec(write(task / "specs", patched(minimal(), data__train="../train.jsonl",
-                                                   base_model={"path": "../t5"})))
+    spec = load_spec(
+        write(task / "specs", patched(minimal(), data__train="../train.jsonl", base_model={"path": "../t5"}))
+    )
     assert spec.data.train == task / "train.jsonl"
     assert spec.base_model.path == task / "t5"
     assert spec.base_model.base_key == f"path:{task / 't5'}:float32"
@@ -206,72 +234,133 @@ BAD_SPECS = [
     ("name-missing", {"name": DELETE}, "name: missing (required)"),
     ("unknown-root-key", {"trainig": {}}, "trainig: unknown key (did you mean 'training'?)"),
     ("unknown-data-key", {"data__colum": "x"}, "data.colum: unknown key; accepted keys here: train, validation"),
-    ("unknown-nested-key", {"training__eval_generation__sample": 3},
-     "training.eval_generation.sample: unknown key (did you mean 'samples'?)"),
-    ("trust-remote-code", {"base_model__trust_remote_code": True},
-     "base_model.trust_remote_code: unknown key: trust_remote_code is an operator setting"),
+    (
+        "unknown-nested-key",
+        {"training__eval_generation__sample": 3},
+        "training.eval_generation.sample: unknown key (did you mean 'samples'?)",
+    ),
+    (
+        "trust-remote-code",
+        {"base_model__trust_remote_code": True},
+        "base_model.trust_remote_code: unknown key: trust_remote_code is an operator setting",
+    ),
     ("unknown-builtin", {"base_model__builtin": "gpt-9"}, "base_model.builtin: 'gpt-9' is not one of smollm2-135m"),
-    ("two-base-models", {"base_model__path": "model"},
-     "base_model: give exactly one of builtin, path, hub; got builtin and path"),
-    ("no-base-model", {"base_model": {"dtype": "float16"}},
-     "base_model: give exactly one of builtin, path, hub; got none"),
+    (
+        "two-base-models",
+        {"base_model__path": "model"},
+        "base_model: give exactly one of builtin, path, hub; got builtin and path",
+    ),
+    (
+        "no-base-model",
+        {"base_model": {"dtype": "float16"}},
+        "base_model: give exactly one of builtin, path, hub; got none",
+    ),
     ("hub-without-revision", {"base_model": {"hub": {"id": "org/m"}}}, "base_model.hub.revision: missing (required)"),
     ("hub-bad-id", {"base_model": {"hub": {"id": "nomodel", "revision": "main"}}}, "base_model.hub.id: 'nomodel'"),
-    ("bad-dtype", {"base_model__dtype": "float64"},
-     "base_model.dtype: 'float64' is not one of float32, bfloat16, float16"),
+    (
+        "bad-dtype",
+        {"base_model__dtype": "float64"},
+        "base_model.dtype: 'float64' is not one of float32, bfloat16, float16",
+    ),
     ("base-model-not-mapping", {"base_model": "smollm2-135m"}, "base_model: this section must be a mapping"),
-    ("model-folder-without-config", {"base_model": {"path": "empty_model"}},
-     "base_model.path: folder 'empty_model' has no config.json"),
+    (
+        "model-folder-without-config",
+        {"base_model": {"path": "empty_model"}},
+        "base_model.path: folder 'empty_model' has no config.json",
+    ),
     ("model-folder-missing", {"base_model": {"path": "nowhere"}}, "base_model.path: no such folder 'nowhere'"),
     ("missing-data-file", {"data__train": "x.jsonl"}, "data.train: no such file 'x.jsonl'"),
     ("missing-validation-file", {"data__validation": "v.jsonl"}, "data.validation: no such file 'v.jsonl'"),
     ("unknown-data-suffix", {"data__train": "train.txt"}, "data.train: "),
-    ("missing-target-column", {"data__target_column": "answer"},
-     "data.target_column: column 'answer' is not in data.train 'train.jsonl' (its columns: input, target)"),
+    (
+        "missing-target-column",
+        {"data__target_column": "answer"},
+        "data.target_column: column 'answer' is not in data.train 'train.jsonl' (its columns: input, target)",
+    ),
     ("missing-input-column", {"data__input_column": "question"}, "data.input_column: column 'question' is not in"),
-    ("template-missing-column", {"data__input_column": DELETE, "data__template": "Q: {question}\nA:"},
-     "data.template: column 'question' is not in data.train"),
-    ("template-attribute", {"data__input_column": DELETE, "data__template": "{input.__class__}"},
-     "data.template: placeholder {input.__class__} must be a plain column name"),
+    (
+        "template-missing-column",
+        {"data__input_column": DELETE, "data__template": "Q: {question}\nA:"},
+        "data.template: column 'question' is not in data.train",
+    ),
+    (
+        "template-attribute",
+        {"data__input_column": DELETE, "data__template": "{input.__class__}"},
+        "data.template: placeholder {input.__class__} must be a plain column name",
+    ),
     ("template-unbalanced", {"data__input_column": DELETE, "data__template": "Q: {input"}, "data.template: "),
-    ("template-and-input-column", {"data__template": "{input}"},
-     "data: give exactly one of 'input_column' or 'template'; got input_column and template"),
+    (
+        "template-and-input-column",
+        {"data__template": "{input}"},
+        "data: give exactly one of 'input_column' or 'template'; got input_column and template",
+    ),
     ("target-is-input", {"data__input_column": "target"}, "data.target_column: must differ from data.input_column"),
     ("data-not-mapping", {"data": "train.jsonl"}, "data: this section must be a mapping"),
     ("max-length-small", {"data__max_length": 4}, "data.max_length: must be >= 8 and <= 32768, got 4"),
     ("bad-truncation", {"data__truncation": "right"}, "data.truncation: 'right' is not one of left, skip, error"),
-    ("validation-fraction-half", {"data__validation_fraction": 0.5},
-     "data.validation_fraction: must be > 0 and < 0.5, got 0.5"),
-    ("steps-and-epochs", {"training__epochs": 2},
-     "training: give exactly one of 'steps' or 'epochs'; got steps and epochs"),
-    ("neither-steps-nor-epochs", {"training": {"learning_rate": 0.01}},
-     "training: give exactly one of 'steps' or 'epochs'; got neither"),
+    (
+        "validation-fraction-half",
+        {"data__validation_fraction": 0.5},
+        "data.validation_fraction: must be > 0 and < 0.5, got 0.5",
+    ),
+    (
+        "steps-and-epochs",
+        {"training__epochs": 2},
+        "training: give exactly one of 'steps' or 'epochs'; got steps and epochs",
+    ),
+    (
+        "neither-steps-nor-epochs",
+        {"training": {"learning_rate": 0.01}},
+        "training: give exactly one of 'steps' or 'epochs'; got neither",
+    ),
     ("training-missing", {"training": DELETE}, "training: missing (required)"),
     ("steps-zero", {"training__steps": 0}, "training.steps: must be >= 1 and <= 100000, got 0"),
     ("steps-bool", {"training__steps": True}, "training.steps: expected an integer, got boolean true"),
     ("steps-string", {"training__steps": "10"}, "training.steps: expected an integer, got string '10'"),
     ("steps-float", {"training__steps": 10.0}, "training.steps: expected an integer, got number 10.0"),
-    ("epochs-negative", {"training__steps": DELETE, "training__epochs": -1}, "training.epochs: must be > 0 and <= 100, got -1"),
+    (
+        "epochs-negative",
+        {"training__steps": DELETE, "training__epochs": -1},
+        "training.epochs: must be > 0 and <= 100, got -1",
+    ),
     ("learning-rate-zero", {"training__learning_rate": 0}, "training.learning_rate: must be > 0 and <= 1, got 0"),
     ("learning-rate-big", {"training__learning_rate": 5}, "training.learning_rate: must be > 0 and <= 1, got 5"),
     ("examples-per-step-negative", {"training__examples_per_step": -4}, "training.examples_per_step: must be >= 1"),
-    ("weight-decay-infinite", {"training__weight_decay": float("inf")},
-     "training.weight_decay: expected a finite number, got inf"),
+    (
+        "weight-decay-infinite",
+        {"training__weight_decay": float("inf")},
+        "training.weight_decay: expected a finite number, got inf",
+    ),
     ("max-grad-norm-zero", {"training__max_grad_norm": 0}, "training.max_grad_norm: must be > 0 and <= 10000, got 0"),
-    ("warmup-longer-than-training", {"training__warmup_steps": 20},
-     "training.warmup_steps: 20 warmup steps exceed training.steps 10"),
+    (
+        "warmup-longer-than-training",
+        {"training__warmup_steps": 20},
+        "training.warmup_steps: 20 warmup steps exceed training.steps 10",
+    ),
     ("bad-schedule", {"training__schedule": "exp"}, "training.schedule: 'exp' is not one of constant, linear, cosine"),
-    ("max-new-tokens-big", {"training__eval_generation__max_new_tokens": 2000},
-     "training.eval_generation.max_new_tokens: must be >= 1 and <= 1024, got 2000"),
-    ("eval-generation-enabled-string", {"training__eval_generation__enabled": "yes please"},
-     "training.eval_generation.enabled: expected true or false, got string 'yes please'"),
+    (
+        "max-new-tokens-big",
+        {"training__eval_generation__max_new_tokens": 2000},
+        "training.eval_generation.max_new_tokens: must be >= 1 and <= 1024, got 2000",
+    ),
+    (
+        "eval-generation-enabled-string",
+        {"training__eval_generation__enabled": "yes please"},
+        "training.eval_generation.enabled: expected true or false, got string 'yes please'",
+    ),
     ("prefix-too-long", {"prefix__num_virtual_tokens": 600}, "prefix.num_virtual_tokens: must be >= 1 and <= 512"),
     ("prefix-zero", {"prefix__num_virtual_tokens": 0}, "prefix.num_virtual_tokens: must be >= 1 and <= 512, got 0"),
-    ("prefix-longer-than-context", {"base_model": {"path": "model"}, "prefix__num_virtual_tokens": 64},
-     "prefix.num_virtual_tokens: 64 virtual tokens do not fit the model's context of 64 tokens "
-     "(max_position_embeddings in model/config.json)"),
-    ("prefix-plus-max-length-longer-than-context", {"base_model": {"path": "model"}},
-     "data.max_length: 256 + prefix.num_virtual_tokens 10 = 266 tokens exceeds the model's context of 64 tokens"),
+    (
+        "prefix-longer-than-context",
+        {"base_model": {"path": "model"}, "prefix__num_virtual_tokens": 64},
+        "prefix.num_virtual_tokens: 64 virtual tokens do not fit the model's context of 64 tokens "
+        "(max_position_embeddings in model/config.json)",
+    ),
+    (
+        "prefix-plus-max-length-longer-than-context",
+        {"base_model": {"path": "model"}},
+        "data.max_length: 256 + prefix.num_virtual_tokens 10 = 266 tokens exceeds the model's context of 64 tokens",
+    ),
     ("bad-init", {"prefix__init": "normal"}, "prefix.init: 'normal' is not one of random, zero"),
     ("priority-out-of-range", {"priority": 5000}, "priority: must be >= -1000 and <= 1000, got 5000"),
     ("priority-bool", {"priority": False}, "priority: expected an integer, got boolean false"),
@@ -280,8 +369,11 @@ BAD_SPECS = [
     ("tags-list", {"tags": ["a"]}, "tags: expected a mapping of strings to strings, got a list"),
     ("bad-metric", {"registry": {"metric": "accuracy"}}, "registry.metric: 'accuracy' is not one of eval_loss"),
     ("bad-model-name", {"registry": {"model_name": "My Model"}}, "registry.model_name: 'My Model' does not match"),
-    ("derived-model-name-too-long", {"name": LONG_NAME},
-     f"registry.model_name: the default 'prefixd-{LONG_NAME}' is longer than 63 characters"),
+    (
+        "derived-model-name-too-long",
+        {"name": LONG_NAME},
+        f"registry.model_name: the default 'prefixd-{LONG_NAME}' is longer than 63 characters",
+    ),
     ("bad-direction", {"registry": {"direction": "up"}}, "registry.direction: 'up' is not one of minimize, maximize"),
     ("empty-experiment", {"registry": {"experiment": ""}}, "registry.experiment: must not be empty"),
 ]
@@ -315,7 +407,9 @@ def test_parse_spec_refuses_a_non_mapping():
     with pytest.raises(SpecError) as e:
         parse_spec(["name", "t"], base_dir=Path("."), source="request")
     assert e.value.problems == [Problem("", e.value.problems[0].message)]
-    assert str(e.value).startswith("request: 1 problem in the job spec\n  a job spec must be a mapping with keys name, ")
+    assert str(e.value).startswith(
+        "request: 1 problem in the job spec\n  a job spec must be a mapping with keys name, "
+    )
 
 
 # --- malformed files --------------------------------------------------------------------------------------
@@ -334,15 +428,27 @@ BAD_FILES = [
     ("binary", "spec.yaml", bytes(range(256)) * 4, "binary data (it holds NUL bytes)"),
     ("not-utf8", "spec.yaml", b"name: caf\xe9\n", "not UTF-8 text (undecodable byte at offset 9)"),
     ("oversized", "spec.yaml", b"# " + b"x" * MAX_SPEC_BYTES + b"\n", "the file is over 1048576 bytes (1 MiB)"),
-    ("python-tag", "spec.yaml", b"name: !!python/object/apply:os.system ['echo hi']\n",
-     "name: YAML tag '!!python/object/apply:os.system' (line 1) is not accepted"),
+    (
+        "python-tag",
+        "spec.yaml",
+        b"name: !!python/object/apply:os.system ['echo hi']\n",
+        "name: YAML tag '!!python/object/apply:os.system' (line 1) is not accepted",
+    ),
     ("custom-tag", "spec.yaml", b"name: !include other.yaml\n", "name: YAML tag '!include' (line 1) is not accepted"),
     ("alias-bomb", "spec.yaml", BOMB.encode(), "more than 10000 values once YAML aliases are expanded"),
     ("recursive-alias", "spec.yaml", b"a: &a [*a]\n", "more than 10000 values once YAML aliases are expanded"),
-    ("duplicate-yaml-key", "spec.yaml", b"name: a\ntraining:\n  steps: 1\n  steps: 2\n",
-     "training.steps: duplicate key (lines 3 and 4)"),
-    ("duplicate-json-key", "spec.json", b'{"name": "a", "training": {"steps": 1, "steps": 2}}',
-     "training.steps: duplicate key"),
+    (
+        "duplicate-yaml-key",
+        "spec.yaml",
+        b"name: a\ntraining:\n  steps: 1\n  steps: 2\n",
+        "training.steps: duplicate key (lines 3 and 4)",
+    ),
+    (
+        "duplicate-json-key",
+        "spec.json",
+        b'{"name": "a", "training": {"steps": 1, "steps": 2}}',
+        "training.steps: duplicate key",
+    ),
     ("bad-yaml", "spec.yaml", b"name: [unclosed\n", "not valid YAML: "),
     ("two-documents", "spec.yaml", b"name: a\n---\nname: b\n", "not valid YAML: expected a single document"),
     ("bad-json", "spec.json", b'{"name": }', "not valid JSON: Expecting value (line 1, column 10)"),
@@ -372,11 +478,24 @@ def test_schema_is_valid_and_covers_every_field():
     schema = spec_json_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert list(schema["properties"]) == ["name", "base_model", "data", "prefix", "training", "priority",
-                                          "registry", "tags"]
+    assert list(schema["properties"]) == [
+        "name",
+        "base_model",
+        "data",
+        "prefix",
+        "training",
+        "priority",
+        "registry",
+        "tags",
+    ]
     lr = schema["properties"]["training"]["properties"]["learning_rate"]
-    assert lr == {"description": "Peak learning rate of AdamW (0 < lr <= 1).", "type": "number",
-                  "exclusiveMinimum": 0, "maximum": 1, "default": 0.005}
+    assert lr == {
+        "description": "Peak learning rate of AdamW (0 < lr <= 1).",
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "default": 0.005,
+    }
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import torch
 from jobs.spec import JobSpec, SpecError, parse_spec
 from orchestrator.cli import main
 from orchestrator.config import OrchestratorConfig
-from tests.s3 import CREDENTIALS, s3_server
 from tests.ports import free_port
+from tests.s3 import CREDENTIALS, s3_server
 from tests.tiny import char_tokenizer, tiny_model, write_task
 from workers.data import DataSettings
 from workers.formats import load_prefix
@@ -119,7 +119,7 @@ def test_local_checkpoints_fsync_every_file_and_folder_before_the_manifest(tmp_p
     before = set(synced[:manifest])
     assert {str(folder / "prefix" / "w.bin"), str(folder / "state.json")} <= before  # the files
     assert {str(folder / "prefix"), str(folder), str(folder.parent)} <= before  # their folders' entries
-    assert str(folder) in synced[manifest + 1:]  # the manifest's own rename
+    assert str(folder) in synced[manifest + 1 :]  # the manifest's own rename
 
 
 def test_fetch_keeps_a_remote_file_in_the_cache_until_it_changes(s3, tmp_path):
@@ -138,8 +138,12 @@ def test_a_spec_may_name_its_data_by_storage_uri(s3, tmp_path):
     """Validation reads the columns through the storage layer; a spec sent to the server may not name one."""
     data = JobStorage.open(s3.uri(f"specdata/{tmp_path.name}"))
     data.write_bytes("qa.csv", b"question,answer\nwhy,because\n")
-    spec = {"name": "qa", "base_model": {"builtin": "smollm2-135m"}, "training": {"steps": 2},
-            "data": {"train": data.child("qa.csv").uri, "template": "Q: {question}\nA:", "target_column": "answer"}}
+    spec = {
+        "name": "qa",
+        "base_model": {"builtin": "smollm2-135m"},
+        "training": {"steps": 2},
+        "data": {"train": data.child("qa.csv").uri, "template": "Q: {question}\nA:", "target_column": "answer"},
+    }
     parsed = parse_spec(spec, base_dir=tmp_path)
     assert parsed.data.train == data.child("qa.csv").uri  # kept as written, never made a local path
     assert JobSpec.from_dict(parsed.to_dict()).data.train == parsed.data.train
@@ -201,15 +205,31 @@ def test_errors_name_the_setting_and_what_is_accepted_never_a_secret(s3, tmp_pat
 
 def tiny_task(out_dir: str, train: str, steps: int = 12) -> TaskConfig:
     data = DataSettings(train=train, input_column="input", target_column="target", max_length=40)
-    return TaskConfig(task_id="s3-task", name="rev", data=data, out_dir=out_dir, num_virtual_tokens=5,
-                      learning_rate=3e-2, schedule="cosine", steps=steps, examples_per_step=4, seed=3,
-                      eval_every=6, checkpoint_every=5)
+    return TaskConfig(
+        task_id="s3-task",
+        name="rev",
+        data=data,
+        out_dir=out_dir,
+        num_virtual_tokens=5,
+        learning_rate=3e-2,
+        schedule="cosine",
+        steps=steps,
+        examples_per_step=4,
+        seed=3,
+        eval_every=6,
+        checkpoint_every=5,
+    )
 
 
 def train(config: TaskConfig, cache: Path, until: int | None = None):
     """Train (from its checkpoint, if any) until the end or `until` steps; (first step, result or None)."""
-    trainer = MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), micro_batch_size=8,
-                               data_cache_dir=str(cache / "data"), scratch_dir=str(cache / "scratch"))
+    trainer = MultiTaskTrainer(
+        tiny_model("llama"),
+        char_tokenizer(),
+        micro_batch_size=8,
+        data_cache_dir=str(cache / "data"),
+        scratch_dir=str(cache / "scratch"),
+    )
     start = trainer.add_task(config).step
     while trainer.active and (until is None or trainer.tasks[config.task_id].step < until):
         finished = trainer.step().finished

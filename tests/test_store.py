@@ -47,7 +47,13 @@ def test_lifecycle(store, clock):
     job_id = submit(store, task="sum")
     job = store.get(job_id)
     assert (job.state, job.task, job.base_key, job.spec, job.attempts, job.max_attempts) == (
-        "queued", "sum", "base-a", SPEC, 0, 3)
+        "queued",
+        "sum",
+        "base-a",
+        SPEC,
+        0,
+        3,
+    )
     assert job.created_at == job.updated_at == clock.now and job.started_at is None
 
     clock.now += 5
@@ -55,8 +61,10 @@ def test_lifecycle(store, clock):
     assert (claimed.id, claimed.state, claimed.owner, claimed.attempts) == (job_id, "running", "orch-1", 1)
     assert claimed.started_at == claimed.heartbeat_at == clock.now
 
-    assert store.update_progress(job_id, step=3, total_steps=10, loss=1.25, tokens_per_s=900.0,
-                                 examples_per_s=12.5) is False
+    assert (
+        store.update_progress(job_id, step=3, total_steps=10, loss=1.25, tokens_per_s=900.0, examples_per_s=12.5)
+        is False
+    )
     clock.now += 1
     assert store.heartbeat("orch-1", [job_id, "j-not-mine"]) == [job_id]
     assert store.get(job_id).heartbeat_at == clock.now
@@ -64,7 +72,13 @@ def test_lifecycle(store, clock):
     clock.now += 1
     done = store.finish(job_id, "succeeded", result_dir="/runs/sum")
     assert (done.state, done.result_dir, done.finished_at, done.step, done.total_steps, done.loss) == (
-        "succeeded", "/runs/sum", clock.now, 3, 10, 1.25)
+        "succeeded",
+        "/runs/sum",
+        clock.now,
+        3,
+        10,
+        1.25,
+    )
     assert store.get(job_id) == done
     assert store.claim("orch-1") == []
     assert [m for _, _, m in store.logs(job_id)] == [
@@ -195,13 +209,21 @@ def test_registration_bookkeeping(store, clock):
 
     job = store.mark_registration_failed(job_id, "MLflow unreachable", retry_at=clock.now + 60)
     assert (job.registration_attempts, job.registration_error, job.next_registration_at) == (
-        1, "MLflow unreachable", clock.now + 60)
+        1,
+        "MLflow unreachable",
+        clock.now + 60,
+    )
     assert store.pending_registrations(clock.now + 59) == []
     assert [j.id for j in store.pending_registrations(clock.now + 60)] == [job_id]
 
     job = store.mark_registered(job_id, "prefix-sum", 7)
-    assert (job.registered, job.registry_model, job.registry_version, job.registration_attempts,
-            job.registration_error) == (True, "prefix-sum", "7", 2, None)
+    assert (
+        job.registered,
+        job.registry_model,
+        job.registry_version,
+        job.registration_attempts,
+        job.registration_error,
+    ) == (True, "prefix-sum", "7", 2, None)
     assert store.pending_registrations(clock.now + 3600) == []
 
 
@@ -219,18 +241,25 @@ def test_list_and_logs(store):
 
 
 def test_submit_many_is_all_or_nothing(store):
-    ids = store.submit_many([NewJob(spec=SPEC, task="a", base_key="k"),
-                             {"spec": SPEC, "task": "b", "base_key": "k", "priority": 2}])
+    ids = store.submit_many(
+        [NewJob(spec=SPEC, task="a", base_key="k"), {"spec": SPEC, "task": "b", "base_key": "k", "priority": 2}]
+    )
     assert [store.get(i).task for i in ids] == ["a", "b"]
     with pytest.raises(ValueError) as e:
-        store.submit_many([
-            {"spec": SPEC, "task": "ok", "base_key": "k"},
-            {"spec": {"x": object()}, "task": "", "base_key": "k", "max_attempts": 0},
-            {"spec": SPEC, "task": "t", "base_key": "k", "prio": 1},
-        ])
+        store.submit_many(
+            [
+                {"spec": SPEC, "task": "ok", "base_key": "k"},
+                {"spec": {"x": object()}, "task": "", "base_key": "k", "max_attempts": 0},
+                {"spec": SPEC, "task": "t", "base_key": "k", "prio": 1},
+            ]
+        )
     message = str(e.value)
-    for part in ("items[1].task: expected a non-empty string, got ''", "items[1].max_attempts: expected an int >= 1",
-                 "items[1].spec: not storable as JSON", "items[2].prio: unknown field"):
+    for part in (
+        "items[1].task: expected a non-empty string, got ''",
+        "items[1].max_attempts: expected an int >= 1",
+        "items[1].spec: not storable as JSON",
+        "items[2].prio: unknown field",
+    ):
         assert part in message
     assert len(store.list()) == 2
 

@@ -15,8 +15,6 @@ from tests.test_store import Clock, url  # noqa: F401 - url is a fixture
 SPEC = {"task": "sum"}
 
 
-
-
 def make_old_store(url: str) -> None:
     """The schema as the first release created it (no tenant column, no quotas or leases), with one job."""
     old = MetaData()
@@ -25,10 +23,24 @@ def make_old_store(url: str) -> None:
     engine = create_engine(url)
     old.create_all(engine)
     with engine.begin() as c:
-        c.execute(jobs.insert(), {"id": "j-old", "task": "t", "base_key": "b", "priority": 0, "state": "queued",
-                                  "spec": "{}", "attempts": 0, "max_attempts": 3, "created_at": 1.0,
-                                  "updated_at": 1.0, "cancel_requested": False, "registered": False,
-                                  "registration_attempts": 0})
+        c.execute(
+            jobs.insert(),
+            {
+                "id": "j-old",
+                "task": "t",
+                "base_key": "b",
+                "priority": 0,
+                "state": "queued",
+                "spec": "{}",
+                "attempts": 0,
+                "max_attempts": 3,
+                "created_at": 1.0,
+                "updated_at": 1.0,
+                "cancel_requested": False,
+                "registered": False,
+                "registration_attempts": 0,
+            },
+        )
     engine.dispose()
 
 
@@ -45,8 +57,9 @@ def test_an_old_store_gains_the_tenant_column(url):
 
 def test_quotas_at_submit_and_claim(url):
     with JobStore(url, clock=Clock()) as store:
-        store.set_quotas({"*": Quota(max_queued=3, max_running=1), "bob": Quota(max_priority=5, max_running=2),
-                          "ops": Quota()})
+        store.set_quotas(
+            {"*": Quota(max_queued=3, max_running=1), "bob": Quota(max_priority=5, max_running=2), "ops": Quota()}
+        )
         assert store.quotas()["bob"] == Quota(max_priority=5, max_running=2)
         items = [NewJob(spec=SPEC, task="t", base_key="b", tenant="alice") for _ in range(3)]
         store.submit_many(items, enforce_quota=True)
@@ -106,8 +119,10 @@ def test_the_cli_on_the_store_is_the_local_admin(tmp_path, monkeypatch, capsys):
     for name in ("PREFIXD_HOME", "PREFIXD_STORE_URL", "PREFIXD_SERVER", "PREFIXD_SPEC_BOUNDS"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "t.jsonl").write_text('{"input": "x", "target": "y"}\n')
-    (tmp_path / "t.yaml").write_text("name: t\nbase_model: {builtin: smollm2-135m}\ntraining: {steps: 30}\n"
-                                     "data: {train: t.jsonl, input_column: input, target_column: target}\n")
+    (tmp_path / "t.yaml").write_text(
+        "name: t\nbase_model: {builtin: smollm2-135m}\ntraining: {steps: 30}\n"
+        "data: {train: t.jsonl, input_column: input, target_column: target}\n"
+    )
     home = tmp_path / "home"
     with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
         other = store.submit(SPEC, task="x", base_key="b", tenant="alice")

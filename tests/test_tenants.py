@@ -17,6 +17,8 @@ import pytest
 from tests.api_server import api_server, auth, send_chunked
 
 ALICE, BOB, BARE, OPS = "tok-alice-1", "tok-bob-1", "bare-token-77", "tok-ops-1"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, pid, data root) of an API whose tokens, admin token and quotas come from the environment."""
@@ -29,16 +31,25 @@ def server(tmp_path_factory):
     (data / "rootlink").symlink_to("/root")
     (home / "tokens").write_text(f"# operator's token file\nbob={BOB}\n{BARE}\n")
     (home / "quotas.yaml").write_text("bob: {max_queued: 2, max_priority: 5}\n")
-    with api_server(home, {"PREFIXD_API_TOKENS": f"alice={ALICE}", "PREFIXD_API_TOKENS_FILE": str(home / "tokens"),
-                           "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
-                           "PREFIXD_QUOTAS": str(home / "quotas.yaml")}) as (url, pid):
+    with api_server(
+        home,
+        {
+            "PREFIXD_API_TOKENS": f"alice={ALICE}",
+            "PREFIXD_API_TOKENS_FILE": str(home / "tokens"),
+            "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
+            "PREFIXD_QUOTAS": str(home / "quotas.yaml"),
+        },
+    ) as (url, pid):
         yield url, pid, data
 
 
 def spec(name="rev", **over):
-    return {"name": name, "base_model": {"builtin": "smollm2-135m"},
-            "data": {"train": "ok.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-            "training": {"steps": 5}} | over
+    return {
+        "name": name,
+        "base_model": {"builtin": "smollm2-135m"},
+        "data": {"train": "ok.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+        "training": {"steps": 5},
+    } | over
 
 
 def submit(url, token, **over) -> httpx.Response:
@@ -85,7 +96,8 @@ def test_quotas_refuse_with_429_and_say_why(server):
         assert submit(url, BOB).status_code == 201
     r = submit(url, BOB)
     assert r.status_code == 429 and r.json()["detail"].startswith(
-        "tenant 'bob' has 2 job(s) queued and its quota is 2 (max_queued)")
+        "tenant 'bob' has 2 job(s) queued and its quota is 2 (max_queued)"
+    )
     assert submit(url, ALICE, priority=9).status_code == 201  # alice has no quota; the admin is exempt too
     assert submit(url, OPS, priority=1000).status_code == 201
 
@@ -99,8 +111,18 @@ def test_reserved_tags_are_refused_naming_the_field(server):
 
 def test_paths_outside_the_data_root_all_get_one_answer_without_a_byte_of_them(server):
     url, _, data = server
-    outside = ["/etc/passwd", "../../../../../etc/passwd", "/root", "/root/.bashrc", "/nonexistent/x.csv",
-               "missing.csv", "link.csv", "rootlink", "rootlink/x", str(data / ".." / "tokens")]
+    outside = [
+        "/etc/passwd",
+        "../../../../../etc/passwd",
+        "/root",
+        "/root/.bashrc",
+        "/nonexistent/x.csv",
+        "missing.csv",
+        "link.csv",
+        "rootlink",
+        "rootlink/x",
+        str(data / ".." / "tokens"),
+    ]
     answers = set()
     for path in outside:
         for fmt in ("csv", "auto"):
@@ -113,8 +135,11 @@ def test_paths_outside_the_data_root_all_get_one_answer_without_a_byte_of_them(s
     for piece in (first_line, "root:", ":0:0:", "/bin/", "passwd", "bashrc", "tokens", str(data), "No such"):
         assert piece not in answer
     # Inside the data root, a column that is missing is named, but the file's header is not quoted.
-    r = httpx.post(url + "/v1/specs/validate", headers=auth(ALICE),
-                   json=spec(data={"train": "other.csv", "input_column": "input", "target_column": "target"}))
+    r = httpx.post(
+        url + "/v1/specs/validate",
+        headers=auth(ALICE),
+        json=spec(data={"train": "other.csv", "input_column": "input", "target_column": "target"}),
+    )
     assert r.status_code == 422 and "'input' is not in data.train 'other.csv'" in r.text and "a, b" not in r.text
 
 
@@ -149,16 +174,21 @@ def test_hostile_bodies_are_refused_in_bounded_memory(server):
 
 def test_bodies_are_read_like_spec_files(server):
     url, _, _ = server
-    yaml_body = ("name: lr\nbase_model: {builtin: smollm2-135m}\ntraining: {steps: 5, learning_rate: 1e-3}\n"
-                 "data: {train: ok.jsonl, input_column: input, target_column: target}\n")
+    yaml_body = (
+        "name: lr\nbase_model: {builtin: smollm2-135m}\ntraining: {steps: 5, learning_rate: 1e-3}\n"
+        "data: {train: ok.jsonl, input_column: input, target_column: target}\n"
+    )
     as_yaml = auth(ALICE) | {"Content-Type": "application/yaml"}
     r = httpx.post(url + "/v1/specs/validate", content=yaml_body, headers=as_yaml)
     assert r.status_code == 200, r.text  # YAML 1.2: 1e-3 is a number, as in a spec file
     r = httpx.post(url + "/v1/specs/validate", content=yaml_body + "name: again\n", headers=as_yaml)
     assert r.status_code == 422
     assert r.json()["problems"][0] == {"path": "name", "message": "duplicate key (lines 1 and 5)"}
-    r = httpx.post(url + "/v1/specs/validate", content=b'{"name": "a", "training": {"steps": 1, "steps": 2}}',
-                   headers=auth(ALICE) | {"Content-Type": "application/json"})
+    r = httpx.post(
+        url + "/v1/specs/validate",
+        content=b'{"name": "a", "training": {"steps": 1, "steps": 2}}',
+        headers=auth(ALICE) | {"Content-Type": "application/json"},
+    )
     assert r.status_code == 422 and r.json()["problems"] == [{"path": "training.steps", "message": "duplicate key"}]
 
 
@@ -166,11 +196,17 @@ def test_token_entries():
     from orchestrator.tenants import Caller, callers_from_env, parse_entries
 
     assert parse_entries(["alice=a1", " alice=a2 ", "YWJj=", "b64==x"]) == {
-        "a1": Caller("alice"), "a2": Caller("alice"), "YWJj=": Caller(parse_entries(["YWJj="])["YWJj="].tenant),
-        "=x": Caller("b64")}  # the text before the first '=' names a tenant when it can
+        "a1": Caller("alice"),
+        "a2": Caller("alice"),
+        "YWJj=": Caller(parse_entries(["YWJj="])["YWJj="].tenant),
+        "=x": Caller("b64"),
+    }  # the text before the first '=' names a tenant when it can
     assert parse_entries(["YWJj="])["YWJj="].tenant.startswith("token-")
-    for bad, message in ((["alice=t", "bob=t"], "already given to tenant 'alice'"),
-                         (["local=t"], "'local' is reserved"), (["a=b c"], "white space")):
+    for bad, message in (
+        (["alice=t", "bob=t"], "already given to tenant 'alice'"),
+        (["local=t"], "'local' is reserved"),
+        (["a=b c"], "white space"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_entries(bad)
     with pytest.raises(ValueError, match="one token is given to tenant 'alice' and to admin 'ops'"):

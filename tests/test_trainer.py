@@ -27,11 +27,28 @@ TASKS = {  # name: (kind, prefix length, extra settings)
 
 def task_config(tmp_path, name, steps=30, out=None, **over):
     kind, p, extra = TASKS[name]
-    data = DataSettings(train=write_task(tmp_path / f"{name}.jsonl", kind, seed=len(name)), input_column="input",
-                        target_column="target", max_length=40)
-    settings = dict(task_id=f"job-{name}", name=name, data=data, out_dir=str(out or tmp_path / "out" / name),
-                    num_virtual_tokens=p, steps=steps, examples_per_step=4, seed=7, eval_every=10,
-                    checkpoint_every=5) | extra | over
+    data = DataSettings(
+        train=write_task(tmp_path / f"{name}.jsonl", kind, seed=len(name)),
+        input_column="input",
+        target_column="target",
+        max_length=40,
+    )
+    settings = (
+        dict(
+            task_id=f"job-{name}",
+            name=name,
+            data=data,
+            out_dir=str(out or tmp_path / "out" / name),
+            num_virtual_tokens=p,
+            steps=steps,
+            examples_per_step=4,
+            seed=7,
+            eval_every=10,
+            checkpoint_every=5,
+        )
+        | extra
+        | over
+    )
     return TaskConfig(**settings)
 
 
@@ -80,8 +97,9 @@ def test_single_task_matches_plain_peft_loop(tmp_path):
 
     tok = char_tokenizer()
     data = load_task_data(cfg.data, tok)
-    model = peft.get_peft_model(tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                            num_virtual_tokens=cfg.num_virtual_tokens))
+    model = peft.get_peft_model(
+        tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    )
     encoder = model.prompt_encoder["default"]
     encoder.load_state_dict(init)
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -190,8 +208,14 @@ def test_results_on_disk_and_generation_eval(tmp_path):
     tr.add_task(task_config(tmp_path, "rev", steps=6, eval_generation=True, eval_samples=4, eval_max_new_tokens=8))
     result = run(tr)["job-rev"]
     out = Path(result.prefix_dir).parent
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "prefix/prefix_config.json",
-                 "history.jsonl", "metrics.json", "data_report.txt"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "prefix/prefix_config.json",
+        "history.jsonl",
+        "metrics.json",
+        "data_report.txt",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "checkpoints").exists()
     assert set(result.metrics) >= {"eval_loss", "eval_perplexity", "exact_match", "bleu", "rouge_l"}
@@ -208,7 +232,6 @@ def test_epoch_budget_and_checkpointing_option(tmp_path):
     assert run(tr)[cfg.task_id].steps == progress.total_steps
 
 
-
 def test_each_task_steps_after_its_last_micro_batch(tmp_path):
     """A task's optimizer steps, and its gradient is freed, as soon as its last micro-batch is done: with
     rows of one length (so each task's rows stay together) and one task per micro-batch, an update never
@@ -218,11 +241,21 @@ def test_each_task_steps_after_its_last_micro_batch(tmp_path):
     tr = trainer(micro_batch_size=4)
     for t in range(4):
         path = tmp_path / f"fixed{t}.jsonl"
-        path.write_text("".join(json.dumps({"input": f"{t}{i:03d}", "target": f"{i:03d}{t}"}) + "\n"
-                                for i in range(20)))
+        path.write_text(
+            "".join(json.dumps({"input": f"{t}{i:03d}", "target": f"{i:03d}{t}"}) + "\n" for i in range(20))
+        )
         data = DataSettings(train=str(path), input_column="input", target_column="target", max_length=40)
-        tr.add_task(TaskConfig(task_id=f"fixed{t}", name=f"fixed{t}", data=data, out_dir=str(tmp_path / f"o{t}"),
-                               steps=2, examples_per_step=4, seed=t))
+        tr.add_task(
+            TaskConfig(
+                task_id=f"fixed{t}",
+                name=f"fixed{t}",
+                data=data,
+                out_dir=str(tmp_path / f"o{t}"),
+                steps=2,
+                examples_per_step=4,
+                seed=t,
+            )
+        )
     holding = []
     update = tr._update
 

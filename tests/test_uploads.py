@@ -23,13 +23,21 @@ from tests.tiny import save_tiny_base, write_task
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB, OPS = "tok-up-alice", "tok-up-bob", "tok-up-ops"
 LIMIT = 16 << 20
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, pid, home) of an API with tenants alice and bob, admin ops, and a 16 MiB upload limit."""
     home = tmp_path_factory.mktemp("uploads")
     (home / "data").mkdir()
-    with api_server(home, {"PREFIXD_API_TOKENS": f"alice={ALICE},bob={BOB}", "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
-                           "PREFIXD_MAX_UPLOAD_BYTES": str(LIMIT)}) as (url, pid):
+    with api_server(
+        home,
+        {
+            "PREFIXD_API_TOKENS": f"alice={ALICE},bob={BOB}",
+            "PREFIXD_ADMIN_TOKENS": f"ops={OPS}",
+            "PREFIXD_MAX_UPLOAD_BYTES": str(LIMIT),
+        },
+    ) as (url, pid):
         yield url, pid, home
 
 
@@ -38,14 +46,21 @@ def rows(n: int = 3) -> bytes:
 
 
 def upload(url: str, token: str, body: bytes, name: str = "train.jsonl") -> httpx.Response:
-    return httpx.post(url + "/v1/files", params={"name": name}, content=body,
-                      headers=auth(token) | {"Content-Type": "application/octet-stream"})
+    return httpx.post(
+        url + "/v1/files",
+        params={"name": name},
+        content=body,
+        headers=auth(token) | {"Content-Type": "application/octet-stream"},
+    )
 
 
 def spec(train: str, **over) -> dict:
-    return {"name": "up", "base_model": {"builtin": "smollm2-135m"},
-            "data": {"train": train, "input_column": "input", "target_column": "target", "max_length": 40},
-            "training": {"steps": 5}} | over
+    return {
+        "name": "up",
+        "base_model": {"builtin": "smollm2-135m"},
+        "data": {"train": train, "input_column": "input", "target_column": "target", "max_length": 40},
+        "training": {"steps": 5},
+    } | over
 
 
 def test_upload_list_get_delete_and_tenants(server):
@@ -55,8 +70,12 @@ def test_upload_list_get_delete_and_tenants(server):
     assert r.status_code == 201, r.text
     meta = r.json()
     assert meta["id"].startswith("file-") and len(meta["id"]) == 37
-    assert (meta["name"], meta["size"], meta["sha256"], meta["tenant"]) == \
-        ("train.jsonl", len(body), hashlib.sha256(body).hexdigest(), "alice")
+    assert (meta["name"], meta["size"], meta["sha256"], meta["tenant"]) == (
+        "train.jsonl",
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+        "alice",
+    )
     stored = home / "files" / "alice" / meta["id"] / "data.jsonl"
     assert stored.read_bytes() == body  # under the storage URI (the home folder by default), suffix kept
     fid = meta["id"]
@@ -91,8 +110,12 @@ def test_specs_naming_unknown_or_deleted_ids_are_refused_naming_the_field(server
     assert httpx.delete(f"{url}/v1/files/{fid}", headers=auth(ALICE)).status_code == 204
     cases = [(spec(fid), "data.train"), (spec(f"file-{'a' * 32}"), "data.train"), (spec("file-xyz"), "data.train")]
     good = upload(url, ALICE, rows()).json()["id"]
-    cases.append((spec(good, data={"train": good, "validation": fid, "input_column": "input",
-                                   "target_column": "target"}), "data.validation"))
+    cases.append(
+        (
+            spec(good, data={"train": good, "validation": fid, "input_column": "input", "target_column": "target"}),
+            "data.validation",
+        )
+    )
     for body, field in cases:
         r = httpx.post(url + "/v1/jobs", json=body, headers=auth(ALICE))
         assert r.status_code == 422, r.text
@@ -109,8 +132,9 @@ def test_bad_upload_requests(server):
     for name in ("../x.csv", "a/b.csv", "x" * 300):
         r = upload(url, ALICE, b"x", name=name)
         assert r.status_code == 422 and "name" in r.text, (name, r.text)
-    multi = httpx.post(url + "/v1/files", params={"name": "a.csv"}, files={"f": ("a.csv", b"a,b\n")},
-                       headers=auth(ALICE))
+    multi = httpx.post(
+        url + "/v1/files", params={"name": "a.csv"}, files={"f": ("a.csv", b"a,b\n")}, headers=auth(ALICE)
+    )
     assert multi.status_code == 415 and "raw body" in multi.json()["detail"]
     assert upload(url, ALICE, b"x" * (LIMIT + 1)).status_code == 413  # by Content-Length
     assert httpx.get(url + "/v1/files/nope", headers=auth(ALICE)).status_code == 404
@@ -149,8 +173,16 @@ def test_server_submit_uploads_client_side_data_and_trains(tmp_path, monkeypatch
     from orchestrator.scheduler import Orchestrator
     from orchestrator.store import JobStore
 
-    for name in ("PREFIXD_HOME", "PREFIXD_STORE_URL", "PREFIXD_RAY_ADDRESS", "PREFIXD_SERVER", "PREFIXD_DATA_ROOT",
-                 "MLFLOW_TRACKING_URI", "PREFIXD_STORAGE", "PREFIXD_MAX_UPLOAD_BYTES"):
+    for name in (
+        "PREFIXD_HOME",
+        "PREFIXD_STORE_URL",
+        "PREFIXD_RAY_ADDRESS",
+        "PREFIXD_SERVER",
+        "PREFIXD_DATA_ROOT",
+        "MLFLOW_TRACKING_URI",
+        "PREFIXD_STORAGE",
+        "PREFIXD_MAX_UPLOAD_BYTES",
+    ):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "server"
     save_tiny_base(home / "data" / "tiny-llama")
@@ -158,14 +190,27 @@ def test_server_submit_uploads_client_side_data_and_trains(tmp_path, monkeypatch
     client_dir.mkdir()
     write_task(client_dir / "rev.jsonl", "reverse")
     spec_file = client_dir / "rev.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "name": "rev", "base_model": {"path": "tiny-llama"},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-        "prefix": {"num_virtual_tokens": 5}, "registry": {"register": False},
-        "training": {"steps": 6, "examples_per_step": 4, "eval_every": 3, "checkpoint_every": 3,
-                     "learning_rate": 0.02}}))
-    config = OrchestratorConfig.from_env(home=home, num_cpus=2, zero_stage=0, max_groups=1, poll_s=0.2,
-                                         heartbeat_s=0.5, stale_after_s=5)
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "rev",
+                "base_model": {"path": "tiny-llama"},
+                "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+                "prefix": {"num_virtual_tokens": 5},
+                "registry": {"register": False},
+                "training": {
+                    "steps": 6,
+                    "examples_per_step": 4,
+                    "eval_every": 3,
+                    "checkpoint_every": 3,
+                    "learning_rate": 0.02,
+                },
+            }
+        )
+    )
+    config = OrchestratorConfig.from_env(
+        home=home, num_cpus=2, zero_stage=0, max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=5
+    )
     api = start_api(config, port=0, tokens=["alice=tok-e2e"])
     monkeypatch.setenv("PREFIXD_TOKEN", "tok-e2e")
     capsys.readouterr()

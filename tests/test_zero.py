@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.tiny import save_tiny_base, write_task
 from workers.formats import load_prefix
 from workers.trainer import MultiTaskTrainer
-from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("zero_worker.py")
@@ -28,13 +28,22 @@ def setup(tmp_path_factory):
 
 def run_group(folder, work, world, mode):
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(folder), str(work), mode],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(port), str(folder), str(work), mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    return [[tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("SHARD")][0]
-            for out, _ in outs]
+    return [
+        [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("SHARD")][0]
+        for out, _ in outs
+    ]
 
 
 def prefix(path):
@@ -42,11 +51,13 @@ def prefix(path):
 
 
 def alone(folder, work, name, steps=8):
-    from tests.zero_worker import config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tr = MultiTaskTrainer(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                          micro_batch_size=3)
+    from tests.zero_worker import config
+
+    tr = MultiTaskTrainer(
+        AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), micro_batch_size=3
+    )
     tr.add_task(config(work, "alone", 1, name, steps))
     while tr.active:
         tr.step()

@@ -23,9 +23,19 @@ TASKS = {"rev": (5, 2e-2, 5), "nxt": (8, 3e-2, 5), "one": (3, 1e-2, 1)}
 def config(work, mode, world, name, steps=8):
     p, lr, examples = TASKS[name]
     data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target", max_length=40)
-    return TaskConfig(task_id=name, name=name, data=data, out_dir=str(work / f"{mode}-w{world}" / name),
-                      num_virtual_tokens=p, steps=steps, examples_per_step=examples, learning_rate=lr, eval_every=4,
-                      checkpoint_every=100, seed=3)
+    return TaskConfig(
+        task_id=name,
+        name=name,
+        data=data,
+        out_dir=str(work / f"{mode}-w{world}" / name),
+        num_virtual_tokens=p,
+        steps=steps,
+        examples_per_step=examples,
+        learning_rate=lr,
+        eval_every=4,
+        checkpoint_every=100,
+        seed=3,
+    )
 
 
 def main():
@@ -34,8 +44,9 @@ def main():
     coll = init_group(rank, world, "127.0.0.1", port)
     import torch.distributed as dist
 
-    model, tok, info = load_group_model(BaseModelRef(kind="path", location=folder),
-                                        ZeroSettings(stage=3, persistence_threshold=0), coll)
+    model, tok, info = load_group_model(
+        BaseModelRef(kind="path", location=folder), ZeroSettings(stage=3, persistence_threshold=0), coll
+    )
     print(f"SHARD {info.local_elements} {info.total_elements}", flush=True)
     trainer = MultiTaskTrainer(model, tok, micro_batch_size=3, collectives=coll, device=coll.device)
     names = list(TASKS) if mode == "together" else ["rev"]

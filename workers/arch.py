@@ -31,16 +31,16 @@ class Arch:
     """One row of the table: where to read each quantity in a transformers config."""
 
     model_type: str
-    task_type: str                      # CAUSAL_LM or SEQ_2_SEQ_LM
-    layers: str                         # config attribute: layers that receive a prefix
-    decoder_layers: str | None          # encoder-decoders: the decoder's layer count (must equal `layers`)
-    hidden: str                         # config attribute: model width
-    heads: str                          # config attribute: query heads
-    kv_heads: str | None                # config attribute: key/value heads (grouped-query attention)
-    head_dim: str | None                # config attribute: head size, when not hidden // heads
-    context: str | None                 # config attribute: longest sequence, None when unbounded (relative)
-    positions: str                      # "explicit" | "relative" | "from_cache"
-    decoder_layer_path: str             # dotted path from the *ForCausalLM / *ForConditionalGeneration module
+    task_type: str  # CAUSAL_LM or SEQ_2_SEQ_LM
+    layers: str  # config attribute: layers that receive a prefix
+    decoder_layers: str | None  # encoder-decoders: the decoder's layer count (must equal `layers`)
+    hidden: str  # config attribute: model width
+    heads: str  # config attribute: query heads
+    kv_heads: str | None  # config attribute: key/value heads (grouped-query attention)
+    head_dim: str | None  # config attribute: head size, when not hidden // heads
+    context: str | None  # config attribute: longest sequence, None when unbounded (relative)
+    positions: str  # "explicit" | "relative" | "from_cache"
+    decoder_layer_path: str  # dotted path from the *ForCausalLM / *ForConditionalGeneration module
     cache_arg_dropped_when_checkpointing: int | None = None
     """GPT-2's model forward itself passes no cache to its blocks while checkpointing in training; the
     positional index of the block argument that carries it, so prefixd can hand the prefix back."""
@@ -49,28 +49,85 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     a.model_type: a
     for a in (
-        Arch(model_type="gpt2", task_type=CAUSAL_LM, layers="n_layer", decoder_layers=None, hidden="n_embd",
-             heads="n_head", kv_heads=None, head_dim=None, context="n_positions", positions="explicit",
-             decoder_layer_path="transformer.h", cache_arg_dropped_when_checkpointing=1),
-        Arch(model_type="llama", task_type=CAUSAL_LM, layers="num_hidden_layers", decoder_layers=None,
-             hidden="hidden_size", heads="num_attention_heads", kv_heads="num_key_value_heads",
-             head_dim="head_dim", context="max_position_embeddings", positions="explicit",
-             decoder_layer_path="model.layers"),
-        Arch(model_type="mistral", task_type=CAUSAL_LM, layers="num_hidden_layers", decoder_layers=None,
-             hidden="hidden_size", heads="num_attention_heads", kv_heads="num_key_value_heads",
-             head_dim="head_dim", context="max_position_embeddings", positions="explicit",
-             decoder_layer_path="model.layers"),
-        Arch(model_type="qwen2", task_type=CAUSAL_LM, layers="num_hidden_layers", decoder_layers=None,
-             hidden="hidden_size", heads="num_attention_heads", kv_heads="num_key_value_heads",
-             head_dim="head_dim", context="max_position_embeddings", positions="explicit",
-             decoder_layer_path="model.layers"),
-        Arch(model_type="bart", task_type=SEQ_2_SEQ_LM, layers="encoder_layers", decoder_layers="decoder_layers",
-             hidden="d_model", heads="decoder_attention_heads", kv_heads=None, head_dim=None,
-             context="max_position_embeddings", positions="from_cache",
-             decoder_layer_path="model.decoder.layers"),
-        Arch(model_type="t5", task_type=SEQ_2_SEQ_LM, layers="num_layers", decoder_layers="num_decoder_layers",
-             hidden="d_model", heads="num_heads", kv_heads=None, head_dim="d_kv", context=None,
-             positions="relative", decoder_layer_path="decoder.block"),
+        Arch(
+            model_type="gpt2",
+            task_type=CAUSAL_LM,
+            layers="n_layer",
+            decoder_layers=None,
+            hidden="n_embd",
+            heads="n_head",
+            kv_heads=None,
+            head_dim=None,
+            context="n_positions",
+            positions="explicit",
+            decoder_layer_path="transformer.h",
+            cache_arg_dropped_when_checkpointing=1,
+        ),
+        Arch(
+            model_type="llama",
+            task_type=CAUSAL_LM,
+            layers="num_hidden_layers",
+            decoder_layers=None,
+            hidden="hidden_size",
+            heads="num_attention_heads",
+            kv_heads="num_key_value_heads",
+            head_dim="head_dim",
+            context="max_position_embeddings",
+            positions="explicit",
+            decoder_layer_path="model.layers",
+        ),
+        Arch(
+            model_type="mistral",
+            task_type=CAUSAL_LM,
+            layers="num_hidden_layers",
+            decoder_layers=None,
+            hidden="hidden_size",
+            heads="num_attention_heads",
+            kv_heads="num_key_value_heads",
+            head_dim="head_dim",
+            context="max_position_embeddings",
+            positions="explicit",
+            decoder_layer_path="model.layers",
+        ),
+        Arch(
+            model_type="qwen2",
+            task_type=CAUSAL_LM,
+            layers="num_hidden_layers",
+            decoder_layers=None,
+            hidden="hidden_size",
+            heads="num_attention_heads",
+            kv_heads="num_key_value_heads",
+            head_dim="head_dim",
+            context="max_position_embeddings",
+            positions="explicit",
+            decoder_layer_path="model.layers",
+        ),
+        Arch(
+            model_type="bart",
+            task_type=SEQ_2_SEQ_LM,
+            layers="encoder_layers",
+            decoder_layers="decoder_layers",
+            hidden="d_model",
+            heads="decoder_attention_heads",
+            kv_heads=None,
+            head_dim=None,
+            context="max_position_embeddings",
+            positions="from_cache",
+            decoder_layer_path="model.decoder.layers",
+        ),
+        Arch(
+            model_type="t5",
+            task_type=SEQ_2_SEQ_LM,
+            layers="num_layers",
+            decoder_layers="num_decoder_layers",
+            hidden="d_model",
+            heads="num_heads",
+            kv_heads=None,
+            head_dim="d_kv",
+            context=None,
+            positions="relative",
+            decoder_layer_path="decoder.block",
+        ),
     )
 }
 
@@ -101,9 +158,7 @@ def arch_of(model_config: Any) -> Arch:
     model_type = getattr(model_config, "model_type", None)
     arch = ARCHS.get(model_type)
     if arch is None:
-        raise UnsupportedModel(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
-        )
+        raise UnsupportedModel(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
     return arch
 
 

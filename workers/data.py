@@ -35,9 +35,10 @@ import json
 import math
 import numbers
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import datasets
 import datasets.fingerprint
@@ -199,9 +200,7 @@ class TaskData:
     report: DataReport
 
 
-def load_task_data(
-    settings: DataSettings, tokenizer: Any, *, cache_dir: str | None = None
-) -> TaskData:
+def load_task_data(settings: DataSettings, tokenizer: Any, *, cache_dir: str | None = None) -> TaskData:
     """Read, check and tokenize a task's data; hold out a validation split when no file is given.
 
     cache_dir: where `datasets` keeps its Arrow copies and the tokenized columns (reused while the file,
@@ -338,8 +337,12 @@ def _read(path: Path, fmt: str, cache_dir: str | None) -> datasets.Dataset:
             # "null" or "None" as missing and "007" as the number 7.
             features = datasets.Features({name: datasets.Value("string") for name in names})
             ds = datasets.load_dataset(
-                "csv", data_files=str(path), split="train", cache_dir=cache_dir,
-                features=features, keep_default_na=False,
+                "csv",
+                data_files=str(path),
+                split="train",
+                cache_dir=cache_dir,
+                features=features,
+                keep_default_na=False,
             )
         else:
             builder = "json" if fmt == "jsonl" else "parquet"
@@ -516,8 +519,7 @@ class _Tokenize:
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise DataError(
-            f"{self.path}: row {row}, column {column!r}: a {type(value).__name__} ({shown}); "
-            f"accepted: text or numbers"
+            f"{self.path}: row {row}, column {column!r}: a {type(value).__name__} ({shown}); accepted: text or numbers"
         )
 
 
@@ -536,8 +538,14 @@ def leading_bos(tokenizer: Any) -> list[int]:
 
 def _settings_key(settings: DataSettings) -> tuple:
     # The file paths are part of the raw dataset's fingerprint; the split does not change tokenization.
-    return (settings.input_column, settings.template, settings.target_column, settings.max_length,
-            settings.truncation, settings.is_seq2seq)
+    return (
+        settings.input_column,
+        settings.template,
+        settings.target_column,
+        settings.max_length,
+        settings.truncation,
+        settings.is_seq2seq,
+    )
 
 
 def _tokenizer_key(tokenizer: Any) -> str:

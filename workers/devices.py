@@ -146,7 +146,7 @@ class Collectives:
         offset = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
+            t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
 
     def broadcast_object(self, obj=None, src: int = 0):

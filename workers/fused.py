@@ -81,12 +81,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if t * s <= d * (2 * s + t):
         return _grouped_attention(q, k, v, mask, scaling)
     groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
-                                          scale=scaling)
+    return F.scaled_dot_product_attention(
+        q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask, scale=scaling
+    )
 
 
-def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       scaling: float) -> torch.Tensor:
+def _grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) v, each key/value head serving its group of query heads.
 
     q: [B, H, T, D]; k, v: [B, H_kv, S, D]; mask: [B or 1, 1 or H, T, S], bool (True = attend) or additive
@@ -206,11 +208,21 @@ def layer_weights(layer: torch.nn.Module) -> tuple[torch.Tensor | None, ...]:
     attn, mlp = layer.self_attn, layer.mlp
     return (
         layer.input_layernorm.weight,
-        attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
-        attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+        attn.q_proj.weight,
+        attn.q_proj.bias,
+        attn.k_proj.weight,
+        attn.k_proj.bias,
+        attn.v_proj.weight,
+        attn.v_proj.bias,
+        attn.o_proj.weight,
+        attn.o_proj.bias,
         layer.post_attention_layernorm.weight,
-        mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-        mlp.down_proj.weight, mlp.down_proj.bias,
+        mlp.gate_proj.weight,
+        mlp.gate_proj.bias,
+        mlp.up_proj.weight,
+        mlp.up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
     )
 
 
@@ -222,8 +234,10 @@ def unsupported_reason(model: torch.nn.Module, layers: list[torch.nn.Module]) ->
         return f"model_type {model_type!r}: compiled layers exist for {', '.join(FUSABLE_MODEL_TYPES)}"
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        return (f"attention implementation {implementation!r}: compiled layers accept "
-                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        return (
+            f"attention implementation {implementation!r}: compiled layers accept "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
     if getattr(config, "hidden_act", None) != "silu":
         return f"hidden_act {config.hidden_act!r}: compiled layers implement 'silu'"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
@@ -272,12 +286,15 @@ class CompiledLayers:
         config = model.config
         attn = layers[0].self_attn
         self.constants = dict(
-            eps=float(layers[0].input_layernorm.variance_epsilon), heads=int(config.num_attention_heads),
-            kv_heads=int(config.num_key_value_heads), head_dim=int(attn.head_dim), scaling=float(attn.scaling),
+            eps=float(layers[0].input_layernorm.variance_epsilon),
+            heads=int(config.num_attention_heads),
+            kv_heads=int(config.num_key_value_heads),
+            head_dim=int(attn.head_dim),
+            scaling=float(attn.scaling),
         )
         self.function = torch.compile(decoder_layer)
         self.cross_entropy = torch.compile(fused_token_cross_entropy)  # the loss of the same training forwards
-        self.calls = 0        # layer calls that ran compiled
+        self.calls = 0  # layer calls that ran compiled
         self.eager_calls = 0  # layer calls handed to the layer's own forward (see `_forward`)
         self._masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (model's mask, `additive_mask` of it)
 
@@ -302,23 +319,41 @@ class CompiledLayers:
         """The stand-in forward of `layer`: `eager` is what it replaces, `prefix` its cache layer."""
         weights = layer_weights(layer)
 
-        def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                    position_embeddings=None, **kwargs):
+        def forward(
+            hidden_states,
+            attention_mask=None,
+            position_ids=None,
+            cache=None,
+            use_cache=False,
+            position_embeddings=None,
+            **kwargs,
+        ):
             # The eager layer for the first layer, whose input (the embeddings of a frozen model) needs
             # no gradient: compiled, it would be a second graph family (dynamo specialises on
             # requires_grad), doubling the compile time for 1/L of the layers. And for anything the
             # compiled function does not model: no mask (the model decided causal attention needs none),
             # no rotary tables, or no prefix in the cache.
-            if (not hidden_states.requires_grad or not isinstance(attention_mask, torch.Tensor)
-                    or position_embeddings is None or not getattr(prefix, "is_initialized", False) or use_cache):
+            if (
+                not hidden_states.requires_grad
+                or not isinstance(attention_mask, torch.Tensor)
+                or position_embeddings is None
+                or not getattr(prefix, "is_initialized", False)
+                or use_cache
+            ):
                 self.eager_calls += 1
-                return eager(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+                return eager(
+                    hidden_states,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=use_cache,
+                    position_embeddings=position_embeddings,
+                    **kwargs,
+                )
             self.calls += 1
             cos, sin = position_embeddings
             mask = self._additive(attention_mask, hidden_states.dtype)
-            return self.function(hidden_states, mask, cos, sin, prefix.keys, prefix.values, weights,
-                                 **self.constants)
+            return self.function(hidden_states, mask, cos, sin, prefix.keys, prefix.values, weights, **self.constants)
 
         return forward
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from workers.data import leading_bos, collate_prompts_left, collate_prompts_right
+from workers.data import collate_prompts_left, collate_prompts_right, leading_bos
 from workers.inject import PrefixedModel
 
 
@@ -50,10 +50,18 @@ def generate_texts(
         prefixes = [p.to(prefixed.device) for p in prefixes]
     texts: list[str] = []
     for lo in range(0, len(ids), batch_size):
-        batch = {k: v.to(prefixed.device) for k, v in collate(ids[lo:lo + batch_size], pad).items()}
-        rows = torch.tensor(owners[lo:lo + batch_size], device=prefixed.device) if prefixes is not None else None
-        new = prefixed.generate(prefixes, rows, batch["input_ids"], batch["attention_mask"],
-                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **generate_kwargs)
+        batch = {k: v.to(prefixed.device) for k, v in collate(ids[lo : lo + batch_size], pad).items()}
+        rows = torch.tensor(owners[lo : lo + batch_size], device=prefixed.device) if prefixes is not None else None
+        new = prefixed.generate(
+            prefixes,
+            rows,
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            **generate_kwargs,
+        )
         for seq in new.tolist():
             if seq2seq and seq and seq[0] == prefixed.model.config.decoder_start_token_id:
                 seq = seq[1:]

@@ -63,10 +63,10 @@ def pack_prefixes(prefixes: Sequence[torch.Tensor], rows: torch.Tensor, *, dtype
     lengths = torch.tensor([p.shape[0] for p in prefixes], device=rows.device)
     pmax = int(lengths.max())
     padded = torch.stack([F.pad(p, (0, 0, pmax - p.shape[0], 0)) for p in prefixes])  # [J, Pmax, F]
-    flat = padded[rows].to(dtype)                                                       # [B, Pmax, F]
+    flat = padded[rows].to(dtype)  # [B, Pmax, F]
     slot = torch.arange(pmax, device=rows.device)
     row_lengths = lengths[rows]
-    mask = (slot.unsqueeze(0) >= (pmax - row_lengths).unsqueeze(1)).long()              # [B, Pmax]
+    mask = (slot.unsqueeze(0) >= (pmax - row_lengths).unsqueeze(1)).long()  # [B, Pmax]
     return PackedPrefixes(flat=flat, mask=mask, lengths=row_lengths)
 
 
@@ -112,9 +112,11 @@ class PrefixCache(Cache):
     """Read-only per-layer prefixes for one forward pass (training and scoring)."""
 
     def __init__(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, num_layers: int = 0):
-        layers = [_ReadOnlyLayer(k, v) for k, v in key_values] if key_values else [
-            _ReadOnlyLayer() for _ in range(num_layers)
-        ]
+        layers = (
+            [_ReadOnlyLayer(k, v) for k, v in key_values]
+            if key_values
+            else [_ReadOnlyLayer() for _ in range(num_layers)]
+        )
         super().__init__(layers=layers)
 
 
@@ -232,8 +234,9 @@ class PrefixedModel:
     def _restore_cache_hook(self, index: int):
         def hook(module, args):
             if len(args) > index and args[index] is None and self._active_cache is not None:
-                return args[:index] + (self._active_cache,) + args[index + 1:]
+                return args[:index] + (self._active_cache,) + args[index + 1 :]
             return None
+
         return hook
 
     def disable_checkpointing(self) -> None:
@@ -285,8 +288,9 @@ class PrefixedModel:
         finally:
             self._active_cache = None
 
-    def _forward_with_cache(self, cache, packed, input_ids, attention_mask, labels,
-                            targets_only: bool = False) -> PrefixedOutput:
+    def _forward_with_cache(
+        self, cache, packed, input_ids, attention_mask, labels, targets_only: bool = False
+    ) -> PrefixedOutput:
         if self.seq2seq:
             if labels is None:
                 raise ValueError("labels: required for an encoder-decoder forward (they define the decoder input)")
@@ -338,7 +342,10 @@ class PrefixedModel:
             remap = torch.full((len(prefixes),), -1, dtype=torch.long, device=rows.device)
             remap[used] = torch.arange(len(used), device=rows.device)
             out = self.forward(
-                [prefixes[j] for j in used], remap[rows[idx]], input_ids[idx], attention_mask[idx],
+                [prefixes[j] for j in used],
+                remap[rows[idx]],
+                input_ids[idx],
+                attention_mask[idx],
                 labels[idx] if labels is not None else None,
             )
             parts.append((idx, out))
@@ -372,7 +379,7 @@ class PrefixedModel:
         """
         if prefixes is None:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-            return out if self.seq2seq else out[:, input_ids.shape[1]:]
+            return out if self.seq2seq else out[:, input_ids.shape[1] :]
         if self.arch.positions == "from_cache" and len({p.shape[0] for p in prefixes}) > 1:
             return self._generate_by_length(prefixes, rows, input_ids, attention_mask, **generate_kwargs)
         expand = max(generate_kwargs.get("num_beams", 1), 1) * max(generate_kwargs.get("num_return_sequences", 1), 1)
@@ -392,7 +399,7 @@ class PrefixedModel:
             cache=cache,
             **generate_kwargs,
         )
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1] :]
 
     def _generate_by_length(self, prefixes, rows, input_ids, attention_mask, **generate_kwargs):
         lengths = torch.tensor([p.shape[0] for p in prefixes], device=rows.device)[rows]
@@ -406,9 +413,10 @@ class PrefixedModel:
             used = sorted(set(rows[idx].tolist()))
             remap = {j: i for i, j in enumerate(used)}
             sub_rows = torch.tensor([remap[j] for j in rows[idx].tolist()], device=rows.device)
-            out = self.generate([prefixes[j] for j in used], sub_rows, input_ids[idx], attention_mask[idx],
-                                **generate_kwargs)
+            out = self.generate(
+                [prefixes[j] for j in used], sub_rows, input_ids[idx], attention_mask[idx], **generate_kwargs
+            )
             for k, i in enumerate(idx.tolist()):
-                results[i] = out[k * expand:(k + 1) * expand]
+                results[i] = out[k * expand : (k + 1) * expand]
         width = max(t.shape[1] for t in results.values())
         return torch.cat([F.pad(results[i], (0, width - results[i].shape[1]), value=pad) for i in range(len(results))])

@@ -10,7 +10,7 @@ for exact match and ROUGE-L; BLEU pools n-gram matches over all of a row's refer
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import sacrebleu
 from rouge_score import rouge_scorer

@@ -40,7 +40,7 @@ class BaseModelRef:
     """Where a base model comes from. kind: "builtin" | "path" | "hub"."""
 
     kind: str
-    location: str            # built-in name, absolute folder path, or hub id
+    location: str  # built-in name, absolute folder path, or hub id
     revision: str | None = None
     dtype: str = "float32"
 
@@ -120,7 +120,9 @@ def _check_local_folder(folder: Path) -> None:
 def materialize_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
     """Convert a built-in model's packaged GGUF into a safetensors folder once; return the folder."""
     if name not in BUILTIN_MODELS:
-        raise ModelLoadError(f"base_model.builtin: {name!r} is not a built-in model; known: {', '.join(BUILTIN_MODELS)}")
+        raise ModelLoadError(
+            f"base_model.builtin: {name!r} is not a built-in model; known: {', '.join(BUILTIN_MODELS)}"
+        )
     info = BUILTIN_MODELS[name]
     cache = Path(cache_dir) if cache_dir else default_model_cache()
     folder = cache / name

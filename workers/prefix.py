@@ -96,7 +96,9 @@ class PrefixTuningConfig:
         return dataclasses.asdict(self)
 
 
-def configure_for_model(config: PrefixTuningConfig, model_config: Any, *, max_new_tokens: int = 0) -> PrefixTuningConfig:
+def configure_for_model(
+    config: PrefixTuningConfig, model_config: Any, *, max_new_tokens: int = 0
+) -> PrefixTuningConfig:
     """A copy of `config` with the model-dependent fields filled from `model_config`.
 
     Fields the caller already set must agree with the model; each mismatch is reported with the field,

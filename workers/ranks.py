@@ -61,8 +61,14 @@ class GroupChannel:
     @classmethod
     def join(cls, rank: int, settings: RankSettings, rendezvous: tuple[str, int], *, store=None) -> GroupChannel:
         """Join the group's process group (waits for every rank). Rank 0 passes the store it hosts."""
-        coll = init_group(rank, settings.world, *rendezvous, placement=settings.placement(), store=store,
-                          timeout=timedelta(seconds=10 * cls.KEEPALIVE_S))
+        coll = init_group(
+            rank,
+            settings.world,
+            *rendezvous,
+            placement=settings.placement(),
+            store=store,
+            timeout=timedelta(seconds=10 * cls.KEEPALIVE_S),
+        )
         coll.barrier()
         return cls(rank, settings, coll)
 
@@ -89,10 +95,16 @@ class GroupChannel:
         from workers.zero import load_group_model
 
         model, tokenizer, shard = load_group_model(ref, self.s.zero, self.coll, cache_dir=self.s.model_cache)
-        trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=self.s.micro_batch_size,
-                                   compile_layers=self.s.compile_layers, data_cache_dir=self.s.data_cache,
-                                   scratch_dir=self.s.scratch,
-                                   collectives=self.coll if self.s.world > 1 else None, device=self.coll.device)
+        trainer = MultiTaskTrainer(
+            model,
+            tokenizer,
+            micro_batch_size=self.s.micro_batch_size,
+            compile_layers=self.s.compile_layers,
+            data_cache_dir=self.s.data_cache,
+            scratch_dir=self.s.scratch,
+            collectives=self.coll if self.s.world > 1 else None,
+            device=self.coll.device,
+        )
         self.shard = shard
         return ReplicatedTrainer(trainer, self)
 
@@ -136,12 +148,19 @@ def add_everywhere(trainer, config, channel: GroupChannel):
     if channel.s.world > 1 and not channel.coll.all_true(error is None) and error is None:
         trainer.remove_task(config.task_id)
         error = RuntimeError("the task could not start on another rank of the group")
-    elif channel.s.world > 1 and error is None and not channel.coll.all_true(
+    elif (
+        channel.s.world > 1
+        and error is None
+        and not channel.coll.all_true(
             channel.coll.all_reduce(torch.tensor([progress.step, -progress.step]), op="max").tolist()
-            == [progress.step, -progress.step]):
+            == [progress.step, -progress.step]
+        )
+    ):
         trainer.remove_task(config.task_id)
-        error = RuntimeError("the ranks of the group resumed from different checkpoints (one could not read "
-                             "the newest); the next attempt reads them again")
+        error = RuntimeError(
+            "the ranks of the group resumed from different checkpoints (one could not read "
+            "the newest); the next attempt reads them again"
+        )
     if error is not None:
         raise error
     return progress

@@ -191,9 +191,11 @@ class JobStorage:
                 return {"": (info.size, _mtime(info))}
             if info.type == pafs.FileType.NotFound:
                 return {}
-            return {_relative(e.path, path): (e.size, _mtime(e))
-                    for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                    if e.type == pafs.FileType.File}
+            return {
+                _relative(e.path, path): (e.size, _mtime(e))
+                for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if e.type == pafs.FileType.File
+            }
 
         return self._call("list", name, scan)
 
@@ -203,8 +205,10 @@ class JobStorage:
         if not self.is_local:
             bucket = path.split("/", 1)[0]
             if self._call("look up the bucket of", "", lambda: fs.get_file_info(bucket).type) == pafs.FileType.NotFound:
-                raise StorageError(f"{self.setting}: {self.uri}: the bucket {bucket!r} does not exist (create it "
-                                   "first; prefixd never creates buckets)")
+                raise StorageError(
+                    f"{self.setting}: {self.uri}: the bucket {bucket!r} does not exist (create it "
+                    "first; prefixd never creates buckets)"
+                )
         probe = f".prefixd-probe-{secrets.token_hex(4)}"
         self.write_bytes(probe, b"ok")
         try:
@@ -225,8 +229,11 @@ class JobStorage:
         name = f"step-{step:09d}-{secrets.token_hex(4)}"
         files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
         self.upload(local_dir, f"{CHECKPOINTS}/{name}")
-        manifest = {"step": step, "written_at": time.time(),
-                    "files": {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in files.items()}}
+        manifest = {
+            "step": step,
+            "written_at": time.time(),
+            "files": {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in files.items()},
+        }
         self._write_manifest(f"{CHECKPOINTS}/{name}/{MANIFEST}", manifest)
         listing = self.listing(CHECKPOINTS)
         complete = _complete(listing)
@@ -281,8 +288,9 @@ class JobStorage:
         except (FileNotFoundError, StorageError):
             raise
         except OSError as e:
-            raise StorageError(describe_failure(self.setting, self.child(name).uri if name else self.uri,
-                                                what, e)) from None
+            raise StorageError(
+                describe_failure(self.setting, self.child(name).uri if name else self.uri, what, e)
+            ) from None
 
 
 def fetch(uri: str | os.PathLike, cache_dir: str | os.PathLike, setting: str = "data") -> Path:
@@ -386,7 +394,7 @@ def _fsync_tree(top: Path, stop: Path) -> None:
 
 
 def _relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/")
+    return path[len(root) :].lstrip("/")
 
 
 def _mtime(info: pafs.FileInfo) -> float:

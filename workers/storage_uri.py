@@ -17,8 +17,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pyarrow.fs as pafs
 
 S3_OPTIONS = ("region", "endpoint_override", "scheme")
-ACCEPTED = ("a local path (or file:///path; a shared filesystem too) or s3://bucket/prefix with optional "
-            "?region=...&endpoint_override=host:port&scheme=http|https")
+ACCEPTED = (
+    "a local path (or file:///path; a shared filesystem too) or s3://bucket/prefix with optional "
+    "?region=...&endpoint_override=host:port&scheme=http|https"
+)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -43,12 +45,17 @@ def describe_failure(setting: str, uri: str, what: str, error: BaseException) ->
     hint = ""
     if re.search(r"NETWORK_CONNECTION|connect to server|resolve host|Connection refused|curlCode: (6|7|28)", text):
         endpoint = endpoint_of(uri) or "the AWS default endpoint"
-        hint = (f"; cannot reach {endpoint}: check endpoint_override in the URI (or AWS_ENDPOINT_URL) and that "
-                "the server is up")
-    elif re.search(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|credential",
-                   text, re.IGNORECASE):
-        hint = ("; access refused: give credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                "AWS_PROFILE, or an instance role), never in the URI")
+        hint = (
+            f"; cannot reach {endpoint}: check endpoint_override in the URI (or AWS_ENDPOINT_URL) and that "
+            "the server is up"
+        )
+    elif re.search(
+        r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|credential", text, re.IGNORECASE
+    ):
+        hint = (
+            "; access refused: give credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE, or an instance role), never in the URI"
+        )
     elif re.search(r"NoSuchBucket|bucket does not exist", text, re.IGNORECASE):
         hint = "; the bucket does not exist (create it first)"
     return f"{setting}: cannot {what} {uri}: {text}{hint}"
@@ -75,22 +82,29 @@ def normalize(uri: str, setting: str) -> str:
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise StorageError(f"{setting}: {_safe(uri)!r}: a file:// URI names a local path (file:///path); "
-                               f"accepted: {ACCEPTED}")
+            raise StorageError(
+                f"{setting}: {_safe(uri)!r}: a file:// URI names a local path (file:///path); accepted: {ACCEPTED}"
+            )
         return str(Path(parts.path).resolve())
     if scheme != "s3":
         raise StorageError(f"{setting}: {_safe(uri)!r}: the scheme {scheme!r} is not accepted; accepted: {ACCEPTED}")
     if "@" in parts.netloc:
-        raise StorageError(f"{setting}: {_safe(uri)!r}: credentials do not belong in the URI (it is stored and "
-                           "logged); give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        raise StorageError(
+            f"{setting}: {_safe(uri)!r}: credentials do not belong in the URI (it is stored and "
+            "logged); give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc or ""):
-        raise StorageError(f"{setting}: {_safe(uri)!r}: {parts.netloc!r} is not a bucket name (3-63 of a-z 0-9 . -); "
-                           f"accepted: {ACCEPTED}")
+        raise StorageError(
+            f"{setting}: {_safe(uri)!r}: {parts.netloc!r} is not a bucket name (3-63 of a-z 0-9 . -); "
+            f"accepted: {ACCEPTED}"
+        )
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     unknown = sorted(set(options) - set(S3_OPTIONS))
     if unknown:
-        raise StorageError(f"{setting}: {_safe(uri)!r}: unknown option(s) {', '.join(unknown)}; accepted options: "
-                           f"{', '.join(S3_OPTIONS)} (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        raise StorageError(
+            f"{setting}: {_safe(uri)!r}: unknown option(s) {', '.join(unknown)}; accepted options: "
+            f"{', '.join(S3_OPTIONS)} (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        )
     if options.get("scheme", "https") not in ("http", "https"):
         raise StorageError(f"{setting}: {_safe(uri)!r}: scheme={options['scheme']!r}; accepted: http, https")
     key = "/".join(p for p in parts.path.split("/") if p)
@@ -120,8 +134,9 @@ def endpoint_of(uri: str) -> str | None:
     if not uri.startswith("s3://"):
         return None
     options = dict(parse_qsl(urlsplit(uri).query))
-    return options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")
+    return (
+        options.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
 
 
 def filesystem(uri: str, setting: str) -> tuple[pafs.FileSystem, str]:
@@ -152,8 +167,12 @@ def _s3(region: str | None, endpoint: str | None, scheme: str | None) -> pafs.S3
         scheme = scheme or given
     return pafs.S3FileSystem(
         region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        endpoint_override=endpoint or None, scheme=scheme or "https", connect_timeout=5, request_timeout=60,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+        endpoint_override=endpoint or None,
+        scheme=scheme or "https",
+        connect_timeout=5,
+        request_timeout=60,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    )
 
 
 def _credentials_problem() -> str | None:
@@ -163,12 +182,23 @@ def _credentials_problem() -> str | None:
         return None
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         return None
-    if any(os.environ.get(v) for v in ("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                                       "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
+    if any(
+        os.environ.get(v)
+        for v in (
+            "AWS_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        )
+    ):
         return None
-    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
-             os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"]
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+        os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config",
+    ]
     if any(Path(f).expanduser().is_file() for f in files):
         return None
-    return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or "
-            "AWS_WEB_IDENTITY_TOKEN_FILE); the instance-role lookup is off (AWS_EC2_METADATA_DISABLED=true)")
+    return (
+        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or "
+        "AWS_WEB_IDENTITY_TOKEN_FILE); the instance-role lookup is off (AWS_EC2_METADATA_DISABLED=true)"
+    )

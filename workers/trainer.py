@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from workers import allocator
-from workers.devices import Collectives
 from workers.data import (
     DataSettings,
     ExampleStream,
@@ -47,6 +46,7 @@ from workers.data import (
     collate_seq2seq,
     load_task_data,
 )
+from workers.devices import Collectives
 from workers.formats import load_prefix, load_tree, save_peft_adapter, save_prefix, save_tree
 from workers.generate import generate_texts
 from workers.inject import PrefixedModel
@@ -279,10 +279,21 @@ class MultiTaskTrainer:
             total = config.steps
         else:
             total = max(1, math.ceil(config.epochs * len(data.train) / config.examples_per_step))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.warmup_steps, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(config.schedule, config.warmup_steps, total)
+        )
         generator = torch.Generator().manual_seed(config.seed)
-        task = _Task(config, prefix_config, encoder, optimizer, scheduler, data,
-                     ExampleStream(len(data.train), seed=config.seed), total, generator)
+        task = _Task(
+            config,
+            prefix_config,
+            encoder,
+            optimizer,
+            scheduler,
+            data,
+            ExampleStream(len(data.train), seed=config.seed),
+            total,
+            generator,
+        )
         self._restore(task)
         self.tasks[config.task_id] = task
         return self._progress(task, loss=float("nan"), tokens=0, seconds=0.0)
@@ -309,7 +320,7 @@ class MultiTaskTrainer:
             self._drop(failed)
             return StepReport(0.0, 0, 0, {}, [], peak_memory_bytes(), {}, failed)
         rows, owners = [], []
-        for j, (task, task_rows) in enumerate(tasks):
+        for j, (_, task_rows) in enumerate(tasks):
             rows.extend(task_rows)
             owners.extend([j] * len(task_rows))
         tasks = [task for task, _ in tasks]
@@ -337,8 +348,14 @@ class MultiTaskTrainer:
             local = torch.full((len(tasks),), -1, dtype=torch.long, device=self.device)
             local[used] = torch.arange(len(used), device=self.device)
             prefixes = [tasks[j].encoder.prompt_embeddings() for j in used]
-            out = self.prefixed.forward(prefixes, local[row_tasks], batch["input_ids"], batch["attention_mask"],
-                                        batch["labels"], logits="targets")
+            out = self.prefixed.forward(
+                prefixes,
+                local[row_tasks],
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                logits="targets",
+            )
             per_row = out.row_loss_sums()
             objective = 0.0
             for j in used:
@@ -371,10 +388,16 @@ class MultiTaskTrainer:
             task.step += 1
             loss = loss_sums[j].item() / max(target_tokens[j].item(), 1.0)
             share = seconds * (real_tokens[j].item() / max(total_tokens, 1))
-            record = {"step": task.step, "loss": loss, "learning_rate": lr, "tokens": int(real_tokens[j]),
-                      "tokens_per_s": total_tokens / seconds if seconds else 0.0,
-                      "task_tokens_per_s": real_tokens[j].item() / share if share else 0.0,
-                      "epoch": task.stream.epochs_completed, "time": time.time()}
+            record = {
+                "step": task.step,
+                "loss": loss,
+                "learning_rate": lr,
+                "tokens": int(real_tokens[j]),
+                "tokens_per_s": total_tokens / seconds if seconds else 0.0,
+                "task_tokens_per_s": real_tokens[j].item() / share if share else 0.0,
+                "epoch": task.stream.epochs_completed,
+                "time": time.time(),
+            }
             done = task.step >= task.total_steps
             evaluation = None
             if done or task.step % task.config.eval_every == 0:
@@ -389,8 +412,7 @@ class MultiTaskTrainer:
                 except OSError as e:  # e.g. a full disk: training goes on, the next checkpoint retries
                     warnings[task.config.task_id] = f"checkpoint at step {task.step} not written: {e}"
             progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
-        return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes(), warnings,
-                          failed)
+        return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes(), warnings, failed)
 
     def _readable_rows(self, failed: dict[str, str]) -> list[tuple[_Task, list]]:
         """Each task's next rows (every rank draws the same: same streams). A task whose rows cannot be read
@@ -438,8 +460,9 @@ class MultiTaskTrainer:
         task.optimizer.zero_grad(set_to_none=True)
         return None
 
-    def _micro_batch_groups(self, order: list[int], size: int | None = None,
-                            lengths: list[int] | None = None) -> list[list[int]]:
+    def _micro_batch_groups(
+        self, order: list[int], size: int | None = None, lengths: list[int] | None = None
+    ) -> list[list[int]]:
         """`order` cut into micro-batches of at most `size` rows per rank (all ranks' rows together).
 
         With `lengths` (rows sorted by length), a micro-batch is also cut where the next row would make
@@ -452,8 +475,10 @@ class MultiTaskTrainer:
         groups: list[list[int]] = []
         real = 0
         for k, i in enumerate(order):
-            if groups and len(groups[-1]) < size and not (
-                lengths and lengths[k] * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (real + lengths[k])
+            if (
+                groups
+                and len(groups[-1]) < size
+                and not (lengths and lengths[k] * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (real + lengths[k]))
             ):
                 groups[-1].append(i)
                 real += lengths[k] if lengths else 0
@@ -465,7 +490,7 @@ class MultiTaskTrainer:
     def _share(self, group: list[int]) -> tuple[list[int], float]:
         """This rank's share of a micro-batch, with weight 1; (a row, weight 0) when the share is empty:
         the zero-weight row keeps the rank in lockstep without changing any gradient or count."""
-        share = group[self.rank::self.world]
+        share = group[self.rank :: self.world]
         return (share, 1.0) if share else ([group[0]], 0.0)
 
     # ------------------------------------------------------------------ evaluation
@@ -480,8 +505,9 @@ class MultiTaskTrainer:
         for idx, weight in map(self._share, self._micro_batch_groups(list(range(len(val))), batch_size)):
             batch = {k: v.to(self.device) for k, v in collate(val[idx], self.pad_id).items()}
             rows = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=self.device)
-            out = self.prefixed.forward(prefix, rows, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                        logits="targets")
+            out = self.prefixed.forward(
+                prefix, rows, batch["input_ids"], batch["attention_mask"], batch["labels"], logits="targets"
+            )
             loss_sum += weight * out.token_loss.sum().item()
             count += int(weight * out.target_mask.sum())
         totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
@@ -506,9 +532,14 @@ class MultiTaskTrainer:
             refs.extend(sample["target_text"])
             owners.extend([j] * n)
         max_new = max(self.tasks[t].config.eval_max_new_tokens for t in task_ids)
-        texts = generate_texts(self.prefixed, self.tokenizer,
-                               [self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
-                               owners, prompts, max_new_tokens=max_new)
+        texts = generate_texts(
+            self.prefixed,
+            self.tokenizer,
+            [self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
+            owners,
+            prompts,
+            max_new_tokens=max_new,
+        )
         out = {}
         for j, tid in enumerate(task_ids):
             preds = [t for t, o in zip(texts, owners) if o == j]
@@ -525,13 +556,26 @@ class MultiTaskTrainer:
         with temporary_dir(self.scratch_dir, f"checkpoint-{task.config.task_id}-") as tmp:
             tmp = Path(tmp)
             save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
-            save_tree(tmp / "optimizer", {"optimizer": task.optimizer.state_dict(),
-                                          "scheduler": task.scheduler.state_dict(),
-                                          "generator": task.generator.get_state()})
-            (tmp / "state.json").write_text(json.dumps({
-                "step": task.step, "stream": task.stream.state_dict(), "history": task.history,
-                "total_steps": task.total_steps, "task_id": task.config.task_id,
-            }), encoding="utf-8")
+            save_tree(
+                tmp / "optimizer",
+                {
+                    "optimizer": task.optimizer.state_dict(),
+                    "scheduler": task.scheduler.state_dict(),
+                    "generator": task.generator.get_state(),
+                },
+            )
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {
+                        "step": task.step,
+                        "stream": task.stream.state_dict(),
+                        "history": task.history,
+                        "total_steps": task.total_steps,
+                        "task_id": task.config.task_id,
+                    }
+                ),
+                encoding="utf-8",
+            )
             JobStorage.open(task.config.out_dir).save_checkpoint(tmp, task.step)
 
     def _restore(self, task: _Task) -> None:
@@ -545,8 +589,12 @@ class MultiTaskTrainer:
             try:
                 state, encoder, tree = self._read_checkpoint(storage, name)
             except (OSError, ValueError, KeyError, TypeError) as error:  # StorageError, CheckpointError too
-                log.warning("task %s: checkpoint %s cannot be used (%s); trying the one before it",
-                            task.config.task_id, name, error)
+                log.warning(
+                    "task %s: checkpoint %s cannot be used (%s); trying the one before it",
+                    task.config.task_id,
+                    name,
+                    error,
+                )
             else:
                 task.encoder.load_state_dict(encoder.state_dict())
                 task.optimizer.load_state_dict(tree["optimizer"])
@@ -573,9 +621,13 @@ class MultiTaskTrainer:
         del self.tasks[task.config.task_id]
         out = JobStorage.open(task.config.out_dir)
         result = TaskResult(
-            task_id=task.config.task_id, name=task.config.name, steps=task.step,
-            adapter_dir=out.child("adapter").uri, prefix_dir=out.child("prefix").uri,
-            metrics=dict(task.last_eval), history_file=out.child("history.jsonl").uri,
+            task_id=task.config.task_id,
+            name=task.config.name,
+            steps=task.step,
+            adapter_dir=out.child("adapter").uri,
+            prefix_dir=out.child("prefix").uri,
+            metrics=dict(task.last_eval),
+            history_file=out.child("history.jsonl").uri,
         )
         if self.rank == 0:
             with temporary_dir(self.scratch_dir, f"result-{task.config.task_id}-") as tmp:
@@ -595,8 +647,17 @@ class MultiTaskTrainer:
     def _progress(self, task: _Task, loss: float, tokens: int, seconds: float, evaluation=None) -> TaskProgress:
         rate = tokens / seconds if seconds else 0.0
         examples = task.config.examples_per_step / seconds if seconds else 0.0
-        return TaskProgress(task.config.task_id, task.step, task.total_steps, loss,
-                            task.optimizer.param_groups[0]["lr"], tokens, rate, examples, evaluation)
+        return TaskProgress(
+            task.config.task_id,
+            task.step,
+            task.total_steps,
+            loss,
+            task.optimizer.param_groups[0]["lr"],
+            tokens,
+            rate,
+            examples,
+            evaluation,
+        )
 
     def prefix_of(self, task_id: str) -> torch.Tensor:
         """The task's current encoded prefix, [P, 2L*H*D] fp32 (detached)."""

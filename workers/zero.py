@@ -72,13 +72,20 @@ def host_rendezvous(addr: str, world: int, timeout: timedelta | None = None):
     chosen, released and bound again, so no other process can take it in between).
 
     Returns (store, port); keep the store alive until the group ends and give the port to the others."""
-    store = dist.TCPStore(addr, 0, world, is_master=True, wait_for_workers=False,
-                          timeout=timeout or DEFAULT_TIMEOUT)
+    store = dist.TCPStore(addr, 0, world, is_master=True, wait_for_workers=False, timeout=timeout or DEFAULT_TIMEOUT)
     return store, store.port
 
 
-def init_group(rank: int, world: int, addr: str, port: int, *, placement: Placement | None = None,
-               store=None, timeout: timedelta | None = None) -> Collectives:
+def init_group(
+    rank: int,
+    world: int,
+    addr: str,
+    port: int,
+    *,
+    placement: Placement | None = None,
+    store=None,
+    timeout: timedelta | None = None,
+) -> Collectives:
     """Join (or create) the worker group's process group; returns its `Collectives`.
 
     Each rank is its own process with its own device (`placement`, default `Placement.detect()`: the GPU
@@ -89,8 +96,7 @@ def init_group(rank: int, world: int, addr: str, port: int, *, placement: Placem
     placement = placement or Placement.detect()
     placement.apply()
     timeout = timeout or DEFAULT_TIMEOUT
-    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
     if not dist.is_initialized():
         if store is None:  # rank 0 hosts at the given port unless it brings the store of host_rendezvous
             store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
@@ -114,8 +120,14 @@ def deepspeed_config(settings: ZeroSettings, dtype: str, device: torch.device) -
     }
 
 
-def load_group_model(ref: BaseModelRef, settings: ZeroSettings, coll: Collectives, *, cache_dir=None,
-                     trust_remote_code: bool | None = None):
+def load_group_model(
+    ref: BaseModelRef,
+    settings: ZeroSettings,
+    coll: Collectives,
+    *,
+    cache_dir=None,
+    trust_remote_code: bool | None = None,
+):
     """Load the frozen base on this rank, on `coll.device`; partitioned when stage 3. Returns (model,
     tokenizer, ShardInfo).
 
