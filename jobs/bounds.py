@@ -50,6 +50,25 @@ class SpecBounds:
         rule = numeric_fields().get(path)
         return None if rule is None else rule.maximum
 
+    def exceeded(self, stored: Mapping[str, Any]) -> list[str]:
+        """What a stored spec (`JobSpec.to_dict()` output, trusted and not re-validated) carries over the
+        bounds in force, each as "field: value over the bound B". A job queued under looser bounds, or
+        written to the store by other means, is refused by this before it can reach a worker's columns.
+
+        SpecBounds({"training.steps": 100}).exceeded({"training": {"steps": 500}})
+        -> ["training.steps: 500 is over the bound 100"]
+        """
+        problems = []
+        for path in numeric_fields():
+            value: Any = stored
+            for key in path.split("."):
+                value = value.get(key) if isinstance(value, Mapping) else None
+            bound = self.maximum(path)
+            if isinstance(value, int | float) and not isinstance(value, bool) and bound is not None:
+                if not value <= bound:  # NaN is over every bound too
+                    problems.append(f"{path}: {value!r} is over the bound {bound:g}")
+        return problems
+
     def table(self) -> dict[str, float | None]:
         """Every numeric field with the bound in force, e.g. for documentation or `prefixd schema`."""
         return {path: self.maximum(path) for path in numeric_fields()}

@@ -34,7 +34,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class GroupSettings:
     """How long a store call that fails for the database's sake is retried before the group gives up."""
     cpus_per_rank: float | None = None
     """CPUs each rank reserved: its torch threads on a CPU host."""
+    spec_bounds: dict[str, float] = field(default_factory=dict)
+    """The operator's bounds on spec numbers (jobs/bounds.py); a claimed job over them fails alone."""
 
     def ranks(self):
         """What every rank needs (`workers.ranks.RankSettings`); each rank's device is decided there."""
@@ -257,6 +259,7 @@ class WorkerGroup:
     def _admit(self, job) -> None:
         """Start training a claimed job, or record a result an earlier attempt left, or release it."""
         # Imported here, in the actor: they pull in torch and transformers, which the scheduler never needs.
+        from jobs.bounds import SpecBounds
         from jobs.spec import JobSpec
         from orchestrator.plan import base_model_ref, task_config
 
@@ -271,6 +274,12 @@ class WorkerGroup:
                 job.id, f"the result of an earlier attempt is complete in {job_dir}; recorded without training again"
             )
             self._finish(job.id, "succeeded", result_dir=job_dir)
+            return
+        over = SpecBounds(self.s.spec_bounds).exceeded(job.spec)
+        if over:  # queued under looser bounds, or written to the store by other means: its own fault, for good
+            error = "its spec is over the bounds in force: " + "; ".join(over)
+            self.store.log(job.id, f"worker group {self.s.owner}: {error}", "error")
+            self._finish(job.id, "failed", error=error)
             return
         try:
             spec = JobSpec.from_dict(job.spec)

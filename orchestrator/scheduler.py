@@ -378,6 +378,7 @@ class Orchestrator:
                 zero_persistence_threshold=cfg.zero_persistence_threshold,
                 compile_layers=cfg.compile_layers,
                 cpus_per_rank=r.bundles[0]["CPU"],
+                spec_bounds=dict(cfg.spec_bounds),
             )
             actor, run_ref, followers = start_group(settings, r.placement_group, bundles=r.bundles)
             self.groups[owner] = _Group(

@@ -566,6 +566,61 @@ def test_broken_data_fails_after_its_attempts_without_holding_up_others(served):
     assert done.state == "succeeded" and done.attempts == 1
 
 
+def test_poisoned_jobs_fail_alone_next_to_a_healthy_one(served, tmp_path):
+    """Two poisoned jobs share the group with a healthy one: a job stored with more steps than the bounds
+    allow (queued under looser bounds), and one whose loss is NaN from its first step (its job folder holds a
+    checkpoint whose prefix is NaN). Each fails with its reason; the healthy job is charged no attempt and
+    ends with the prefix it gets trained alone."""
+    from orchestrator.store import Quota
+
+    good = served.submit("healthy", "reverse", steps=30, checkpoint_every=10, eval_every=10)
+    served.wait_step(good, 1)
+    spec = served.store.get(good).spec
+    over = served.store.submit(
+        spec | {"name": "over", "training": spec["training"] | {"steps": 10**12}}, task="over", base_key=spec_key(spec)
+    )
+    # The NaN job is held back by its tenant's running-jobs quota until its poisoned checkpoint is in place.
+    served.store.set_quotas({"poison": Quota(max_running=1)})
+    try:
+        holder = served.store.submit(
+            spec | {"name": "holder", "training": spec["training"] | {"steps": 100_000}},
+            task="holder",
+            base_key=spec_key(spec),
+            tenant="poison",
+        )
+        served.wait_step(holder, 1)
+        nan = served.store.submit(spec | {"name": "nan"}, task="nan", base_key=spec_key(spec), tenant="poison")
+        folder = served.config.jobs_dir / nan
+        model, tokenizer = load_base_model(base_model_ref(JobSpec.from_dict(spec)))
+        writer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(tmp_path / "cache"))
+        writer.add_task(task_config(JobSpec.from_dict(spec | {"name": "nan"}), nan, folder))
+        with torch.no_grad():
+            for p in writer.tasks[nan].encoder.parameters():
+                p.fill_(float("nan"))
+        writer.checkpoint(nan)
+        assert served.store.get(nan).state == "queued"
+        served.store.request_cancel(holder)
+        served.wait_state(holder, {"cancelled"})
+    finally:
+        served.store.set_quotas({})
+
+    failed_over = served.wait_state(over, {"failed", "succeeded"})
+    assert failed_over.state == "failed" and failed_over.attempts <= 1, failed_over
+    assert "training.steps: 1000000000000 is over the bound" in failed_over.error
+    failed_nan = served.wait_state(nan, {"failed", "succeeded"})
+    assert failed_nan.state == "failed" and failed_nan.attempts == 1, failed_nan
+    assert "not finite" in failed_nan.error
+    done = served.wait_state(good, {"succeeded", "failed"})
+    assert (done.state, done.attempts) == ("succeeded", 1), done.error
+    diff = (prefix_of(Path(done.result_dir) / "prefix") - prefix_trained_alone(done, tmp_path)).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def spec_key(spec: dict) -> str:
+    """The store's base key of a stored spec, as `prefixd submit` computes it."""
+    return JobSpec.from_dict(spec).base_model.base_key
+
+
 def test_killed_worker_comes_back_and_resumes_to_the_same_result(served, tmp_path):
     victim = served.submit("kill-a", "next", steps=60, checkpoint_every=5, eval_every=20)
     other = served.submit("kill-b", "reverse", steps=60, checkpoint_every=5, eval_every=20)

@@ -153,6 +153,15 @@ def test_operator_bounds(task, tmp_path):
             SpecBounds(bad)
 
 
+def test_a_stored_spec_over_the_bounds_in_force_is_named(task):
+    """What a worker checks before training a queued job: its stored spec against the bounds in force now."""
+    stored = parse_spec(spec(steps=30), base_dir=task).to_dict()
+    assert SpecBounds().exceeded(stored) == []
+    assert SpecBounds({"training.steps": 20}).exceeded(stored) == ["training.steps: 30 is over the bound 20"]
+    stored["training"]["learning_rate"] = float("nan")
+    assert SpecBounds().exceeded(stored) == ["training.learning_rate: nan is over the bound 1"]
+
+
 def test_reserved_tags_are_refused_naming_the_field(task):
     with pytest.raises(SpecError) as e:
         parse_spec(
