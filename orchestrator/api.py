@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from orchestrator.config import OrchestratorConfig
 
 DATA_ROOT_ENV = "PREFIXD_DATA_ROOT"
+TENANT_DATA_DIRS_ENV = "PREFIXD_TENANT_DATA_DIRS"
 MAX_UPLOAD_ENV = "PREFIXD_MAX_UPLOAD_BYTES"
 registry: Any = None  # orchestrator.registry, imported by create_app when a tracking URI is configured
 
@@ -91,6 +92,8 @@ class ApiSettings:
     """Accepted bearer tokens -> the tenant (and role) each acts as; empty refuses every /v1 request."""
     data_root: Path
     """Folder that relative data paths in submitted specs are read from; specs cannot leave it."""
+    tenant_data_dirs: bool = False
+    """True: a tenant's specs read from <data_root>/<tenant>/ only (admins: all of data_root)."""
     tracking_uri: str | None = None
     """MLflow tracking URI for /v1/models; None: those routes answer 503."""
     max_body_bytes: int = MAX_SPEC_BYTES
@@ -291,14 +294,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
         """A spec's `file-...` id -> the caller's upload's storage path/URI; None when it has none."""
         return files.resolve(caller.tenant, file_id) if files is not None and is_file_id(file_id) else None
 
+    def data_root_of(caller: Caller) -> Path:
+        """Where the caller's spec paths are read: its own folder of the data root when tenants have one."""
+        if settings.tenant_data_dirs and not caller.admin:
+            return data_root / caller.tenant  # a missing folder refuses every path, as an empty one does
+        return data_root
+
     def check_spec(raw: bytes, content_type: str, caller: Caller) -> Any:
         """Parse and validate (in a worker thread: it may read files); raises _SpecRefused."""
         try:
             obj = parse_document(raw, "request body", fmt="json" if "json" in content_type else "yaml")
+            root = data_root_of(caller)
             spec = parse_spec(
                 obj,
-                base_dir=data_root,
-                data_root=data_root,
+                base_dir=root,
+                data_root=root,
                 source="request body",
                 bounds=settings.bounds,
                 files=lambda file_id: resolve_file(file_id, caller),
@@ -493,7 +503,7 @@ def start_api(
     tokens / admin_tokens: 'name=token' or bare-token entries (orchestrator/tenants.py); when neither is
     given, the environment's ($PREFIXD_API_TOKENS, $PREFIXD_ADMIN_TOKENS and their _FILE forms). No token at
     all raises ApiStartError (the API never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT,
-    else <config.home>/data (created). Uploads are kept under config.storage (else the home folder), at most
+    else <config.home>/data (created); with $PREFIXD_TENANT_DATA_DIRS=1 each tenant reads <data_root>/<tenant>/. Uploads are kept under config.storage (else the home folder), at most
     max_upload_bytes each (default $PREFIXD_MAX_UPLOAD_BYTES, else 1 GiB). Bounds and quotas come from config.spec_bounds and
     config.tenant_quotas. port 0 picks a free port (see .url). A host that is not a loopback address prints
     a warning on stderr: the API is then reachable from other machines over plain HTTP.
@@ -521,6 +531,7 @@ def start_api(
         store_url=config.store_url,
         callers=callers,
         data_root=root,
+        tenant_data_dirs=os.environ.get(TENANT_DATA_DIRS_ENV, "").strip().lower() in ("1", "true", "yes"),
         tracking_uri=config.tracking_uri,
         max_attempts=config.max_attempts,
         bounds=bounds,

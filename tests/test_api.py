@@ -357,3 +357,31 @@ def test_submit_over_http_train_and_look_up(tmp_path, monkeypatch, capsys):
             assert remote == capsys.readouterr().out, argv
     finally:
         api.stop()
+
+
+def test_tenants_may_each_read_only_their_own_data_folder(tmp_path, monkeypatch):
+    """PREFIXD_TENANT_DATA_DIRS=1: a tenant's spec paths are read under <data_root>/<tenant>/ only; a sibling's
+    file, the shared root and a missing file get one answer; an admin reads the whole root."""
+    monkeypatch.setenv("PREFIXD_TENANT_DATA_DIRS", "1")
+    data = tmp_path / "data"
+    for folder in ("alice", "bob"):
+        (data / folder).mkdir(parents=True)
+        write_task(data / folder / "rev.jsonl", "reverse")
+    write_task(data / "shared.jsonl", "reverse")
+    config = OrchestratorConfig.from_env(home=tmp_path, store_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    api = start_api(config, port=0, tokens=["alice=tok-a", "bob=tok-b"], admin_tokens=["ops=tok-o"])
+    try:
+
+        def validate(token: str, train: str) -> httpx.Response:
+            body = spec(data={"train": train, "input_column": "input", "target_column": "target", "max_length": 40})
+            headers = {"Authorization": f"Bearer {token}"}
+            return httpx.post(api.url + "/v1/specs/validate", json=body, headers=headers, timeout=120)
+
+        assert validate("tok-a", "rev.jsonl").status_code == 200
+        refusals = {validate("tok-a", p).text for p in ("../bob/rev.jsonl", "../shared.jsonl", "missing.jsonl")}
+        assert len(refusals) == 1 and validate("tok-a", "../bob/rev.jsonl").status_code == 422
+        assert "bob" not in refusals.pop()
+        assert validate("tok-o", "bob/rev.jsonl").status_code == 200
+        assert validate("tok-o", "shared.jsonl").status_code == 200
+    finally:
+        api.stop()
