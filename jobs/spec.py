@@ -127,6 +127,7 @@ from jobs.fields import (  # noqa: F401 - the spec's public names live here too
 from jobs.problems import Problem, SpecError  # noqa: F401
 from jobs.reader import MAX_SPEC_BYTES, MAX_YAML_NODES, parse_document, read_spec_file  # noqa: F401
 from jobs.spec_schema import spec_json_schema  # noqa: F401
+from jobs.sweep import expand_sweep
 from jobs.validate import check_document
 
 
@@ -161,6 +162,33 @@ def parse_spec(
     """
     values = check_document(obj, base_dir=base_dir, source=source, data_root=data_root, bounds=bounds, files=files)
     return _build(JobSpec, values)
+
+
+def parse_specs(
+    obj: Any, *, base_dir: Path, source: str = "<spec>", **options: Any
+) -> list[tuple[str | None, JobSpec]]:
+    """`parse_spec` for a document that may carry a `sweep:` section (jobs/sweep.py): [(label, JobSpec)] per
+    variant, [(None, spec)] without one. Every variant is validated; a problem of a swept value is named at
+    its place in the sweep (`sweep.parameters.training.learning_rate: ...`), the others once.
+
+        parse_specs(yaml_document, base_dir=folder)   # 6 (label, JobSpec) pairs for a 3 x 2 grid
+    """
+    variants = expand_sweep(obj, source)
+    if variants[0][0] is None:
+        return [(None, parse_spec(obj, base_dir=base_dir, source=source, **options))]
+    swept = set(obj["sweep"]["parameters"])
+    out, problems = [], []
+    for label, document in variants:
+        try:
+            out.append((label, parse_spec(document, base_dir=base_dir, source=source, **options)))
+        except SpecError as e:
+            for p in e.problems:
+                problem = Problem(f"sweep.parameters.{p.path}", p.message) if p.path in swept else p
+                if problem not in problems:
+                    problems.append(problem)
+    if problems:
+        raise SpecError(source, problems)
+    return out
 
 
 if __name__ == "__main__":
