@@ -280,3 +280,14 @@ def test_gpu_check_arguments(tmp_path):
     empty.mkdir()
     proc = run_gpu_check(tmp_path, GPU_CHECK_SMOKE="0", GPU_CHECK_WHEELS=str(empty))  # only --smoke runs without
     assert proc.returncode == 1 and f"no wheels in {empty}/; run 'bash benchmarks/fetch_gpu_wheels.sh'" in proc.stdout
+
+
+def test_sweep_quick(tmp_path):
+    """Four variants jointly and one at a time: the same final metrics, so the same best variant."""
+    out_file = tmp_path / "sweep.json"
+    out = run_script("sweep.py", "--quick", "--json", str(out_file))
+    report = json.loads(out_file.read_text())
+    assert len(report["variants"]) == 4 and report["metric"] == "eval_loss"
+    assert report["largest_metric_difference"] < 1e-5, out
+    assert report["best"]["joint"] == report["best"]["sequential"]
+    assert re.search(r"^4 variants of rev \(eval_loss, minimize\): \(a\) [\d.]+ s, \(b\) [\d.]+ s, b/a", out, re.M), out
