@@ -75,6 +75,17 @@ def load_base_model(ref: BaseModelRef, *, cache_dir: str | Path | None = None, t
     """Load (model, tokenizer), the model in eval mode with every parameter frozen.
 
     trust_remote_code: None follows the operator's setting (`remote_code_allowed()`)."""
+    return _load(ref, cache_dir, trust_remote_code, weights=True)
+
+
+def load_config_and_tokenizer(
+    ref: BaseModelRef, *, cache_dir: str | Path | None = None, trust_remote_code: bool | None = None
+):
+    """(transformers config, tokenizer) of a base model, without reading its weights (e.g. for estimates)."""
+    return _load(ref, cache_dir, trust_remote_code, weights=False)
+
+
+def _load(ref: BaseModelRef, cache_dir, trust_remote_code: bool | None, *, weights: bool):
     if trust_remote_code is None:
         trust_remote_code = remote_code_allowed()
     if ref.dtype not in DTYPES:
@@ -85,18 +96,22 @@ def load_base_model(ref: BaseModelRef, *, cache_dir: str | Path | None = None, t
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         arch = arch_of(config)
-        cls = AutoModelForSeq2SeqLM if arch.task_type == SEQ_2_SEQ_LM else AutoModelForCausalLM
-        model = cls.from_pretrained(source, dtype=DTYPES[ref.dtype], use_safetensors=True, **kwargs)
+        model = config
+        if weights:
+            cls = AutoModelForSeq2SeqLM if arch.task_type == SEQ_2_SEQ_LM else AutoModelForCausalLM
+            model = cls.from_pretrained(source, dtype=DTYPES[ref.dtype], use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"base model {source!r}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not weights:
+        return config, tokenizer
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
