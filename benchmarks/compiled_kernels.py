@@ -1,4 +1,4 @@
-"""The two compiled-kernel choices of workers/fused.py, each against what it replaced (issue 3).
+"""The two compiled-kernel choices of workers/fused.py, each against what it replaced.
 
     python benchmarks/compiled_kernels.py           # SmolLM2 shapes, 200 rounds: ~20 s on 1 core
     python benchmarks/compiled_kernels.py --quick   # small shapes, 5 rounds: the smoke test

@@ -1,4 +1,4 @@
-"""E2E table-to-text quality: prefixd's prefix-tuning against PEFT's on the same data and budget (issue 8).
+"""E2E table-to-text quality: prefixd's prefix-tuning against PEFT's on the same data and budget.
 
     python benchmarks/e2e_quality.py                 # 2 seeds, SmolLM2-135M: about 30 min on 2 shared cores
     python benchmarks/e2e_quality.py --quick         # smoke run: 2 steps, 4 inputs, 1 seed (< 3 min)
@@ -23,8 +23,8 @@ and once (no training, seed-independent): (c) zero-shot and (d) 3-shot base Smol
 spells on a shared machine hit all three alike; each step is timed on wall and process-CPU clocks.
 
 Decoding: greedy, `--max-new-tokens` (40), cut at the first newline or eos, through
-workers/generate.py for every method. PEFT 0.21's own generate() drops the prefix with transformers 5.x
-(see shared/STACK.md), so (b)'s trained prefix is exported with `get_peft_model_state_dict` (PEFT's
+workers/generate.py for every method. PEFT 0.21's own generate() drops the prefix with transformers 5.x,
+so (b)'s trained prefix is exported with `get_peft_model_state_dict` (PEFT's
 `prompt_embeddings`) and decoded by the same code as (a); the run checks that PEFT's forward loss and
 prefixd's forward loss with that exported tensor agree on a validation batch.
 

@@ -1,4 +1,4 @@
-"""Where (a)'s matmul share goes (issue 3): fp32 product rates by rows, and one profiled training step.
+"""Where a multi-task step's time goes (multitask.py's (a)): fp32 product rates by rows, and one profiled step.
 
     python benchmarks/matmul_rows.py                 # product rates at 256 / 512 / 1024 rows: ~2 min on 1 core
     python benchmarks/matmul_rows.py --profile-step  # also torch.profiler around one 16-task step: ~3 min more

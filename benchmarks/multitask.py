@@ -1,4 +1,4 @@
-"""N tasks trained jointly by prefixd against the same N tasks trained with PEFT (issue 3).
+"""N tasks trained jointly by prefixd against the same N tasks trained with PEFT.
 
     python benchmarks/multitask.py                        # N = 1, 4, 16, 64: ~20 min on 1 core
     python benchmarks/multitask.py --tasks 1,4,16 --steps 3
@@ -41,7 +41,7 @@ read after its first full step, before PEFT is imported, so it is (a) alone in a
 Achieved FLOP/s of (a) = 4 x all parameters (134.5M; the tied embedding counted once, as the LM head it
 is a real matmul) x tokens per step / step time: forward 2 x params x tokens, backward 2 x params x tokens
 for activation gradients only (the frozen weights get no weight gradients). Attention-score FLOPs (~1% at
-64 tokens) are not counted. This is the issue's nominal count; (a) runs the LM head (vocab x width, 28.3M)
+64 tokens) are not counted. This is the nominal count the target uses; (a) runs the LM head (vocab x width, 28.3M)
 only at the target half of each row, so it executes fewer FLOPs than that: the "executed" column counts those.
 """
 

@@ -1,4 +1,4 @@
-"""What a prefix costs in one forward+backward, and what mixing prefixes in a batch costs (issue 2).
+"""What a prefix costs in one forward+backward, and what mixing prefixes in a batch costs.
 
     python benchmarks/prefix_overhead.py                  # SmolLM2-shaped, batch 8 x 128: ~5 min of CPU
     python benchmarks/prefix_overhead.py --quick          # batch 2 x 64, 2 rounds: < 60 s
