@@ -5,7 +5,7 @@
     python benchmarks/e2e_quality.py --json benchmarks/results/e2e_quality.json \
         --history-dir benchmarks/results/histories   # then: python benchmarks/plots.py
 
-Data: `../shared/data/e2e/` beside the repository (see its README): train.txt (4,672 pairs, 547 inputs)
+Data: the E2E challenge files in `--data DIR` (default $PREFIXD_E2E_DATA, else benchmarks/data/e2e): train.txt (4,672 pairs, 547 inputs)
 becomes JSON lines {"table", "text"}, prompt `Table: {table}\\nText:`, target " " + reference. The
 evaluation inputs are a fixed sample of test.txt's unique inputs (`--eval-inputs`, sampled with a fixed
 seed, the same for every method and seed), each scored against all its references.
@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -52,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, set_threads  # noqa: E402  (also puts the repository root on sys.path)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+DATA_DIR = Path(os.environ.get("PREFIXD_E2E_DATA", Path(__file__).resolve().parent / "data" / "e2e"))
 TEMPLATE = "Table: {table}\nText:"
 PREFIX_LEN = 10
 PROJECTION_HIDDEN = 512
@@ -648,8 +649,8 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [n for n in ("train.txt", "test.txt") if not (data_dir / n).is_file()]
     if missing:
         raise SystemExit(
-            f"e2e_quality: {data_dir} lacks {', '.join(missing)}: the E2E data is expected beside the "
-            "repository at ../shared/data/e2e/ (see its README), or pass --data DIR"
+            f"e2e_quality: {data_dir} lacks {', '.join(missing)}: put the E2E challenge data there, or name "
+            "its folder with --data DIR or $PREFIXD_E2E_DATA"
         )
 
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Upper bounds on every number a job spec carries, so no spec can overflow a column or another job's budget.
 
 Each int and float field of the spec has a default bound (`maximum` in the field table, jobs/fields.py;
-listed in jobs/spec.py's reference). An operator changes them with a YAML or JSON file of
+listed in jobs/examples/reference.yaml). An operator changes them with a YAML or JSON file of
 `field: highest accepted value` (`PREFIXD_SPEC_BOUNDS=/etc/prefixd/bounds.yaml`, or `spec_bounds` in
 OrchestratorConfig):
 

@@ -4,7 +4,7 @@
     numeric_fields()                     # {"training.steps": its _Rule, ...}: every int and float field
 
 `jobs.validate` checks a document against these rules and `jobs.spec_schema` turns them into JSON Schema;
-the reference with every field is `jobs/spec.py`'s docstring. Every int and float field has a `maximum`
+the reference with every field is `jobs/examples/reference.yaml`. Every int and float field has a `maximum`
 (the default bound; `jobs.bounds.SpecBounds` lets an operator lower it, or raise it up to `ceiling`).
 """
 
