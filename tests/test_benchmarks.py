@@ -291,3 +291,15 @@ def test_sweep_quick(tmp_path):
     assert report["largest_metric_difference"] < 1e-5, out
     assert report["best"]["joint"] == report["best"]["sequential"]
     assert re.search(r"^4 variants of rev \(eval_loss, minimize\): \(a\) [\d.]+ s, \(b\) [\d.]+ s, b/a", out, re.M), out
+
+
+def test_estimate_quick(tmp_path):
+    """The estimate's tokens are exact against a real run; time and memory errors are reported, not judged."""
+    out_file = tmp_path / "estimate.json"
+    out = run_script("estimate.py", "--quick", "--json", str(out_file))
+    report = json.loads(out_file.read_text())
+    first, second = report["specs"]
+    assert first["relative_error"]["tokens"] == 0 == second["relative_error"]["tokens"], out
+    assert "not measured" in first["estimate"]["throughput_source"]
+    assert second["estimate"]["throughput_source"] == "measured: the run of rev"
+    assert re.search(r"^rev\s+\d+ / \d+\s+[\d.]+ / [\d.]+\s+[+-]\d+%", out, re.M), out
