@@ -1,4 +1,4 @@
-"""prefixd's HTTP API: submit, list, status, cancel, logs, lookup, models, behind bearer tokens, per tenant.
+"""prefixd's HTTP API: submit, list, status, cancel, logs, events, lookup, models; bearer tokens, per tenant.
 
     PREFIXD_API_TOKENS="alice=tok-a,bob=tok-b" PREFIXD_ADMIN_TOKENS="ops=tok-o" \
         prefixd serve --api [--host 127.0.0.1] [--port 8000] [--data-root DIR]
@@ -12,13 +12,16 @@
 - Every /v1 route needs `Authorization: Bearer <token>`: none -> 401, a wrong one -> 403. A token names a
   tenant (orchestrator/tenants.py: `name=token` pairs, a bare token is a tenant of its own; tokens come
   from the environment or token files, never from code). /healthz and /openapi.json are open.
-- Tenants. Each job records the tenant that submitted it. list, status, cancel and logs see only the
-  caller's own jobs: another tenant's job answers 404 exactly as a job that does not exist. Admin tokens
+- Tenants. Each job records the tenant that submitted it. list, status, cancel, logs and events see only
+  the caller's own jobs: another tenant's job answers 404 exactly as a job that does not exist. Admin tokens
   (PREFIXD_ADMIN_TOKENS) see and control every job. The registry routes (/v1/models) read the shared
   registry; writing to it happens only through a tenant's own jobs (orchestrator/registry.py: a registered
   model belongs to the tenant that created it). A spec naming another tenant's model is refused (422).
 - Quotas (the operator's, `tenant_quotas` / PREFIXD_QUOTAS): a submission past the tenant's max_queued or
-  max_priority gets 429 with the limit named; max_running holds its further jobs in the queue.
+  max_priority gets 429 with the limit named; max_running holds its further jobs in the queue (their
+  `waiting` says so).
+- Events: GET /v1/jobs/{id}/events?after=ID&limit=N -> {"data": [...], "has_more": bool}, each event
+  {id, created_at, level, message, type: message|metrics, data}; /logs is the message events' older view.
 - Specs are read by the same hardened reader as spec files (jobs/reader.py: YAML 1.2, duplicate keys,
   tags, aliases, depth, size) and validated as `prefixd submit` validates them, within the operator's
   bounds (jobs/bounds.py); a bad spec gets 422 with every problem and its field path, and nothing is
@@ -63,7 +66,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs.bounds import SpecBounds
 from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
 from orchestrator.files import MAX_UPLOAD_BYTES, FileStore, files_router, is_file_id
-from orchestrator.store import STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
+from orchestrator.store import MAX_EVENTS, STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
 from orchestrator.tenants import (
     ADMIN_TOKENS_ENV,
     LOCAL_TENANT,
@@ -178,6 +181,23 @@ class LogLine(BaseModel):
     time: float
     level: str
     message: str
+
+
+class EventOut(BaseModel):
+    """One job event (orchestrator.store.JobEvent), as fine-tuning APIs list them."""
+
+    id: int
+    created_at: float
+    level: str
+    message: str
+    type: str
+    """'message' (a transition or a worker's log line) or 'metrics' (a progress update, numbers in `data`)."""
+    data: dict | None = None
+
+
+class EventsOut(BaseModel):
+    data: list[EventOut]
+    has_more: bool
 
 
 class Error(BaseModel):
@@ -400,6 +420,18 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def logs(job_id: str, caller: Caller = Depends(authorize)) -> list[LogLine]:
         visible_job(job_id, caller)
         return [LogLine(time=t, level=level, message=m) for t, level, m in store.logs(job_id)]
+
+    @app.get("/v1/jobs/{job_id}/events", response_model=EventsOut, responses=errors | {404: {"model": Error}})
+    def events(
+        job_id: str,
+        caller: Caller = Depends(authorize),
+        after: int | None = Query(None, ge=0, le=2**63 - 1, description="only events with a larger id"),
+        limit: int = Query(100, ge=1, le=MAX_EVENTS),
+    ) -> EventsOut:
+        """The job's events, oldest first: `after` the last id a reader saw gives exactly the new ones."""
+        visible_job(job_id, caller)
+        page, more = store.events(job_id, after=after, limit=limit)
+        return EventsOut(data=[EventOut(**e.to_dict()) for e in page], has_more=more)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)], responses=errors | {503: {"model": Error}})
     def models(

@@ -6,7 +6,7 @@
     prefixd serve [--api]                        keep scheduling jobs as they are submitted (and serve HTTP)
     prefixd status [JOB] [--json]                the queue, or one job
     prefixd cancel JOB                           a queued job at once, a running one at its next step
-    prefixd logs JOB                             a job's log (state changes, resumes, evaluations, errors)
+    prefixd logs JOB [-f]                        a job's events (state changes, metrics, errors); -f follows
     prefixd schema                               the job spec's JSON Schema
     prefixd lookup | models | generate           the trained-prefix registry (orchestrator/registry.py)
 
@@ -50,6 +50,7 @@ from jobs.spec import Problem, SpecError, load_spec, parse_document, spec_json_s
 from jobs.validate import FILE_ID_PATTERN
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig, read_group_shapes
+from orchestrator.logs import print_events
 from orchestrator.registry_text import parse_tag_filters, print_models, print_version
 from orchestrator.store import FINAL_STATES, STATES, InvalidTransition, Job, JobStore, NewJob, UnknownJob
 from orchestrator.tenants import LOCAL_TENANT
@@ -485,18 +486,16 @@ def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     client = api_client(args)
-    lines = client.logs(args.job) if client else _with_store(args, lambda store: store.logs(args.job))
-    if args.json:
-        _print_json([{"time": t, "level": level, "message": m} for t, level, m in lines])
-    else:
-        for t, level, message in lines:
-            print(f"{_clock(t)}  {level:<7}  {message}")
-    return 0
+    opts = dict(follow=args.follow, as_json=args.json)
+    if client:
+        return print_events(client.events, client.status, args.job, **opts)
+    return _with_store(args, lambda store: print_events(store.events, store.get, args.job, **opts))
 
 
 def add_logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", metavar="JOB", help="the job id")
-    p.add_argument("--json", action="store_true", help="print the log as JSON")
+    p.add_argument("--json", action="store_true", help="print the events as JSON (with -f: one a line)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until the job ends")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

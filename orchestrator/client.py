@@ -13,7 +13,7 @@ Paths in a submitted spec are read by the server, relative to ITS data root (`pr
 on this machine. Data files on this machine are uploaded first (`upload`; `prefixd --server URL submit`
 does it for the files a spec names); base-model folders must already be on the server.
 
-The token names a tenant on the server: list, status, cancel and logs see that tenant's jobs only (an
+The token names a tenant on the server: list, status, cancel, logs and events see that tenant's jobs only (an
 admin token's: everyone's), and another tenant's job answers 404 as a missing one does.
 
 Every refusal raises ApiError with the HTTP status (None when the server cannot be reached) and the
@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import httpx
 
-from orchestrator.store import Job
+from orchestrator.store import Job, JobEvent
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 
@@ -86,6 +86,13 @@ class ApiClient:
         return [
             (e["time"], e["level"], e["message"]) for e in self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")
         ]
+
+    def events(self, job_id: str, *, after: int | None = None, limit: int = 100) -> tuple[list[JobEvent], bool]:
+        """(the job's events with an id above `after`, oldest first, at most `limit`; whether more follow),
+        as JobStore.events."""
+        params = {"limit": limit} | ({} if after is None else {"after": after})
+        page = self._call("GET", f"/v1/jobs/{quote(job_id, safe='')}/events", params=params)
+        return [JobEvent(**e) for e in page["data"]], page["has_more"]
 
     # ---- uploads ----------------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class GroupSettings:
     heartbeat_s: float
     poll_s: float
     world: int = 1
-    """Ranks in the group: this actor is rank 0; ranks 1.. are `GroupFollower` actors."""
+    """Ranks in the group: this actor is rank 0; ranks 1.. are `workers.ranks.GroupFollower` actors."""
     zero_stage: int = 3
     zero_offload: bool = False
     zero_persistence_threshold: int | None = None
@@ -190,9 +190,9 @@ class WorkerGroup:
         """Host the rendezvous, start the followers' loops (ranks 1.., in order), then train until stopped;
         returns a summary. Raises (after releasing every held job) on a failure of the group itself, such as
         a step that raises."""
-        from workers.ranks import GroupChannel
+        from workers.ranks import GroupChannel, quiet_datasets
 
-        _quiet_datasets()
+        quiet_datasets()
         rendezvous = self.rendezvous()
         for rank, follower in enumerate(followers, start=1):
             follower.run.remote(self.s, rank, rendezvous)
@@ -366,6 +366,7 @@ class WorkerGroup:
                 loss=_finite(progress.loss),
                 tokens_per_s=_finite(progress.tokens_per_s),
                 examples_per_s=_finite(progress.examples_per_s),
+                eval=progress.eval,
             )
         except (InvalidTransition, UnknownJob) as e:
             self._forget(job_id, f"no longer this group's job ({e}); stopped training it")
@@ -494,30 +495,24 @@ class PatientStore:
 # ---- the group's actors on Ray --------------------------------------------------------------------------
 
 
-class GroupFollower:
-    """Ranks 1.. of a group as a Ray actor: `workers.ranks.follow` until rank 0 says stop."""
+@ray.remote
+class _RemoteFollower:
+    """Ray's shell around `workers.ranks.GroupFollower` (ranks 1..): torch is imported in the actor's process
+    only, never in the scheduler's."""
+
+    def __init__(self):
+        from workers.ranks import GroupFollower
+
+        self._body = GroupFollower()
 
     def pid(self) -> int:
-        return os.getpid()
+        return self._body.pid()
 
     def run(self, settings: GroupSettings, rank: int, rendezvous: tuple[str, int]) -> dict[str, Any]:
-        from workers.ranks import follow
-
-        _quiet_datasets()
-        return follow(settings.ranks(), rank, rendezvous)
-
-
-def _quiet_datasets() -> None:
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()  # tokenizing bars would flood the driver's terminal
-    except ImportError:
-        pass
+        return self._body.run(settings, rank, rendezvous)
 
 
 _RemoteWorkerGroup = ray.remote(WorkerGroup)
-_RemoteFollower = ray.remote(GroupFollower)
 
 
 def start_group(

@@ -14,6 +14,7 @@ call it, and so does the GPU check, on a machine without Ray.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -187,3 +188,29 @@ def follow(settings: RankSettings, rank: int, rendezvous: tuple[str, int]) -> di
             trainer.step()
             steps += 1
     return dict(rank=rank, steps=steps)
+
+
+class GroupFollower:
+    """Ranks 1.. of a group, each the body of one Ray actor (orchestrator/group.py): `follow` until rank 0
+    says stop. `settings.ranks()` is called here, on the follower's own node, so its caches and scratch are
+    that node's (orchestrator.group.GroupSettings.local_dirs).
+
+        GroupFollower().run(settings, rank=1, rendezvous=(addr, port))   # returns {'rank': 1, 'steps': n}
+    """
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, settings, rank: int, rendezvous: tuple[str, int]) -> dict[str, Any]:
+        quiet_datasets()
+        return follow(settings.ranks(), rank, rendezvous)
+
+
+def quiet_datasets() -> None:
+    """Turn off `datasets`' progress bars: tokenizing bars from every rank would flood the driver's terminal."""
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
