@@ -16,10 +16,11 @@ SPEC = {"task": "sum"}
 
 
 def make_old_store(url: str) -> None:
-    """The schema as the first release created it (no tenant column, no quotas or leases), with one job."""
+    """The schema as the first release created it (no tenant column, no quotas or leases, events without
+    type and data), with one job."""
     old = MetaData()
     jobs = Table("prefixd_jobs", old, *[c._copy() for c in jobs_table.columns if c.name != "tenant"])
-    Table("prefixd_job_events", old, *[c._copy() for c in events_table.columns])
+    Table("prefixd_job_events", old, *[c._copy() for c in events_table.columns if c.name not in ("type", "data")])
     engine = create_engine(url)
     old.create_all(engine)
     with engine.begin() as c:

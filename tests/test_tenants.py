@@ -63,10 +63,12 @@ def test_every_job_route_is_scoped_to_its_tenant_both_ways(server):
         listed = httpx.get(url + "/v1/jobs", headers=auth(token)).json()
         assert [j["id"] for j in listed] == [job_id]
         assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth(token)).json()["tenant"] == listed[0]["tenant"]
+        own = httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=auth(token)).json()
+        assert not own["has_more"] and [e["message"].split(":")[0] for e in own["data"]] == ["submitted"]
         for other, foreign in mine.items():
             if other == token:
                 continue
-            for method, path in (("get", ""), ("post", "/cancel"), ("get", "/logs")):
+            for method, path in (("get", ""), ("post", "/cancel"), ("get", "/logs"), ("get", "/events")):
                 r = httpx.request(method, f"{url}/v1/jobs/{foreign}{path}", headers=auth(token))
                 unknown = httpx.request(method, f"{url}/v1/jobs/j-nope{path}", headers=auth(token))
                 assert r.status_code == unknown.status_code == 404, (method, path)
@@ -82,6 +84,8 @@ def test_the_admin_sees_and_controls_all(server):
     assert listed[job_id] == "alice" and {"alice", "bob"} <= set(listed.values())
     assert any(t.startswith("token-") for t in listed.values())  # the bare token's tenant
     assert httpx.get(f"{url}/v1/jobs/{job_id}/logs", headers=auth(OPS)).status_code == 200
+    [submitted] = httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=auth(OPS)).json()["data"]
+    assert submitted["message"].startswith("submitted: task for-admin")
     assert httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers=auth(OPS)).json()["state"] == "cancelled"
     assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth(ALICE)).json()["state"] == "cancelled"
 

@@ -59,7 +59,7 @@ def room_filter(room: dict[str, int | None], default: int | None):
 
 def held_reasons(c: Connection, dialect: str) -> dict[str, str]:
     """{tenant ('' for none): why its queued jobs wait} for each tenant at its max_running quota, e.g.
-    "waiting: tenant 'alice' runs 2 of 2 allowed jobs (max_running)"."""
+    "waiting for a running slot: tenant 'alice' runs 2 of 2 allowed jobs (max_running)"."""
     counts = running_counts(c, dialect, lock=False)
     if counts is None:
         return {}
@@ -71,7 +71,8 @@ def held_reasons(c: Connection, dialect: str) -> dict[str, str]:
         cap = caps.get(tenant, default)
         if cap is not None and running.get(tenant, 0) >= cap:
             who = f"tenant {tenant!r} runs" if tenant else "jobs without a tenant run"
-            reasons[tenant] = f"waiting: {who} {running.get(tenant, 0)} of {cap} allowed jobs (max_running)"
+            n = running.get(tenant, 0)
+            reasons[tenant] = f"waiting for a running slot: {who} {n} of {cap} allowed jobs (max_running)"
     return reasons
 
 
