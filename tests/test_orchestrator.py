@@ -246,6 +246,10 @@ def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
             log = events(store, job_id)
             assert any("started at step 0 of 10" in m for m in log)
             assert sum("succeeded" in m for m in log) == 1
+            metrics, _ = store.events(job_id, types=("metrics",))  # at the start, each step; evaluations at 5, 10
+            assert [e.data["step"] for e in metrics] == list(range(0, 11))
+            assert [e.data["step"] for e in metrics if "eval_loss" in e.data.get("eval", {})] == [5, 10]
+            assert metrics[-1].data["loss"] == job.loss and metrics[-1].data["tokens_per_s"] == job.tokens_per_s
     assert (home / "logs" / "orchestrator.log").is_file()
 
 
