@@ -35,8 +35,8 @@ def print_events(
     poll_s: float | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """Print the job's events, oldest first; with `follow`, keep printing new ones (read `after` the last
-    id seen, every `poll_s`, default POLL_S) until the job is in a final state and every event it had then is printed.
+    """Print the job's events, oldest first. With `follow`, keep printing new ones (read `after` the last id
+    seen, every `poll_s`, default POLL_S) until the job is in a final state and all its events are printed.
     Text: one `time  level  message` line each. JSON: the whole list, indented; with `follow`, one object a
     line as they come. Returns the exit code, 0. UnknownJob (or the client's ApiError) passes through."""
     out = out or sys.stdout
