@@ -9,7 +9,7 @@ import threading
 import pytest
 from sqlalchemy import MetaData, Table, create_engine
 
-from orchestrator.store import JobStore, NewJob, Quota, QuotaExceeded, events_table, jobs_table
+from orchestrator.store import JobStore, NewJob, Quota, QuotaExceeded, UnknownJob, events_table, jobs_table
 from tests.test_store import Clock, url  # noqa: F401 - url is a fixture
 
 SPEC = {"task": "sum"}
@@ -54,6 +54,26 @@ def test_an_old_store_gains_the_tenant_column(url):
         assert [j.id for j in again.list()] == ["j-old", new]
         [claimed] = store.claim("o")  # the old job, first come
         assert claimed.id == "j-old"
+        assert (claimed.sweep_id, claimed.sweep_variant, claimed.run_id) == (None, None, None)
+
+
+def test_sweep_variants_and_runs_are_kept_with_their_jobs(url):
+    with JobStore(url) as store:
+        variants = [
+            NewJob(spec=SPEC, task="t", base_key="b", sweep_id="sweep-1", sweep_variant=f"training.seed={i}")
+            for i in range(3)
+        ]
+        ids = store.submit_many(variants)
+        alone = store.submit(SPEC, task="t", base_key="b")
+        assert [j.id for j in store.list(sweep="sweep-1")] == ids
+        assert [j.sweep_variant for j in store.list(sweep="sweep-1")] == [f"training.seed={i}" for i in range(3)]
+        assert store.get(alone).sweep_id is None
+        store.set_run_id(ids[0], "run-abc")
+        assert store.get(ids[0]).run_id == "run-abc"
+        with pytest.raises(UnknownJob):
+            store.set_run_id("j-none", "run-x")
+        with pytest.raises(ValueError, match="sweep_id: expected a string of 1 to 64 characters"):
+            store.submit_many([NewJob(spec=SPEC, task="t", base_key="b", sweep_id="x" * 65)])
 
 
 def test_quotas_at_submit_and_claim(url):

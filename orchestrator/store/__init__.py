@@ -183,10 +183,16 @@ class JobStore:
         return to_job(row, held.get(row.tenant or ""))
 
     def list(
-        self, state: str | None = None, task: str | None = None, limit: int | None = None, *, tenant: str | None = None
+        self,
+        state: str | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        *,
+        tenant: str | None = None,
+        sweep: str | None = None,
     ) -> list[Job]:
-        """Jobs in submission order, optionally only one state, task and/or tenant; `limit` keeps the newest
-        that many."""
+        """Jobs in submission order, optionally only one state, task, tenant and/or sweep id; `limit` keeps
+        the newest that many."""
         if state is not None and state not in STATES:
             raise ValueError(f"state: {state!r} is not one of {', '.join(STATES)}")
         q = JOB_SELECT
@@ -196,6 +202,8 @@ class JobStore:
             q = q.where(_J.state == state)
         if task is not None:
             q = q.where(_J.task == task)
+        if sweep is not None:
+            q = q.where(_J.sweep_id == sweep)
         q = q.order_by(_J.seq.desc())
         if limit is not None:
             q = q.limit(limit)
@@ -380,6 +388,12 @@ class JobStore:
             c.execute(leases_table.delete().where(_L.name == name, _L.holder == holder))
 
     # ---- what queued work waits for ------------------------------------------------------------------
+
+    def set_run_id(self, job_id: str, run_id: str) -> None:
+        """Record the job's MLflow run (the worker opens it when the job starts training)."""
+        with self._tx(write=True) as c:
+            if c.execute(jobs_table.update().where(_J.id == job_id).values(run_id=run_id)).rowcount == 0:
+                raise UnknownJob(job_id)
 
     def set_waiting(self, base_key: str, reason: str | None) -> None:
         """Record what the queued jobs of `base_key` wait for (shown by `get`/`list` as Job.waiting);

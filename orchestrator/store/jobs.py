@@ -99,6 +99,12 @@ class Job:
     tenant: str | None = None
     """Who submitted it (the API's tenant; 'local' for `prefixd submit` on the store's machine). None: a
     job from before tenants, seen only by admins."""
+    sweep_id: str | None = None
+    """The sweep this job is a variant of ('sweep-<hex>', jobs/sweep.py); None for a job on its own."""
+    sweep_variant: str | None = None
+    """Its variant's values, e.g. 'training.learning_rate=0.01 prefix.num_virtual_tokens=20'."""
+    run_id: str | None = None
+    """Its MLflow run, opened when it started training; None before (or when MLflow was not reachable)."""
 
 
 JOB_FIELDS = tuple(f.name for f in fields(Job))
@@ -114,6 +120,8 @@ class NewJob:
     priority: int = 0
     max_attempts: int = 3
     tenant: str | None = None
+    sweep_id: str | None = None
+    sweep_variant: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +177,8 @@ def new_row(item: NewJob | Mapping[str, Any], now: float) -> tuple[dict, list[st
         problems.append(f"max_attempts: expected an int >= 1 and <= {INT_MAX}, got {item.max_attempts!r}")
     if item.tenant is not None and (not isinstance(item.tenant, str) or not 0 < len(item.tenant) <= 128):
         problems.append(f"tenant: expected a string of 1 to 128 characters or None, got {item.tenant!r}")
+    if item.sweep_id is not None and (not isinstance(item.sweep_id, str) or not 0 < len(item.sweep_id) <= 64):
+        problems.append(f"sweep_id: expected a string of 1 to 64 characters or None, got {item.sweep_id!r}")
     spec_json = None
     if not isinstance(item.spec, dict):
         problems.append(f"spec: expected a dict, got {type(item.spec).__name__}")
@@ -192,6 +202,8 @@ def new_row(item: NewJob | Mapping[str, Any], now: float) -> tuple[dict, list[st
         registered=False,
         registration_attempts=0,
         tenant=item.tenant,
+        sweep_id=item.sweep_id,
+        sweep_variant=item.sweep_variant,
     )
     return row, problems
 

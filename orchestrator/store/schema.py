@@ -1,7 +1,8 @@
 """The job store's tables, how an engine is opened on sqlite or PostgreSQL, and the migrations of older stores.
 
 Table names carry a prefix because the database may be shared (MLflow's tracking store has its own tables).
-Columns added after stores existed (prefixd_jobs.tenant, prefixd_job_events.type and .data) are added to an
+Columns added after stores existed (prefixd_jobs.tenant, .sweep_id, .sweep_variant and .run_id;
+prefixd_job_events.type and .data) are added to an
 older store by `create_schema` with explicit, idempotent ALTER TABLE statements (sqlite and PostgreSQL), old
 rows keeping NULL or the column's default; new tables are created by `create_all`.
 
@@ -77,11 +78,15 @@ jobs_table = Table(
     Column("registration_attempts", Integer, nullable=False),
     Column("registration_error", Text),
     Column("next_registration_at", Double),
-    # Added after the first release: `create_schema` adds it to older stores (see `_migrate`).
+    # Added after the first release: `create_schema` adds them to older stores (see `_migrate`).
     Column("tenant", String(128)),
+    Column("sweep_id", String(64)),  # the sweep the job is a variant of (jobs/sweep.py), and which one
+    Column("sweep_variant", Text),
+    Column("run_id", String(64)),  # the job's MLflow run, opened when it starts training
     CheckConstraint("state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="prefixd_jobs_state"),
     Index("prefixd_jobs_claim", "state", "base_key", "priority", "seq"),
     Index("prefixd_jobs_tenant", "tenant", "state"),
+    Index("prefixd_jobs_sweep", "sweep_id"),
 )
 
 # A job's events: the store's transitions, the workers' log lines (type 'message') and progress updates
@@ -160,9 +165,17 @@ def _migrate(c: Connection) -> None:
     """Columns added after stores were created: an explicit, idempotent ALTER TABLE on sqlite and
     PostgreSQL alike (create_all only creates missing tables). Old rows get NULL or the column's default."""
     have = {col["name"] for col in inspect(c).get_columns("prefixd_jobs")}
-    if "tenant" not in have:
-        c.execute(text("ALTER TABLE prefixd_jobs ADD COLUMN tenant VARCHAR(128)"))
+    added = (
+        ("tenant", "VARCHAR(128)"),
+        ("sweep_id", "VARCHAR(64)"),
+        ("sweep_variant", "TEXT"),
+        ("run_id", "VARCHAR(64)"),
+    )
+    for name, sql_type in added:
+        if name not in have:
+            c.execute(text(f"ALTER TABLE prefixd_jobs ADD COLUMN {name} {sql_type}"))
     c.execute(text("CREATE INDEX IF NOT EXISTS prefixd_jobs_tenant ON prefixd_jobs (tenant, state)"))
+    c.execute(text("CREATE INDEX IF NOT EXISTS prefixd_jobs_sweep ON prefixd_jobs (sweep_id)"))
     have = {col["name"] for col in inspect(c).get_columns("prefixd_job_events")}
     if "type" not in have:
         c.execute(text("ALTER TABLE prefixd_job_events ADD COLUMN type VARCHAR(16) NOT NULL DEFAULT 'message'"))
