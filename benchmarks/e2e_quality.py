@@ -192,7 +192,9 @@ def write_cotenant(name: str, folder: Path, rows: int, seed: int = 0) -> tuple[P
 
 
 def e2e_config(seed: int, steps: int, files: dict[str, Path], out_dir: Path):
+    from jobs.fields import TrainingSpec
     from workers.data import DataSettings
+    from workers.prefix import PrefixTuningConfig
     from workers.trainer import TaskConfig
 
     never = 10**9  # evaluation and checkpoints only at the end of the budget
@@ -207,24 +209,28 @@ def e2e_config(seed: int, steps: int, files: dict[str, Path], out_dir: Path):
             target_column="text",
             max_length=MAX_LENGTH,
         ),
-        num_virtual_tokens=PREFIX_LEN,
-        projection=True,
-        projection_hidden_size=PROJECTION_HIDDEN,
-        learning_rate=LEARNING_RATE,
-        schedule="linear",
-        warmup_steps=min(WARMUP_STEPS, steps - 1),
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        examples_per_step=EXAMPLES_PER_STEP,
-        steps=steps,
-        seed=seed,
-        eval_every=never,
-        checkpoint_every=never,
+        prefix=PrefixTuningConfig(
+            num_virtual_tokens=PREFIX_LEN, prefix_projection=True, encoder_hidden_size=PROJECTION_HIDDEN
+        ),
+        training=TrainingSpec(
+            learning_rate=LEARNING_RATE,
+            schedule="linear",
+            warmup_steps=min(WARMUP_STEPS, steps - 1),
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            examples_per_step=EXAMPLES_PER_STEP,
+            steps=steps,
+            seed=seed,
+            eval_every=never,
+            checkpoint_every=never,
+        ),
     )
 
 
 def cotenant_config(name: str, seed: int, steps: int, paths: tuple[Path, Path], out_dir: Path):
+    from jobs.fields import TrainingSpec
     from workers.data import DataSettings
+    from workers.prefix import PrefixTuningConfig
     from workers.trainer import TaskConfig
 
     template, prefix_len, _ = COTENANTS[name]
@@ -236,17 +242,19 @@ def cotenant_config(name: str, seed: int, steps: int, paths: tuple[Path, Path], 
         data=DataSettings(
             train=str(paths[0]), validation=str(paths[1]), template=template, target_column="target", max_length=64
         ),
-        num_virtual_tokens=prefix_len,
-        projection=True,
-        projection_hidden_size=PROJECTION_HIDDEN,
-        learning_rate=LEARNING_RATE,
-        schedule="linear",
-        warmup_steps=min(WARMUP_STEPS, steps - 1),
-        examples_per_step=2,
-        steps=steps,
-        seed=seed + 100,
-        eval_every=never,
-        checkpoint_every=never,
+        prefix=PrefixTuningConfig(
+            num_virtual_tokens=prefix_len, prefix_projection=True, encoder_hidden_size=PROJECTION_HIDDEN
+        ),
+        training=TrainingSpec(
+            learning_rate=LEARNING_RATE,
+            schedule="linear",
+            warmup_steps=min(WARMUP_STEPS, steps - 1),
+            examples_per_step=2,
+            steps=steps,
+            seed=seed + 100,
+            eval_every=never,
+            checkpoint_every=never,
+        ),
     )
 
 
@@ -280,19 +288,21 @@ class PeftRun:
             model,
             peft.PrefixTuningConfig(
                 task_type="CAUSAL_LM",
-                num_virtual_tokens=config.num_virtual_tokens,
-                prefix_projection=config.projection,
-                encoder_hidden_size=config.projection_hidden_size,
+                num_virtual_tokens=config.prefix.num_virtual_tokens,
+                prefix_projection=config.prefix.prefix_projection,
+                encoder_hidden_size=config.prefix.encoder_hidden_size,
             ),
         )
         self.encoder = self.model.prompt_encoder["default"]
         self.encoder.load_state_dict(init_state)  # the same initial weights as prefixd's encoder
         self.params = list(self.encoder.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, schedule_factor(config.warmup_steps, config.steps)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.training.learning_rate, weight_decay=config.training.weight_decay
         )
-        self.stream = ExampleStream(len(train_rows), seed=config.seed)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, schedule_factor(config.training.warmup_steps, config.training.steps)
+        )
+        self.stream = ExampleStream(len(train_rows), seed=config.training.seed)
         self.history: list[dict] = []
         self.step_count = 0
 
@@ -303,11 +313,11 @@ class PeftRun:
 
         from workers.data import collate_causal
 
-        rows = [self.train[i] for i in self.stream.next_indices(self.config.examples_per_step)]
+        rows = [self.train[i] for i in self.stream.next_indices(self.config.training.examples_per_step)]
         batch = collate_causal(rows, self.pad_id)
         loss = self.model(**batch).loss  # mean over the batch's target tokens, as prefixd's per-task loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -321,14 +331,14 @@ class PeftRun:
             "tokens": tokens,
             "time": time.time(),
         }
-        if self.step_count == self.config.steps:
+        if self.step_count == self.config.training.steps:
             record["eval_loss"] = self.eval_loss()
         self.history.append(record)
         return tokens
 
     @property
     def finished(self) -> bool:
-        return self.step_count >= self.config.steps
+        return self.step_count >= self.config.training.steps
 
     def eval_loss(self, batch_size: int = 16) -> float:
         import torch

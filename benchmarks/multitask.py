@@ -124,7 +124,9 @@ def write_tasks(folder: Path, n: int, rows: int, seq_len: int, vocab_size: int) 
 
 
 def task_config(path: str, index: int, seq_len: int, out_dir: Path):
+    from jobs.fields import TrainingSpec
     from workers.data import DataSettings
+    from workers.prefix import PrefixTuningConfig
     from workers.trainer import TaskConfig
 
     never = 10**9  # no evaluation, checkpoint or end of budget inside the benchmark
@@ -133,14 +135,16 @@ def task_config(path: str, index: int, seq_len: int, out_dir: Path):
         name=f"task{index}",
         out_dir=str(out_dir / f"task{index}"),
         data=DataSettings(train=path, input_column="input", target_column="target", max_length=seq_len),
-        num_virtual_tokens=PREFIX_LEN,
-        learning_rate=LEARNING_RATE,
-        examples_per_step=EXAMPLES_PER_STEP,
-        max_grad_norm=1.0,
-        steps=never,
-        eval_every=never,
-        checkpoint_every=never,
-        seed=index,
+        prefix=PrefixTuningConfig(num_virtual_tokens=PREFIX_LEN),
+        training=TrainingSpec(
+            learning_rate=LEARNING_RATE,
+            examples_per_step=EXAMPLES_PER_STEP,
+            max_grad_norm=1.0,
+            steps=never,
+            eval_every=never,
+            checkpoint_every=never,
+            seed=index,
+        ),
     )
 
 

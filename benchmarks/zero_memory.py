@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT))
 def rank_main(args) -> None:
     import torch.distributed as dist
 
+    from jobs.fields import TrainingSpec
     from workers.data import DataSettings
     from workers.models import BaseModelRef
+    from workers.prefix import PrefixTuningConfig
     from workers.trainer import MultiTaskTrainer, TaskConfig
     from workers.zero import ZeroSettings, init_group, load_group_model
 
@@ -55,12 +57,10 @@ def rank_main(args) -> None:
                 data=DataSettings(
                     train=str(work / "data.jsonl"), input_column="input", target_column="target", max_length=64
                 ),
-                num_virtual_tokens=10,
-                steps=args.steps + 1,
-                examples_per_step=4,
-                eval_every=10**6,
-                checkpoint_every=10**6,
-                seed=i,
+                prefix=PrefixTuningConfig(num_virtual_tokens=10),
+                training=TrainingSpec(
+                    steps=args.steps + 1, examples_per_step=4, eval_every=10**6, checkpoint_every=10**6, seed=i
+                ),
             )
         )
     times = []

@@ -362,6 +362,16 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def spec_default(cls: type, name: str) -> Any:
+    """The field table's default of `cls.name`, for code outside the spec that takes the same setting.
+
+    spec_default(DataSpec, "max_length") == 256
+    """
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    assert f.default is not MISSING, f"{cls.__name__}.{name} has no plain default"
+    return f.default
+
+
 def numeric_fields(cls: type | None = None, prefix: str = "") -> dict[str, _Rule]:
     """Every int and float field of the spec by its dotted path: {'training.steps': its _Rule, ...}."""
     out: dict[str, _Rule] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 from jobs.spec import JobSpec
 from workers.data import DataSettings
 from workers.models import BaseModelRef
+from workers.prefix import PrefixTuningConfig
 from workers.trainer import TaskConfig
 
 
@@ -25,7 +26,9 @@ def base_model_ref(spec: JobSpec) -> BaseModelRef:
 
 
 def task_config(spec: JobSpec, job_id: str, out_dir: str | Path) -> TaskConfig:
-    d, p, t = spec.data, spec.prefix, spec.training
+    """The worker's config of one job: its data settings, the PEFT prefix config (the spec's `prefix`
+    in PEFT's names) and the spec's `training` section as is."""
+    d, p = spec.data, spec.prefix
     data = DataSettings(
         train=str(d.train),
         validation=str(d.validation) if d.validation else None,
@@ -41,24 +44,13 @@ def task_config(spec: JobSpec, job_id: str, out_dir: str | Path) -> TaskConfig:
     return TaskConfig(
         task_id=job_id,
         name=spec.name,
-        data=data,
         out_dir=str(out_dir),
-        num_virtual_tokens=p.num_virtual_tokens,
-        projection=p.projection,
-        projection_hidden_size=p.projection_hidden_size,
-        init=p.init,
-        learning_rate=t.learning_rate,
-        schedule=t.schedule,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        examples_per_step=t.examples_per_step,
-        steps=t.steps,
-        epochs=t.epochs,
-        seed=t.seed,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        eval_generation=t.eval_generation.enabled,
-        eval_samples=t.eval_generation.samples,
-        eval_max_new_tokens=t.eval_generation.max_new_tokens,
+        data=data,
+        prefix=PrefixTuningConfig(
+            num_virtual_tokens=p.num_virtual_tokens,
+            prefix_projection=p.projection,
+            encoder_hidden_size=p.projection_hidden_size if p.projection else None,
+            init_weights="zero" if p.init == "zero" else None,
+        ),
+        training=spec.training,
     )

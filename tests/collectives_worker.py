@@ -274,18 +274,17 @@ MICRO_BATCH = 2  # per rank; one process runs 2x that, so the micro-batch cuts a
 
 
 def task_config(work: Path, label: str, name: str):
+    from tests.tiny import tiny_task
     from workers.data import DataSettings
-    from workers.trainer import TaskConfig
 
     train = work / f"{name}.jsonl" if name in TASKS else work / "missing.jsonl"
     p, lr, examples, steps = TASKS.get(name, ("", 3, 1e-2, 1, 2))[1:]
     data = DataSettings(train=str(train), input_column="input", target_column="target", max_length=32)
-    return TaskConfig(
-        task_id=name,
-        name=name,
-        data=data,
-        out_dir=str(work / label / name),
-        num_virtual_tokens=p,
+    return tiny_task(
+        name,
+        data,
+        str(work / label / name),
+        prefix_length=p,
         steps=steps,
         examples_per_step=examples,
         learning_rate=lr,

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from tests.tiny import tiny_task  # noqa: E402
 from workers.data import DataSettings  # noqa: E402
 from workers.trainer import TaskConfig  # noqa: E402
 
@@ -37,12 +38,11 @@ def task_config(work: Path, run: str, name: str, steps: int) -> TaskConfig:
     and at the end, checkpoints at step 3: prefix, optimizer state and RNG leave the device and are written."""
     _, p, lr, examples = TASKS[name]
     data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target", max_length=40)
-    return TaskConfig(
-        task_id=name,
-        name=name,
-        data=data,
-        out_dir=str(work / run / name),
-        num_virtual_tokens=p,
+    return tiny_task(
+        name,
+        data,
+        str(work / run / name),
+        prefix_length=p,
         steps=steps,
         examples_per_step=examples,
         learning_rate=lr,

@@ -7,11 +7,12 @@ import re
 import pytest
 import torch
 
+from tests.tiny import tiny_task
 from workers.data import DataSettings
 from workers.formats import load_prefix
 from workers.generate import encode_prompt, generate_texts
 from workers.inject import PrefixedModel
-from workers.trainer import MultiTaskTrainer, TaskConfig
+from workers.trainer import MultiTaskTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -96,20 +97,17 @@ def trained(smollm2, tmp_path_factory):
             max_length=32,
             validation_fraction=0.1,
         )
-        cfg = TaskConfig(
-            task_id=name,
-            name=name,
-            data=data,
-            out_dir=str(tmp / name),
-            num_virtual_tokens=p,
+        cfg = tiny_task(
+            name,
+            data,
+            str(tmp / name),
+            prefix_length=p,
+            eval_generation=dict(enabled=True, samples=30, max_new_tokens=8),
             learning_rate=3e-2,
             steps=40,
             examples_per_step=8,
             eval_every=20,
             checkpoint_every=1000,
-            eval_generation=True,
-            eval_samples=30,
-            eval_max_new_tokens=8,
         )
         trainer.add_task(cfg)
         before[name] = trainer.evaluate(name)

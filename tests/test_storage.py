@@ -15,7 +15,7 @@ from orchestrator.cli import main
 from orchestrator.config import OrchestratorConfig
 from tests.ports import free_port
 from tests.s3 import CREDENTIALS, s3_server
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import char_tokenizer, tiny_model, tiny_task, write_task
 from workers.data import DataSettings
 from workers.formats import load_prefix
 from workers.storage import CheckpointError, JobStorage, StorageError, fetch
@@ -203,14 +203,14 @@ def test_errors_name_the_setting_and_what_is_accepted_never_a_secret(s3, tmp_pat
 # ---- the trainer through S3 -------------------------------------------------------------------------------
 
 
-def tiny_task(out_dir: str, train: str, steps: int = 12) -> TaskConfig:
+def rev_task(out_dir: str, train: str, steps: int = 12) -> TaskConfig:
     data = DataSettings(train=train, input_column="input", target_column="target", max_length=40)
-    return TaskConfig(
+    return tiny_task(
+        "rev",
+        data,
+        out_dir,
+        prefix_length=5,
         task_id="s3-task",
-        name="rev",
-        data=data,
-        out_dir=out_dir,
-        num_virtual_tokens=5,
         learning_rate=3e-2,
         schedule="cosine",
         steps=steps,
@@ -247,7 +247,7 @@ def prefix_from(uri: str, tmp: Path) -> torch.Tensor:
 def uninterrupted(tmp_path_factory):
     """The task trained start to end on local disk: the prefix every resumed run must reproduce."""
     tmp = tmp_path_factory.mktemp("alone")
-    _, result = train(tiny_task(str(tmp / "out"), write_task(tmp / "rev.jsonl", "reverse", seed=5)), tmp)
+    _, result = train(rev_task(str(tmp / "out"), write_task(tmp / "rev.jsonl", "reverse", seed=5)), tmp)
     return load_prefix(result.prefix_dir)[1].prompt_embeddings().detach()
 
 
@@ -257,7 +257,7 @@ def test_resume_through_s3_falls_back_past_an_unusable_checkpoint(s3, uninterrup
     data = JobStorage.open(s3.uri(f"data/{tmp_path.name}"))
     data.write_bytes("rev.jsonl", Path(write_task(tmp_path / "rev.jsonl", "reverse", seed=5)).read_bytes())
     job = JobStorage.open(s3.uri(f"jobs/{tmp_path.name}"))
-    config = tiny_task(job.uri, data.child("rev.jsonl").uri)
+    config = rev_task(job.uri, data.child("rev.jsonl").uri)
 
     class Crash(BaseException):
         pass

@@ -12,15 +12,15 @@ from pathlib import Path
 import peft
 import torch
 
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import char_tokenizer, tiny_model, tiny_task, write_task
 from workers.data import DataSettings, ExampleStream, collate_causal, load_task_data
 from workers.formats import load_prefix
 from workers.storage import JobStorage
-from workers.trainer import MultiTaskTrainer, TaskConfig
+from workers.trainer import MultiTaskTrainer
 
 TASKS = {  # name: (kind, prefix length, extra settings)
     "rev": ("reverse", 5, dict(learning_rate=3e-2, schedule="cosine", warmup_steps=3)),
-    "dbl": ("double", 10, dict(learning_rate=1e-2, projection=True, projection_hidden_size=24, examples_per_step=3)),
+    "dbl": ("double", 10, dict(learning_rate=1e-2, projection_hidden_size=24, examples_per_step=3)),
     "nxt": ("next", 20, dict(learning_rate=2e-2, schedule="linear", weight_decay=0.1, max_grad_norm=0.5)),
 }
 
@@ -33,23 +33,8 @@ def task_config(tmp_path, name, steps=30, out=None, **over):
         target_column="target",
         max_length=40,
     )
-    settings = (
-        dict(
-            task_id=f"job-{name}",
-            name=name,
-            data=data,
-            out_dir=str(out or tmp_path / "out" / name),
-            num_virtual_tokens=p,
-            steps=steps,
-            examples_per_step=4,
-            seed=7,
-            eval_every=10,
-            checkpoint_every=5,
-        )
-        | extra
-        | over
-    )
-    return TaskConfig(**settings)
+    settings = dict(steps=steps, examples_per_step=4, seed=7, eval_every=10, checkpoint_every=5) | extra | over
+    return tiny_task(name, data, out or tmp_path / "out" / name, prefix_length=p, task_id=f"job-{name}", **settings)
 
 
 def trainer(micro_batch_size=5, **kw):
@@ -98,16 +83,19 @@ def test_single_task_matches_plain_peft_loop(tmp_path):
     tok = char_tokenizer()
     data = load_task_data(cfg.data, tok)
     model = peft.get_peft_model(
-        tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+        tiny_model("llama"),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix.num_virtual_tokens),
     )
     encoder = model.prompt_encoder["default"]
     encoder.load_state_dict(init)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    stream = ExampleStream(len(data.train), seed=cfg.seed)
-    for _ in range(cfg.steps):
-        batch = collate_causal([data.train[i] for i in stream.next_indices(cfg.examples_per_step)], tok.pad_token_id)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    stream = ExampleStream(len(data.train), seed=cfg.training.seed)
+    for _ in range(cfg.training.steps):
+        batch = collate_causal(
+            [data.train[i] for i in stream.next_indices(cfg.training.examples_per_step)], tok.pad_token_id
+        )
         model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.training.max_grad_norm)
         opt.step()
         opt.zero_grad()
     ref = encoder.embedding.weight.detach()
@@ -205,7 +193,7 @@ def test_resume_after_kill_is_exact(tmp_path):
 
 def test_results_on_disk_and_generation_eval(tmp_path):
     tr = trainer()
-    tr.add_task(task_config(tmp_path, "rev", steps=6, eval_generation=True, eval_samples=4, eval_max_new_tokens=8))
+    tr.add_task(task_config(tmp_path, "rev", steps=6, eval_generation=dict(enabled=True, samples=4, max_new_tokens=8)))
     result = run(tr)["job-rev"]
     out = Path(result.prefix_dir).parent
     for name in (
@@ -246,15 +234,7 @@ def test_each_task_steps_after_its_last_micro_batch(tmp_path):
         )
         data = DataSettings(train=str(path), input_column="input", target_column="target", max_length=40)
         tr.add_task(
-            TaskConfig(
-                task_id=f"fixed{t}",
-                name=f"fixed{t}",
-                data=data,
-                out_dir=str(tmp_path / f"o{t}"),
-                steps=2,
-                examples_per_step=4,
-                seed=t,
-            )
+            tiny_task(f"fixed{t}", data, tmp_path / f"o{t}", prefix_length=10, steps=2, examples_per_step=4, seed=t)
         )
     holding = []
     update = tr._update

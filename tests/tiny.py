@@ -166,3 +166,37 @@ def save_tiny_base(folder):
     tiny_model("llama").save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_task(
+    name: str,
+    data,
+    out_dir,
+    *,
+    prefix_length: int,
+    projection_hidden_size: int | None = None,
+    task_id: str | None = None,
+    eval_generation: dict | None = None,
+    **training,
+):
+    """A TaskConfig for tests: a prefix of `prefix_length` tokens (projected through an MLP of
+    `projection_hidden_size` units when given), `training` the spec's training fields (spec defaults for the
+    rest), `eval_generation` the spec's eval_generation fields."""
+    from jobs.fields import EvalGenerationSpec, TrainingSpec
+    from workers.prefix import PrefixTuningConfig
+    from workers.trainer import TaskConfig
+
+    if eval_generation is not None:
+        training["eval_generation"] = EvalGenerationSpec(**eval_generation)
+    return TaskConfig(
+        task_id=task_id or name,
+        name=name,
+        out_dir=str(out_dir),
+        data=data,
+        prefix=PrefixTuningConfig(
+            num_virtual_tokens=prefix_length,
+            prefix_projection=projection_hidden_size is not None,
+            encoder_hidden_size=projection_hidden_size,
+        ),
+        training=TrainingSpec(**training),
+    )

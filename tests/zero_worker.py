@@ -10,9 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.tiny import tiny_task  # noqa: E402
 from workers.data import DataSettings  # noqa: E402
 from workers.models import BaseModelRef  # noqa: E402
-from workers.trainer import MultiTaskTrainer, TaskConfig  # noqa: E402
+from workers.trainer import MultiTaskTrainer  # noqa: E402
 from workers.zero import ZeroSettings, init_group, load_group_model  # noqa: E402
 
 # name: (prefix length, learning rate, examples per step); "one" has a single row per step, so on two
@@ -23,12 +24,11 @@ TASKS = {"rev": (5, 2e-2, 5), "nxt": (8, 3e-2, 5), "one": (3, 1e-2, 1)}
 def config(work, mode, world, name, steps=8):
     p, lr, examples = TASKS[name]
     data = DataSettings(train=str(work / f"{name}.jsonl"), input_column="input", target_column="target", max_length=40)
-    return TaskConfig(
-        task_id=name,
-        name=name,
-        data=data,
-        out_dir=str(work / f"{mode}-w{world}" / name),
-        num_virtual_tokens=p,
+    return tiny_task(
+        name,
+        data,
+        str(work / f"{mode}-w{world}" / name),
+        prefix_length=p,
         steps=steps,
         examples_per_step=examples,
         learning_rate=lr,

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.datafiles import FORMATS, DataFileError, detect_format, read_column_names
+from jobs.fields import DataSpec, spec_default
 from workers.storage import fetch, is_remote
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt and padding positions
@@ -63,14 +64,15 @@ class DataError(DataFileError):
 
 @dataclass(frozen=True, kw_only=True)
 class DataSettings:
-    """Where a task's data is and how its rows become token ids."""
+    """Where a task's data is and how its rows become token ids (the job spec's `data`, with paths as text;
+    defaults are the spec's)."""
 
     train: str
     """Training data: a .jsonl/.json, .csv or .parquet file, or a folder written by `save_to_disk`; a local
     path or a storage URI (s3://...)."""
     validation: str | None = None
     """Validation data in the same layout; None holds out `validation_fraction` of `train`."""
-    format: str = "auto"
+    format: str = spec_default(DataSpec, "format")
     """'auto' (from the suffix, or 'arrow' for a folder) or one of jsonl, csv, parquet, arrow."""
     input_column: str | None = None
     """The column whose text is the prompt. Exactly one of input_column and template."""
@@ -78,14 +80,14 @@ class DataSettings:
     """The prompt as `str.format` text over columns, e.g. "Q: {question}\\nA:"; used as is (no separator)."""
     target_column: str
     """The column holding the text to learn; numbers are turned into text, empty rows are skipped."""
-    max_length: int = 256
+    max_length: int = spec_default(DataSpec, "max_length")
     """Most tokens in one example: prompt + target + eos (seq2seq: encoder input, and target + eos, each)."""
-    truncation: str = "left"
+    truncation: str = spec_default(DataSpec, "truncation")
     """A too-long row: 'left' drops prompt tokens from its start, 'skip' drops the row, 'error' raises.
     A target that cannot fit even with an empty prompt is skipped as 'too_long' unless 'error'."""
-    validation_fraction: float = 0.1
+    validation_fraction: float = spec_default(DataSpec, "validation_fraction")
     """Share of the usable train rows held out when `validation` is None (at least 1 row)."""
-    seed: int = 0
+    seed: int = spec_default(DataSpec, "seed")
     """Seed of the held-out split."""
     is_seq2seq: bool = False
     """Encoder-decoder base model: the prompt feeds the encoder, the target the decoder."""

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from jobs.fields import TrainingSpec
 from workers import allocator
 from workers.data import (
     DataSettings,
@@ -56,51 +57,37 @@ from workers.storage import JobStorage, temporary_dir
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine")  # the spec's choices: _lr_lambda computes each
 PADDING_WASTE = 0.25  # a micro-batch is cut before padding would exceed this share of its real tokens
 
 
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    """Everything one task's training needs (built from a job spec by the orchestrator)."""
+    """Everything one task's training needs, built once from its job spec (`orchestrator.plan.task_config`).
+
+    No defaults and no rules of its own: `training` is the spec's section as validated (jobs/fields.py holds
+    its defaults and ranges), `prefix` is the PEFT-compatible config the prefix is built from (its
+    model-dependent fields are filled from the base model when the task joins).
+
+        TaskConfig(task_id="j-1", name="qa", out_dir="s3://b/j-1", data=DataSettings(...),
+                   prefix=PrefixTuningConfig(num_virtual_tokens=10), training=TrainingSpec(steps=60))
+    """
 
     task_id: str
     """Unique id of this training (the job id)."""
     name: str
     """Task name (for logs and exported configs)."""
-    data: DataSettings
     out_dir: str
     """The job's folder in storage (a local path, or s3://...: `workers/storage.py`) for checkpoints and
     results; the newest complete checkpoint found there is resumed."""
-    num_virtual_tokens: int = 10
-    projection: bool = False
-    projection_hidden_size: int = 512
-    init: str = "random"
-    """'random' (PEFT's default init) or 'zero'."""
-    learning_rate: float = 5e-3
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    examples_per_step: int = 8
-    steps: int | None = None
-    epochs: float | None = None
-    """Budget: exactly one of steps and epochs (epochs = passes over the training rows)."""
-    seed: int = 0
-    """Seeds the prefix init, the example order and sampling."""
-    eval_every: int = 50
-    checkpoint_every: int = 50
-    eval_generation: bool = False
-    eval_samples: int = 32
-    eval_max_new_tokens: int = 32
+    data: DataSettings
+    prefix: PrefixTuningConfig
+    training: TrainingSpec
 
     def __post_init__(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"task {self.name}: give exactly one of steps and epochs")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"task {self.name}: schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
-        if self.init not in ("random", "zero"):
-            raise ValueError(f"task {self.name}: init {self.init!r}; accepted: random, zero")
+        t = self.training
+        assert (t.steps is None) != (t.epochs is None), f"task {self.name}: exactly one of steps and epochs"
+        assert t.schedule in SCHEDULES, f"task {self.name}: schedule {t.schedule!r} not in {SCHEDULES}"
 
 
 @dataclass
@@ -260,29 +247,17 @@ class MultiTaskTrainer:
         data = load_task_data(
             _with_seq2seq(config.data, self.prefixed.seq2seq), self.tokenizer, cache_dir=self.data_cache_dir
         )
-        prefix_config = configure_for_model(
-            PrefixTuningConfig(
-                task_type=self.prefixed.shape.task_type,
-                num_virtual_tokens=config.num_virtual_tokens,
-                prefix_projection=config.projection,
-                encoder_hidden_size=config.projection_hidden_size if config.projection else None,
-                init_weights="zero" if config.init == "zero" else None,
-                base_model_name_or_path=getattr(self.model.config, "_name_or_path", None) or None,
-            ),
-            self.model.config,
-            max_new_tokens=config.data.max_length,
-        )
-        torch.manual_seed(config.seed)  # the prefix's init depends on the task's seed only
+        prefix_config = configure_for_model(config.prefix, self.model.config, max_new_tokens=config.data.max_length)
+        t = config.training
+        torch.manual_seed(t.seed)  # the prefix's init depends on the task's seed only
         encoder = PrefixEncoder(prefix_config).to(self.device)
-        optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        if config.steps is not None:
-            total = config.steps
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        if t.steps is not None:
+            total = t.steps
         else:
-            total = max(1, math.ceil(config.epochs * len(data.train) / config.examples_per_step))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(config.schedule, config.warmup_steps, total)
-        )
-        generator = torch.Generator().manual_seed(config.seed)
+            total = max(1, math.ceil(t.epochs * len(data.train) / t.examples_per_step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.schedule, t.warmup_steps, total))
+        generator = torch.Generator().manual_seed(t.seed)
         task = _Task(
             config,
             prefix_config,
@@ -290,7 +265,7 @@ class MultiTaskTrainer:
             optimizer,
             scheduler,
             data,
-            ExampleStream(len(data.train), seed=config.seed),
+            ExampleStream(len(data.train), seed=t.seed),
             total,
             generator,
         )
@@ -400,13 +375,13 @@ class MultiTaskTrainer:
             }
             done = task.step >= task.total_steps
             evaluation = None
-            if done or task.step % task.config.eval_every == 0:
+            if done or task.step % task.config.training.eval_every == 0:
                 evaluation = self.evaluate(task.config.task_id)
                 record.update(evaluation)
             task.history.append(record)
             if done:
                 finished.append(self._finish(task))
-            elif task.step % task.config.checkpoint_every == 0:
+            elif task.step % task.config.training.checkpoint_every == 0:
                 try:
                     self._checkpoint(task)
                 except OSError as e:  # e.g. a full disk: training goes on, the next checkpoint retries
@@ -420,7 +395,7 @@ class MultiTaskTrainer:
         drawn, bad = [], torch.zeros(len(self.tasks), dtype=torch.int32)
         for j, task in enumerate(self.tasks.values()):
             try:
-                indices = task.stream.next_indices(task.config.examples_per_step)
+                indices = task.stream.next_indices(task.config.training.examples_per_step)
                 drawn.append((task, [task.data.train[i] for i in indices]))
             except Exception as e:  # noqa: BLE001 - this task's data alone
                 bad[j] = 1
@@ -453,8 +428,8 @@ class MultiTaskTrainer:
         if not torch.isfinite(norm):
             task.optimizer.zero_grad(set_to_none=True)
             return f"its prefix gradient is not finite ({norm.item()}) at step {task.step + 1}"
-        if task.config.max_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, task.config.max_grad_norm, norm)
+        if task.config.training.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, task.config.training.max_grad_norm, norm)
         task.optimizer.step()
         task.scheduler.step()
         task.optimizer.zero_grad(set_to_none=True)
@@ -515,7 +490,7 @@ class MultiTaskTrainer:
             self.coll.all_reduce(totals)
         loss = totals[0].item() / max(totals[1].item(), 1.0)
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-        if task.config.eval_generation:
+        if task.config.training.eval_generation.enabled:
             result.update(self.generation_eval([task_id])[task_id])
         task.last_eval = result
         return result
@@ -526,12 +501,12 @@ class MultiTaskTrainer:
         prompts, refs, owners = [], [], []
         for j, tid in enumerate(task_ids):
             task = self.tasks[tid]
-            n = min(task.config.eval_samples, len(task.data.validation))
+            n = min(task.config.training.eval_generation.samples, len(task.data.validation))
             sample = task.data.validation[:n]
             prompts.extend(sample["prompt_ids"])
             refs.extend(sample["target_text"])
             owners.extend([j] * n)
-        max_new = max(self.tasks[t].config.eval_max_new_tokens for t in task_ids)
+        max_new = max(self.tasks[t].config.training.eval_generation.max_new_tokens for t in task_ids)
         texts = generate_texts(
             self.prefixed,
             self.tokenizer,
@@ -646,7 +621,7 @@ class MultiTaskTrainer:
 
     def _progress(self, task: _Task, loss: float, tokens: int, seconds: float, evaluation=None) -> TaskProgress:
         rate = tokens / seconds if seconds else 0.0
-        examples = task.config.examples_per_step / seconds if seconds else 0.0
+        examples = task.config.training.examples_per_step / seconds if seconds else 0.0
         return TaskProgress(
             task.config.task_id,
             task.step,
