@@ -281,7 +281,7 @@ class PeftRun:
         import peft
         import torch
 
-        from workers.data import ExampleStream
+        from workers.batches import ExampleStream
 
         self.config, self.train, self.validation, self.pad_id = config, train_rows, validation_rows, pad_id
         self.model = peft.get_peft_model(
@@ -311,7 +311,7 @@ class PeftRun:
         The budget's last step also computes the validation loss, as prefixd's last step does."""
         import torch
 
-        from workers.data import collate_causal
+        from workers.batches import collate_causal
 
         rows = [self.train[i] for i in self.stream.next_indices(self.config.training.examples_per_step)]
         batch = collate_causal(rows, self.pad_id)
@@ -343,7 +343,7 @@ class PeftRun:
     def eval_loss(self, batch_size: int = 16) -> float:
         import torch
 
-        from workers.data import collate_causal
+        from workers.batches import collate_causal
 
         total, count = 0.0, 0
         with torch.no_grad():
@@ -365,7 +365,7 @@ def parity_check(model, peft_run: PeftRun, prefix) -> float:
     """|PEFT's loss - prefixd's loss with PEFT's exported prefix| on the first validation batch (expect ~0)."""
     import torch
 
-    from workers.data import collate_causal
+    from workers.batches import collate_causal
     from workers.inject import PrefixedModel
 
     batch = collate_causal(peft_run.validation[:8], peft_run.pad_id)

@@ -159,7 +159,7 @@ class PeftTask:
         import peft
         import torch
 
-        from workers.data import ExampleStream
+        from workers.batches import ExampleStream
 
         self.model = peft.get_peft_model(
             base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LEN)
@@ -173,7 +173,7 @@ class PeftTask:
         """One optimizer step on the next 4 rows; returns the tokens in the batch."""
         import torch
 
-        from workers.data import collate_causal
+        from workers.batches import collate_causal
 
         batch = collate_causal([self.data[i] for i in self.stream.next_indices(EXAMPLES_PER_STEP)], self.pad_id)
         tokens = int(batch["attention_mask"].sum())

@@ -9,16 +9,14 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from workers.data import (
-    DataError,
-    DataSettings,
+from workers.batches import (
     ExampleStream,
     collate_causal,
     collate_prompts_left,
     collate_prompts_right,
     collate_seq2seq,
-    load_task_data,
 )
+from workers.data import DataError, DataSettings, load_task_data
 
 datasets.disable_progress_bars()
 

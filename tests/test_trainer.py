@@ -13,7 +13,8 @@ import peft
 import torch
 
 from tests.tiny import char_tokenizer, tiny_model, tiny_task, write_task
-from workers.data import DataSettings, ExampleStream, collate_causal, load_task_data
+from workers.batches import ExampleStream, collate_causal
+from workers.data import DataSettings, load_task_data
 from workers.formats import load_prefix
 from workers.storage import JobStorage
 from workers.trainer import MultiTaskTrainer

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from workers.data import collate_prompts_left, collate_prompts_right, leading_bos
+from workers.batches import collate_prompts_left, collate_prompts_right
 from workers.inject import PrefixedModel
+from workers.tokenizing import leading_bos
 
 
 def encode_prompt(tokenizer: Any, text: str, *, seq2seq: bool) -> list[int]:

@@ -39,14 +39,8 @@ import torch
 
 from jobs.fields import TrainingSpec
 from workers import allocator
-from workers.data import (
-    DataSettings,
-    ExampleStream,
-    TaskData,
-    collate_causal,
-    collate_seq2seq,
-    load_task_data,
-)
+from workers.batches import ExampleStream, collate_causal, collate_seq2seq
+from workers.data import DataSettings, TaskData, load_task_data
 from workers.devices import Collectives
 from workers.formats import load_prefix, load_tree, save_peft_adapter, save_prefix, save_tree
 from workers.generate import generate_texts
