@@ -162,6 +162,9 @@ class DataSpec:
     """Share of train rows held out for validation when no validation file is given (0 < x < 0.5)."""
     seed: int = _f(0, "int", minimum=0, maximum=INT32_MAX)
     """Seed of the held-out split."""
+    max_validation_rows: int = _f(10_000, "int", minimum=1, maximum=100_000, ceiling=10_000_000)
+    """Most validation rows (a validation file's rows, or the held-out share of train); a task with more is
+    refused when its data is loaded."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +219,9 @@ class TrainingSpec:
     """Seed of the prefix initialisation and of the example order."""
     eval_every: int = _f(50, "int", minimum=1, maximum=100_000, ceiling=INT32_MAX)
     """Evaluate on the validation rows every this many steps (and at the end)."""
+    eval_max_rows: int = _f(256, "int", minimum=1, maximum=100_000, ceiling=10_000_000)
+    """Validation rows scored at each periodic evaluation: a fixed seeded sample of this many (the same rows
+    every time, so the curve is comparable); the evaluation at the end scores every validation row."""
     checkpoint_every: int = _f(50, "int", minimum=1, maximum=100_000, ceiling=INT32_MAX)
     """Save a resumable checkpoint every this many steps (and at the end)."""
     eval_generation: EvalGenerationSpec = _section(EvalGenerationSpec)

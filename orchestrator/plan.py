@@ -40,6 +40,7 @@ def task_config(spec: JobSpec, job_id: str, out_dir: str | Path) -> TaskConfig:
         truncation=d.truncation,
         validation_fraction=d.validation_fraction,
         seed=d.seed,
+        max_validation_rows=d.max_validation_rows,
     )
     return TaskConfig(
         task_id=job_id,

@@ -101,9 +101,9 @@ def test_prompts_and_cotenants(tmp_path):
 
 
 def test_schedule_factor_matches_the_trainers():
-    from workers.trainer import _lr_lambda
+    from workers.tasks import lr_schedule
 
-    ours, theirs = e2e_quality.schedule_factor(5, 40), _lr_lambda("linear", 5, 40)
+    ours, theirs = e2e_quality.schedule_factor(5, 40), lr_schedule("linear", 5, 40)
     assert [ours(s) for s in range(41)] == [theirs(s) for s in range(41)]
 
 

@@ -6,7 +6,8 @@ batch = collate_causal(data.train[stream.next_indices(8)], pad_id=tok.pad_token_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,3 +136,65 @@ def _pad(seqs: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Te
         out[i, cols] = torch.as_tensor(seq, dtype=torch.long)
         mask[i, cols] = 1
     return out, mask
+
+
+PADDING_WASTE = 0.25  # a micro-batch is cut before padding would exceed this share of its real tokens
+
+
+def micro_batch_groups(order: list[int], size: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """`order` (row indices) cut into consecutive micro-batches of at most `size` rows.
+
+    With `lengths` (the rows' lengths, in `order`'s order, ascending), a micro-batch is also cut where the
+    next row would make padding more than PADDING_WASTE of it: short rows beside long ones then do not pay
+    for the long rows' padding. The cuts depend on `order` and `lengths` only, so every rank of a group
+    computes the same ones (under ZeRO-3 each forward gathers the base weights collectively: ranks must
+    run in lockstep).
+
+        micro_batch_groups([0, 1, 2], 2) == [[0, 1], [2]]
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for k, i in enumerate(order):
+        if (
+            groups
+            and len(groups[-1]) < size
+            and not (lengths and lengths[k] * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (real + lengths[k]))
+        ):
+            groups[-1].append(i)
+            real += lengths[k] if lengths else 0
+        else:
+            groups.append([i])
+            real = lengths[k] if lengths else 0
+    return groups
+
+
+def rank_share(group: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This rank's rows of a micro-batch of the whole group, with weight 1; (a row, weight 0) when the share
+    is empty: the zero-weight row keeps the rank in lockstep without changing any gradient or count."""
+    share = group[rank::world]
+    return (share, 1.0) if share else ([group[0]], 0.0)
+
+
+def mixed_forward(prefixed: Any, prefix_of: Callable[[int], torch.Tensor], rows: Rows, owners: list[int], pad_id: int):
+    """One forward over rows of several tasks, each row with its own task's prefix, losses at targets only.
+
+    prefixed: the `workers.inject.PrefixedModel`; rows: tokenized rows (`input_ids`, `labels`); owners[i]:
+    the task index of row i; prefix_of(j): task j's encoded prefix [P_j, 2L*H*D] (called once per task
+    present). Returns (PrefixedOutput, row_tasks [B] long: owners on the model's device, attention_mask
+    [B, T] long).
+    """
+    collate = collate_seq2seq if prefixed.seq2seq else collate_causal
+    batch = {k: v.to(prefixed.device) for k, v in collate(rows, pad_id).items()}
+    row_tasks = torch.tensor(owners, device=prefixed.device)
+    used = sorted(set(owners))
+    local = torch.full((used[-1] + 1,), -1, dtype=torch.long, device=prefixed.device)
+    local[used] = torch.arange(len(used), device=prefixed.device)
+    out = prefixed.forward(
+        [prefix_of(j) for j in used],
+        local[row_tasks],
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        logits="targets",
+    )
+    return out, row_tasks, batch["attention_mask"]

@@ -78,6 +78,8 @@ class DataSettings:
     """Share of the usable train rows held out when `validation` is None (at least 1 row)."""
     seed: int = spec_default(DataSpec, "seed")
     """Seed of the held-out split."""
+    max_validation_rows: int = spec_default(DataSpec, "max_validation_rows")
+    """Most validation rows: a validation file with more rows, or a held-out share larger, is refused."""
     is_seq2seq: bool = False
     """Encoder-decoder base model: the prompt feeds the encoder, the target the decoder."""
 
@@ -206,7 +208,9 @@ def load_task_data(settings: DataSettings, tokenizer: Any, *, cache_dir: str | N
 
     train, train_report, train_kept = _load_file(settings.train, settings, tokenizer, work_dir, cache_dir)
     if settings.validation is not None:
-        val, val_report, val_kept = _load_file(settings.validation, settings, tokenizer, work_dir, cache_dir)
+        val, val_report, val_kept = _load_file(
+            settings.validation, settings, tokenizer, work_dir, cache_dir, max_rows=settings.max_validation_rows
+        )
         files = (train_report, val_report)
         train_split, val_split = train.select(train_kept), val.select(val_kept)
         split = f"validation rows from {settings.validation}"
@@ -218,6 +222,13 @@ def load_task_data(settings: DataSettings, tokenizer: Any, *, cache_dir: str | N
                 f"add rows or give a validation file\n{train_report}"
             )
         n_val = min(n - 1, max(1, round(n * settings.validation_fraction)))
+        if n_val > settings.max_validation_rows:
+            raise DataError(
+                f"data.max_validation_rows: holding out {settings.validation_fraction} of the {n} usable rows of "
+                f"{settings.train} makes {n_val} validation rows, more than the bound of "
+                f"{settings.max_validation_rows}; lower data.validation_fraction, give a validation file, or raise "
+                "data.max_validation_rows"
+            )
         # The split depends on (seed, usable rows) only: the same seed gives the same rows on every worker.
         order = np.random.default_rng(settings.seed).permutation(n)
         files = (train_report,)
@@ -229,10 +240,21 @@ def load_task_data(settings: DataSettings, tokenizer: Any, *, cache_dir: str | N
 
 
 def _load_file(
-    path: str, settings: DataSettings, tokenizer: Any, work_dir: Path, cache_dir: str | None
+    path: str,
+    settings: DataSettings,
+    tokenizer: Any,
+    work_dir: Path,
+    cache_dir: str | None,
+    max_rows: int | None = None,
 ) -> tuple[datasets.Dataset, FileReport, np.ndarray]:
-    """Tokenize every row of one file; return (all rows tokenized, report, positions of the usable rows)."""
+    """Tokenize every row of one file; return (all rows tokenized, report, positions of the usable rows).
+    A file of more than `max_rows` rows (the validation file's bound) is refused before it is tokenized."""
     raw = read_rows(path, settings.format, cache_dir, work_dir)
+    if max_rows is not None and len(raw) > max_rows:
+        raise DataError(
+            f"data.max_validation_rows: {path} has {len(raw)} rows, more than the bound of {max_rows}; "
+            "give a smaller validation file or raise data.max_validation_rows"
+        )
     fields = [settings.input_column] if settings.template is None else template_fields(settings.template)
     named_by = "data.input_column" if settings.template is None else "data.template"
     for column, by in [(c, named_by) for c in fields] + [(settings.target_column, "data.target_column")]:

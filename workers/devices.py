@@ -24,6 +24,7 @@ collectives (a test intercepts them on a two-rank group and fails on any that by
 from __future__ import annotations
 
 import os
+import resource
 import threading
 from dataclasses import dataclass
 
@@ -163,3 +164,31 @@ class Collectives:
     def all_true(self, ok: bool) -> bool:
         """True on every rank if `ok` was true on every rank (an admission vote)."""
         return bool(self.all_reduce(torch.tensor([1 if ok else 0], dtype=torch.int32), op="min").item())
+
+
+def out_of_memory(coll: Collectives | None, run, *args) -> str | None:
+    """Run `run(*args)`; None when it completed on every rank, else why it did not: it ran out of memory
+    (torch.OutOfMemoryError on a device, MemoryError on the CPU) here, or on another rank of the group (the
+    ranks agree by an all-reduce, so all of them return the same verdict). What the failed run held is
+    freed before this returns (its frames are gone; the CUDA cache is emptied).
+
+        error = out_of_memory(coll, model_step, batch)   # "OutOfMemoryError: CUDA out of memory. ..." or None
+    """
+    error = None
+    try:
+        run(*args)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+    failed = not coll.all_true(error is None) if coll else error is not None
+    if not failed:
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return error or "out of memory on another rank of the group"
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (CPU) or peak device memory (CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -12,8 +12,13 @@ One step, top to bottom (`MultiTaskTrainer.step`):
   4. per task, right after the last micro-batch that holds one of its rows: gradient clipping, its own
      AdamW step and learning-rate schedule, and its gradient freed (so a step never holds every task's
      gradient at once: with 64 tasks on SmolLM2 that would be 64 x 1.4 MB for nothing);
-  5. per task, at its cadence: validation loss / perplexity (and generation metrics on request), a
-     checkpoint, and at the end of its budget the exported prefix; its slot is then freed.
+  5. per task, at its cadence: validation loss / perplexity (and generation metrics on request) on a
+     fixed seeded sample of at most `eval_max_rows` validation rows, on every row at the end of its
+     budget (`workers/evaluation.py`; the rows of all tasks due at a step share micro-batches, as in
+     training), a checkpoint (`workers/checkpoints.py`), and at the end the exported prefix; its slot
+     is then freed.
+A micro-batch that runs out of memory (on any rank) fails no one yet: every task not yet updated runs
+its rows again alone, and only a task whose own rows still run out of memory fails (`StepReport.failed`).
 Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
 model exists once; a task costs its prefix encoder and optimizer state.
 
@@ -29,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,66 +41,19 @@ from typing import Any
 
 import torch
 
-from jobs.fields import TrainingSpec
 from workers import allocator
-from workers.batches import ExampleStream, collate_causal, collate_seq2seq
+from workers.batches import ExampleStream, micro_batch_groups, mixed_forward, rank_share
+from workers.checkpoints import restore_checkpoint, save_checkpoint
 from workers.data import DataSettings, TaskData, load_task_data
-from workers.devices import Collectives
-from workers.formats import load_prefix, load_tree, save_peft_adapter, save_prefix, save_tree
-from workers.generate import generate_texts
+from workers.devices import Collectives, out_of_memory, peak_memory_bytes
+from workers.evaluation import due_evaluations, eval_subset, evaluate_tasks
+from workers.formats import save_peft_adapter, save_prefix
 from workers.inject import PrefixedModel
-from workers.metrics import generation_metrics
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
 from workers.storage import JobStorage, temporary_dir
+from workers.tasks import StepReport, TaskConfig, TaskProgress, lr_schedule
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("constant", "linear", "cosine")  # the spec's choices: _lr_lambda computes each
-PADDING_WASTE = 0.25  # a micro-batch is cut before padding would exceed this share of its real tokens
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskConfig:
-    """Everything one task's training needs, built once from its job spec (`orchestrator.plan.task_config`).
-
-    No defaults and no rules of its own: `training` is the spec's section as validated (jobs/fields.py holds
-    its defaults and ranges), `prefix` is the PEFT-compatible config the prefix is built from (its
-    model-dependent fields are filled from the base model when the task joins).
-
-        TaskConfig(task_id="j-1", name="qa", out_dir="s3://b/j-1", data=DataSettings(...),
-                   prefix=PrefixTuningConfig(num_virtual_tokens=10), training=TrainingSpec(steps=60))
-    """
-
-    task_id: str
-    """Unique id of this training (the job id)."""
-    name: str
-    """Task name (for logs and exported configs)."""
-    out_dir: str
-    """The job's folder in storage (a local path, or s3://...: `workers/storage.py`) for checkpoints and
-    results; the newest complete checkpoint found there is resumed."""
-    data: DataSettings
-    prefix: PrefixTuningConfig
-    training: TrainingSpec
-
-    def __post_init__(self) -> None:
-        t = self.training
-        assert (t.steps is None) != (t.epochs is None), f"task {self.name}: exactly one of steps and epochs"
-        assert t.schedule in SCHEDULES, f"task {self.name}: schedule {t.schedule!r} not in {SCHEDULES}"
-
-
-@dataclass
-class TaskProgress:
-    """What the orchestrator shows for a task after a step."""
-
-    task_id: str
-    step: int
-    total_steps: int
-    loss: float
-    learning_rate: float
-    tokens: int
-    tokens_per_s: float
-    examples_per_s: float
-    eval: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,30 +73,6 @@ class TaskResult:
     """JSON lines of per-step metrics."""
 
 
-@dataclass(frozen=True)
-class StepReport:
-    step_time_s: float
-    """Seconds of forward, backward and optimizer steps (evaluation and checkpoints left out)."""
-    tokens: int
-    """Real (unpadded) tokens of every task in the step, all ranks together."""
-    examples: int
-    progress: dict[str, TaskProgress]
-    finished: list[TaskResult]
-    peak_memory_bytes: int = 0
-    """Peak resident memory of this process (CPU) or peak device memory (CUDA) so far."""
-    warnings: dict[str, str] = field(default_factory=dict)
-    """Tasks that train on but had a problem worth telling (a checkpoint that could not be written: the
-    next one retries, and the last complete one stays)."""
-    failed: dict[str, str] = field(default_factory=dict)
-    """Tasks that failed in this step on their own (task_id -> why: rows that cannot be read, a loss or
-    gradient that is not finite); they are removed, their prefixes untouched by the failing update, and
-    the other tasks' updates are exactly what they would be without them."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
-
-
 @dataclass
 class _Task:
     config: TaskConfig
@@ -151,23 +84,11 @@ class _Task:
     stream: ExampleStream
     total_steps: int
     generator: torch.Generator
+    eval_rows: list[int]
+    """The validation rows of its periodic evaluations (`workers.evaluation.eval_subset`)."""
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
-
-
-def _lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:  # step = optimizer steps taken so far
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class MultiTaskTrainer:
@@ -211,6 +132,7 @@ class MultiTaskTrainer:
         self.rank = collectives.rank if collectives else 0
         self.world = collectives.world if collectives else 1
         self.tasks: dict[str, _Task] = {}
+        self.memory_error: str | None = None  # why the last micro-batch did not run (`workers.devices.out_of_memory`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if checkpointing:
             model.train()  # activation checkpointing acts in training mode; the base has no dropout left on
@@ -250,7 +172,7 @@ class MultiTaskTrainer:
             total = t.steps
         else:
             total = max(1, math.ceil(t.epochs * len(data.train) / t.examples_per_step))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.schedule, t.warmup_steps, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t.schedule, t.warmup_steps, total))
         generator = torch.Generator().manual_seed(t.seed)
         task = _Task(
             config,
@@ -262,8 +184,9 @@ class MultiTaskTrainer:
             ExampleStream(len(data.train), seed=t.seed),
             total,
             generator,
+            eval_rows=eval_subset(len(data.validation), t.eval_max_rows, t.seed),
         )
-        self._restore(task)
+        restore_checkpoint(task, self.model.config, self.scratch_dir)
         self.tasks[config.task_id] = task
         return self._progress(task, loss=float("nan"), tokens=0, seconds=0.0)
 
@@ -284,104 +207,126 @@ class MultiTaskTrainer:
             return StepReport(0.0, 0, 0, {}, [])
         start = time.perf_counter()
         failed: dict[str, str] = {}
-        tasks = self._readable_rows(failed)
-        if not tasks:
+        drawn = self._readable_rows(failed)
+        if not drawn:
             self._drop(failed)
             return StepReport(0.0, 0, 0, {}, [], peak_memory_bytes(), {}, failed)
-        rows, owners = [], []
-        for j, (_, task_rows) in enumerate(tasks):
-            rows.extend(task_rows)
-            owners.extend([j] * len(task_rows))
-        tasks = [task for task, _ in tasks]
-        target_tokens = torch.zeros(len(tasks), dtype=torch.float64)
+        tasks = [task for task, _ in drawn]
+        rows = [row for _, task_rows in drawn for row in task_rows]
+        owners = [j for j, (_, task_rows) in enumerate(drawn) for _ in task_rows]  # row -> index in tasks
+        target_tokens = torch.zeros(len(tasks), dtype=torch.float64)  # each task's loss is a mean over these
         for row, j in zip(rows, owners):
             target_tokens[j] += sum(1 for t in _targets(row, self.prefixed.seq2seq) if t != -100)
-        loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
-        real_tokens = torch.zeros(len(tasks), dtype=torch.float64)
+        sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # per task: summed target-token loss, real tokens
+        learning_rates = [task.optimizer.param_groups[0]["lr"] for task in tasks]
 
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        groups = self._micro_batch_groups(order, lengths=[len(rows[i]["input_ids"]) for i in order])
-        # A task's gradient is complete after the last micro-batch holding one of its rows: its optimizer
-        # steps right there and its gradient is freed, so at most a few tasks' gradients exist at once.
-        last_group = {owners[i]: g for g, group in enumerate(groups) for i in group}
-        updates: list[list[int]] = [[] for _ in groups]
-        for j, g in last_group.items():
-            updates[g].append(j)
-        learning_rates = [task.optimizer.param_groups[0]["lr"] for task in tasks]
-        collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
-        for g, group in enumerate(groups):
-            idx, weight = self._share(group)
-            batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in idx], self.pad_id).items()}
-            row_tasks = torch.tensor([owners[i] for i in idx], device=self.device)
-            used = sorted(set(row_tasks.tolist()))
-            local = torch.full((len(tasks),), -1, dtype=torch.long, device=self.device)
-            local[used] = torch.arange(len(used), device=self.device)
-            prefixes = [tasks[j].encoder.prompt_embeddings() for j in used]
-            out = self.prefixed.forward(
-                prefixes,
-                local[row_tasks],
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                logits="targets",
-            )
-            per_row = out.row_loss_sums()
-            objective = 0.0
-            for j in used:
-                sel = row_tasks == j
-                task_sum = per_row[sel].sum()
-                objective = objective + task_sum / target_tokens[j].item()
-                loss_sums[j] += weight * task_sum.item()
-                real_tokens[j] += weight * batch["attention_mask"][sel].sum().item()
-            (objective * weight).backward()
-            del out, per_row, objective, prefixes
-            for j in updates[g]:  # the same tasks on every rank: the cuts depend on the shared order only
-                error = self._update(tasks[j])
-                if error:
-                    failed[tasks[j].config.task_id] = error
+        pending = self._train(tasks, rows, owners, order, target_tokens, sums, failed)
+        for j in pending:  # a micro-batch ran out of memory: each task not yet updated runs its rows alone
+            self._train_alone(j, tasks, rows, owners, order, target_tokens, sums, failed)
 
         if self.coll:
-            self.coll.all_reduce_many([loss_sums, real_tokens])
+            self.coll.all_reduce(sums)
+        loss_sums, real_tokens = sums
         for j, task in enumerate(tasks):  # the same on every rank: the sums are all-reduced
             if not math.isfinite(loss_sums[j].item()) and task.config.task_id not in failed:
                 failed[task.config.task_id] = f"its training loss is {loss_sums[j].item()} at step {task.step + 1}"
         self._drop(failed)
-        index = {task.config.task_id: j for j, task in enumerate(tasks)}
-        tasks = [task for task in tasks if task.config.task_id not in failed]
         seconds = time.perf_counter() - start
         total_tokens = int(real_tokens.sum())
-        progress, finished, warnings = {}, [], {}
-        for task in tasks:
-            j = index[task.config.task_id]
-            lr = learning_rates[j]
+        stepped = [(j, task) for j, task in enumerate(tasks) if task.config.task_id not in failed]
+        records = {}
+        for j, task in stepped:
             task.step += 1
-            loss = loss_sums[j].item() / max(target_tokens[j].item(), 1.0)
             share = seconds * (real_tokens[j].item() / max(total_tokens, 1))
-            record = {
+            records[j] = {
                 "step": task.step,
-                "loss": loss,
-                "learning_rate": lr,
+                "loss": loss_sums[j].item() / max(target_tokens[j].item(), 1.0),
+                "learning_rate": learning_rates[j],
                 "tokens": int(real_tokens[j]),
                 "tokens_per_s": total_tokens / seconds if seconds else 0.0,
                 "task_tokens_per_s": real_tokens[j].item() / share if share else 0.0,
                 "epoch": task.stream.epochs_completed,
                 "time": time.time(),
             }
-            done = task.step >= task.total_steps
-            evaluation = None
-            if done or task.step % task.config.training.eval_every == 0:
-                evaluation = self.evaluate(task.config.task_id)
-                record.update(evaluation)
-            task.history.append(record)
-            if done:
+        evaluations = self._evaluate(due_evaluations([task for _, task in stepped]))
+        progress, finished, warnings = {}, [], {}
+        for j, task in stepped:
+            task_id = task.config.task_id
+            evaluation = evaluations.get(task_id)
+            task.history.append(records[j] | (evaluation or {}))
+            if task.step >= task.total_steps:
                 finished.append(self._finish(task))
             elif task.step % task.config.training.checkpoint_every == 0:
                 try:
                     self._checkpoint(task)
                 except OSError as e:  # e.g. a full disk: training goes on, the next checkpoint retries
-                    warnings[task.config.task_id] = f"checkpoint at step {task.step} not written: {e}"
-            progress[task.config.task_id] = self._progress(task, loss, int(real_tokens[j]), seconds, evaluation)
+                    warnings[task_id] = f"checkpoint at step {task.step} not written: {e}"
+            loss, tokens = records[j]["loss"], records[j]["tokens"]
+            progress[task_id] = self._progress(task, loss, tokens, seconds, evaluation)
         return StepReport(seconds, total_tokens, len(rows), progress, finished, peak_memory_bytes(), warnings, failed)
+
+    def _train(self, tasks, rows, owners, order, target_tokens, sums, failed) -> list[int]:
+        """Forward and backward of the rows in `order`, in mixed-task micro-batches; each task's update
+        right after its last micro-batch. Returns the tasks left without an update because a micro-batch
+        ran out of memory (here or on another rank: the ranks agree after each micro-batch), else []."""
+        groups = micro_batch_groups(
+            order, self.micro_batch_size * self.world, [len(rows[i]["input_ids"]) for i in order]
+        )
+        # A task's gradient is complete after the last micro-batch holding one of its rows: its optimizer
+        # steps right there and its gradient is freed, so at most a few tasks' gradients exist at once.
+        last_group = {owners[i]: g for g, group in enumerate(groups) for i in group}
+        updates: list[list[int]] = [[] for _ in groups]
+        for j, g in last_group.items():
+            updates[g].append(j)
+        for g, group in enumerate(groups):
+            self.memory_error = out_of_memory(
+                self.coll, self._forward_backward, tasks, rows, owners, group, target_tokens, sums
+            )
+            if self.memory_error:
+                return sorted(j for j, last in last_group.items() if last >= g)
+            for j in updates[g]:  # the same tasks on every rank: the cuts depend on the shared order only
+                error = self._update(tasks[j])
+                if error:
+                    failed[tasks[j].config.task_id] = error
+        return []
+
+    def _forward_backward(self, tasks, rows, owners, group, target_tokens, sums) -> None:
+        """One micro-batch (this rank's share of `group`): the forward with each row's own prefix, and the
+        backward of  sum over its tasks j of (j's loss sum here) / (j's target tokens in the step)."""
+        idx, weight = rank_share(group, self.rank, self.world)
+        out, row_tasks, mask = mixed_forward(
+            self.prefixed,
+            lambda j: tasks[j].encoder.prompt_embeddings(),
+            [rows[i] for i in idx],
+            [owners[i] for i in idx],
+            self.pad_id,
+        )
+        per_row = out.row_loss_sums()
+        objective = 0.0
+        for j in sorted({owners[i] for i in idx}):
+            sel = row_tasks == j
+            task_sum = per_row[sel].sum()
+            objective = objective + task_sum / target_tokens[j].item()
+            sums[0, j] += weight * task_sum.item()
+            sums[1, j] += weight * mask[sel].sum().item()
+        (objective * weight).backward()
+
+    def _train_alone(self, j, tasks, rows, owners, order, target_tokens, sums, failed) -> None:
+        """After a mixed micro-batch ran out of memory: task j's rows again, alone, from a clean gradient.
+        If its own rows still run out of memory it fails alone, without an update; a task's gradient
+        depends on its own rows only, so the others' results are those of a step without it."""
+        task = tasks[j]
+        task.optimizer.zero_grad(set_to_none=True)
+        sums[:, j] = 0.0
+        mine = [i for i in order if owners[i] == j]
+        if self._train(tasks, rows, owners, mine, target_tokens, sums, failed):
+            task.optimizer.zero_grad(set_to_none=True)
+            longest = max(len(rows[i]["input_ids"]) for i in mine)
+            failed[task.config.task_id] = (
+                f"out of memory on its own rows at step {task.step + 1} ({len(mine)} rows of up to {longest} tokens, "
+                f"micro-batches of {self.micro_batch_size} rows): {self.memory_error}"
+            )
 
     def _readable_rows(self, failed: dict[str, str]) -> list[tuple[_Task, list]]:
         """Each task's next rows (every rank draws the same: same streams). A task whose rows cannot be read
@@ -429,160 +374,20 @@ class MultiTaskTrainer:
         task.optimizer.zero_grad(set_to_none=True)
         return None
 
-    def _micro_batch_groups(
-        self, order: list[int], size: int | None = None, lengths: list[int] | None = None
-    ) -> list[list[int]]:
-        """`order` cut into micro-batches of at most `size` rows per rank (all ranks' rows together).
-
-        With `lengths` (rows sorted by length), a micro-batch is also cut where the next row would make
-        padding more than PADDING_WASTE of it: a task of short rows beside one of long rows then does
-        not pay for the long rows' padding. Every rank computes the same cuts (they depend on the shared
-        order only): under ZeRO-3 each forward and backward gathers the base weights collectively, so
-        ranks must run in lockstep.
-        """
-        size = (size or self.micro_batch_size) * self.world
-        groups: list[list[int]] = []
-        real = 0
-        for k, i in enumerate(order):
-            if (
-                groups
-                and len(groups[-1]) < size
-                and not (lengths and lengths[k] * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (real + lengths[k]))
-            ):
-                groups[-1].append(i)
-                real += lengths[k] if lengths else 0
-            else:
-                groups.append([i])
-                real = lengths[k] if lengths else 0
-        return groups
-
-    def _share(self, group: list[int]) -> tuple[list[int], float]:
-        """This rank's share of a micro-batch, with weight 1; (a row, weight 0) when the share is empty:
-        the zero-weight row keeps the rank in lockstep without changing any gradient or count."""
-        share = group[self.rank :: self.world]
-        return (share, 1.0) if share else ([group[0]], 0.0)
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, task_id: str, batch_size: int = 16) -> dict[str, float]:
-        """Validation loss (mean over target tokens) and perplexity; generation metrics when configured."""
-        task = self.tasks[task_id]
-        prefix = [task.encoder.prompt_embeddings().detach()]
-        val = task.data.validation
-        collate = collate_seq2seq if self.prefixed.seq2seq else collate_causal
-        loss_sum, count = 0.0, 0
-        for idx, weight in map(self._share, self._micro_batch_groups(list(range(len(val))), batch_size)):
-            batch = {k: v.to(self.device) for k, v in collate(val[idx], self.pad_id).items()}
-            rows = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=self.device)
-            out = self.prefixed.forward(
-                prefix, rows, batch["input_ids"], batch["attention_mask"], batch["labels"], logits="targets"
-            )
-            loss_sum += weight * out.token_loss.sum().item()
-            count += int(weight * out.target_mask.sum())
-        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
-        if self.coll:
-            self.coll.all_reduce(totals)
-        loss = totals[0].item() / max(totals[1].item(), 1.0)
-        result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-        if task.config.training.eval_generation.enabled:
-            result.update(self.generation_eval([task_id])[task_id])
-        task.last_eval = result
-        return result
+        """The task's validation loss and perplexity over every validation row, and its generation metrics
+        when configured."""
+        return self._evaluate({task_id: None}, batch_size)[task_id]
 
-    @torch.no_grad()
-    def generation_eval(self, task_ids: list[str]) -> dict[str, dict[str, float]]:
-        """Greedy generations for a sample of each task's validation rows, all tasks in mixed batches."""
-        prompts, refs, owners = [], [], []
-        for j, tid in enumerate(task_ids):
-            task = self.tasks[tid]
-            n = min(task.config.training.eval_generation.samples, len(task.data.validation))
-            sample = task.data.validation[:n]
-            prompts.extend(sample["prompt_ids"])
-            refs.extend(sample["target_text"])
-            owners.extend([j] * n)
-        max_new = max(self.tasks[t].config.training.eval_generation.max_new_tokens for t in task_ids)
-        texts = generate_texts(
-            self.prefixed,
-            self.tokenizer,
-            [self.tasks[t].encoder.prompt_embeddings().detach() for t in task_ids],
-            owners,
-            prompts,
-            max_new_tokens=max_new,
-        )
-        out = {}
-        for j, tid in enumerate(task_ids):
-            preds = [t for t, o in zip(texts, owners) if o == j]
-            gold = [r for r, o in zip(refs, owners) if o == j]
-            out[tid] = generation_metrics(preds, gold)
-        return out
+    def _evaluate(self, due: dict[str, list[int] | None], batch_size: int = 16) -> dict[str, dict[str, float]]:
+        tasks = [self.tasks[task_id] for task_id in due]
+        return evaluate_tasks(self.prefixed, self.tokenizer, self.pad_id, tasks, due, batch_size, self.coll)
 
-    # ------------------------------------------------------------------ checkpoints and results
     def _checkpoint(self, task: _Task) -> None:
-        """Rank 0 stages the task's state locally and uploads it whole as a new checkpoint
-        (`JobStorage.save_checkpoint`: it counts once complete; the previous one stays until then)."""
-        if self.rank != 0:
-            return
-        with temporary_dir(self.scratch_dir, f"checkpoint-{task.config.task_id}-") as tmp:
-            tmp = Path(tmp)
-            save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
-            save_tree(
-                tmp / "optimizer",
-                {
-                    "optimizer": task.optimizer.state_dict(),
-                    "scheduler": task.scheduler.state_dict(),
-                    "generator": task.generator.get_state(),
-                },
-            )
-            (tmp / "state.json").write_text(
-                json.dumps(
-                    {
-                        "step": task.step,
-                        "stream": task.stream.state_dict(),
-                        "history": task.history,
-                        "total_steps": task.total_steps,
-                        "task_id": task.config.task_id,
-                    }
-                ),
-                encoding="utf-8",
-            )
-            JobStorage.open(task.config.out_dir).save_checkpoint(tmp, task.step)
-
-    def _restore(self, task: _Task) -> None:
-        """Resume from the newest complete checkpoint in the task's folder that reads whole, else the one
-        before it; nothing found: the task starts at step 0. No collective here (a rank whose data failed
-        to load never gets this far): in a group, `workers.ranks.add_everywhere` checks afterwards that
-        every rank resumed at the same step."""
-        storage = JobStorage.open(task.config.out_dir)
-        names = storage.complete_checkpoints()
-        for name in names:
-            try:
-                state, encoder, tree = self._read_checkpoint(storage, name)
-            except (OSError, ValueError, KeyError, TypeError) as error:  # StorageError, CheckpointError too
-                log.warning(
-                    "task %s: checkpoint %s cannot be used (%s); trying the one before it",
-                    task.config.task_id,
-                    name,
-                    error,
-                )
-            else:
-                task.encoder.load_state_dict(encoder.state_dict())
-                task.optimizer.load_state_dict(tree["optimizer"])
-                task.scheduler.load_state_dict(tree["scheduler"])
-                task.generator.set_state(tree["generator"])
-                task.stream.load_state_dict(state["stream"])
-                task.step = state["step"]
-                task.history = state["history"]
-                return
-        if names:
-            log.warning("task %s: no usable checkpoint in %s; starting at step 0", task.config.task_id, storage)
-
-    def _read_checkpoint(self, storage: JobStorage, name: str):
-        """(state, encoder, optimizer tree) of one checkpoint, downloaded and checked against its manifest."""
-        with temporary_dir(self.scratch_dir, "restore-") as tmp:
-            storage.download_checkpoint(name, tmp)
-            state = json.loads((Path(tmp) / "state.json").read_text(encoding="utf-8"))
-            _, encoder = load_prefix(Path(tmp) / "prefix", self.model.config)
-            return state, encoder, load_tree(Path(tmp) / "optimizer")
+        """Rank 0 writes the task's checkpoint (`workers/checkpoints.py`)."""
+        if self.rank == 0:
+            save_checkpoint(task, self.scratch_dir)
 
     def _finish(self, task: _Task) -> TaskResult:
         """The task's results, staged locally by rank 0 and uploaded to its folder; checkpoints removed.
@@ -631,13 +436,6 @@ class MultiTaskTrainer:
     def prefix_of(self, task_id: str) -> torch.Tensor:
         """The task's current encoded prefix, [P, 2L*H*D] fp32 (detached)."""
         return self.tasks[task_id].encoder.prompt_embeddings().detach()
-
-
-def peak_memory_bytes() -> int:
-    """Peak resident memory of this process (CPU) or peak device memory (CUDA)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
