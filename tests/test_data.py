@@ -253,6 +253,18 @@ def test_bad_files_of_other_formats_are_named(tmp_path):
         load(tmp_path, train=good, validation=str(tmp_path / "validation.jsonl"))
 
 
+def test_validation_rows_are_bounded(tmp_path):
+    good = write(tmp_path / "good.jsonl", ROWS)  # 12 rows
+    message = r"data.max_validation_rows: .*good.jsonl has 12 rows, more than the bound of 5"
+    with pytest.raises(DataError, match=message):
+        load(tmp_path, train=good, validation=good, max_validation_rows=5)
+    assert load(tmp_path, train=good, validation=good, max_validation_rows=12).report.validation_rows == 12
+    message = r"data.max_validation_rows: holding out 0.4 of the 12 usable rows of .* makes 5 validation rows, more "
+    with pytest.raises(DataError, match=message + "than the bound of 4"):
+        load(tmp_path, train=good, validation_fraction=0.4, max_validation_rows=4)
+    assert load(tmp_path, train=good, validation_fraction=0.4, max_validation_rows=5).report.validation_rows == 5
+
+
 def test_settings_report_every_problem_at_once():
     with pytest.raises(DataError) as e:
         DataSettings(

@@ -127,6 +127,7 @@ def test_minimal_spec_is_fully_defaulted(task):
             "truncation": "left",
             "validation_fraction": 0.1,
             "seed": 0,
+            "max_validation_rows": 10000,
         },
         "prefix": {"num_virtual_tokens": 10, "projection": False, "projection_hidden_size": 512, "init": "random"},
         "training": {
@@ -140,6 +141,7 @@ def test_minimal_spec_is_fully_defaulted(task):
             "max_grad_norm": 1.0,
             "seed": 0,
             "eval_every": 50,
+            "eval_max_rows": 256,
             "checkpoint_every": 50,
             "eval_generation": {"enabled": False, "samples": 32, "max_new_tokens": 32},
         },
@@ -315,6 +317,16 @@ BAD_SPECS = [
     ),
     ("training-missing", {"training": DELETE}, "training: missing (required)"),
     ("steps-zero", {"training__steps": 0}, "training.steps: must be >= 1 and <= 100000, got 0"),
+    (
+        "eval-max-rows-big",
+        {"training__eval_max_rows": 10**6},
+        "training.eval_max_rows: must be >= 1 and <= 100000, got 1000000",
+    ),
+    (
+        "max-validation-rows-big",
+        {"data__max_validation_rows": 200_000},
+        "data.max_validation_rows: must be >= 1 and <= 100000, got 200000",
+    ),
     ("steps-bool", {"training__steps": True}, "training.steps: expected an integer, got boolean true"),
     ("steps-string", {"training__steps": "10"}, "training.steps: expected an integer, got string '10'"),
     ("steps-float", {"training__steps": 10.0}, "training.steps: expected an integer, got number 10.0"),
