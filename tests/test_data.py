@@ -265,20 +265,6 @@ def test_validation_rows_are_bounded(tmp_path):
     assert load(tmp_path, train=good, validation_fraction=0.4, max_validation_rows=5).report.validation_rows == 5
 
 
-def test_settings_report_every_problem_at_once():
-    with pytest.raises(DataError) as e:
-        DataSettings(
-            train="x", template="{0} {q", input_column="q", target_column="a", truncation="middle", max_length=1
-        )
-    for part in (
-        "exactly one of input_column and template",
-        "template '{0} {q'",
-        "truncation 'middle' is not one of left, skip, error",
-        "max_length 1",
-    ):
-        assert part in str(e.value)
-
-
 def test_cache_follows_the_file_and_the_settings(tmp_path):
     path = tmp_path / "d.jsonl"
     write(path, ROWS[:3])
