@@ -271,14 +271,19 @@ def run_probes(interceptor: Interceptor, rank: int) -> None:
 # step, so in each step one rank has none of its rows (and when it trains alone, one rank's share is empty).
 TASKS = {"rev": ("reverse", 4, 2e-2, 4, 3), "one": ("double", 3, 1e-2, 1, 5), "nxt": ("next", 5, 3e-2, 3, 20)}
 MICRO_BATCH = 2  # per rank; one process runs 2x that, so the micro-batch cuts are the same
+# "huge" joins the group's run only: its rows (the longest, marked with MARK) run out of memory on rank 1
+# alone (`run_out_of_memory_on_marked_rows`), so the ranks must agree that it fails; the others then end
+# as in one process without it.
+HUGE = ("huge", 3, 1e-2, 4, 30)
+MARK = "|"
 
 
 def task_config(work: Path, label: str, name: str):
     from tests.tiny import tiny_task
     from workers.data import DataSettings
 
-    train = work / f"{name}.jsonl" if name in TASKS else work / "missing.jsonl"
-    p, lr, examples, steps = TASKS.get(name, ("", 3, 1e-2, 1, 2))[1:]
+    train = work / f"{name}.jsonl" if name in (*TASKS, "huge") else work / "missing.jsonl"
+    p, lr, examples, steps = (TASKS | {"huge": HUGE}).get(name, ("", 3, 1e-2, 1, 2))[1:]
     data = DataSettings(train=str(train), input_column="input", target_column="target", max_length=32)
     return tiny_task(
         name,
@@ -299,13 +304,30 @@ def write_data(work: Path) -> None:
 
     for name, (kind, *_) in TASKS.items():
         write_task(work / f"{name}.jsonl", kind, n=24)
+    rows = [{"input": f"oom {MARK}{'ab' * 10}{i % 10}=", "target": "ab"} for i in range(24)]
+    (work / "huge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_out_of_memory_on_marked_rows() -> None:
+    """This process's embeddings raise torch.OutOfMemoryError for any batch holding a MARK token: the
+    device of this rank alone running out of memory on the huge task's rows."""
+    from tests.tiny import char_tokenizer
+
+    mark = char_tokenizer().convert_tokens_to_ids(MARK)
+
+    def hook(module, args):
+        if isinstance(module, torch.nn.Embedding) and (args[0] == mark).any():
+            raise torch.OutOfMemoryError("simulated on rank 1")
+
+    torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
 
 def drive(trainer, work: Path, label: str, send=None) -> dict:
     """The same schedule for the group (a ReplicatedTrainer on rank 0) and for one process (a trainer):
     add two tasks, step, admit a third mid-run and refuse one whose data is missing (the admission vote),
     step past the first task's end (evaluations and checkpoints on the way), cancel the third, and step
-    the one-row task alone to its end. Returns the prefixes as they started and as they ended (lists)."""
+    the one-row task alone to its end. Returns the prefixes as they started and as they ended (lists). The
+    group (`send` given) also has "huge", which fails in its first step (out of memory on rank 1)."""
     inner = getattr(trainer, "trainer", trainer)
     start, end = {}, {}
 
@@ -315,7 +337,9 @@ def drive(trainer, work: Path, label: str, send=None) -> dict:
 
     add("rev")
     add("one")
-    trainer.step()
+    if send:
+        add("huge")
+    failed = trainer.step().failed
     add("nxt")
     try:
         trainer.add_task(task_config(work, label, "bad"))
@@ -336,7 +360,7 @@ def drive(trainer, work: Path, label: str, send=None) -> dict:
 
     for name, folder in finished.items():
         end[name] = load_prefix(folder)[1].prompt_embeddings().detach().tolist()
-    return dict(start=start, end=end, finished=sorted(finished), refused=refused)
+    return dict(start=start, end=end, finished=sorted(finished), refused=refused, failed=failed)
 
 
 def main() -> None:
@@ -365,6 +389,7 @@ def main() -> None:
         rank = 0
     else:
         port, report = int(sys.argv[2]), Path(sys.argv[3])
+        run_out_of_memory_on_marked_rows()
         out = follow(settings, 1, ("127.0.0.1", port))
         rank = 1
     run_probes(interceptor, rank)
