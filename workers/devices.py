@@ -170,7 +170,9 @@ def out_of_memory(coll: Collectives | None, run, *args) -> str | None:
     """Run `run(*args)`; None when it completed on every rank, else why it did not: it ran out of memory
     (torch.OutOfMemoryError on a device, MemoryError on the CPU) here, or on another rank of the group (the
     ranks agree by an all-reduce, so all of them return the same verdict). What the failed run held is
-    freed before this returns (its frames are gone; the CUDA cache is emptied).
+    freed before this returns (its frames are gone; the CUDA cache is emptied). Under ZeRO-3 a forward
+    gathers the base weights collectively, layer by layer: a rank that fails inside one leaves its peers
+    waiting in the next gather until the group's timeout, which no vote afterwards can undo.
 
         error = out_of_memory(coll, model_step, batch)   # "OutOfMemoryError: CUDA out of memory. ..." or None
     """
