@@ -65,18 +65,10 @@ def estimate_spec(
 
     ref = base_model_ref(spec)
     config, tokenizer = load_config_and_tokenizer(ref, cache_dir=model_cache)
-    task = task_config(spec, "estimate", "unused")
     est = estimate_task(
         config,
         tokenizer,
-        task.data,
-        steps=spec.training.steps,
-        epochs=spec.training.epochs,
-        examples_per_step=spec.training.examples_per_step,
-        seed=spec.training.seed,
-        num_virtual_tokens=spec.prefix.num_virtual_tokens,
-        projection=spec.prefix.projection,
-        projection_hidden_size=spec.prefix.projection_hidden_size,
+        task_config(spec, "estimate", "unused"),
         dtype=spec.base_model.dtype,
         micro_batch_size=micro_batch_size,
         cache_dir=data_cache,

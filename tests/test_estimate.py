@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.test_trainer import TASKS, task_config, trainer
+from tests.test_trainer import task_config, trainer
 from workers.estimate import DTYPE_BYTES, estimate_task
 
 
@@ -12,18 +12,7 @@ from workers.estimate import DTYPE_BYTES, estimate_task
 def test_tokens_and_prefix_size_are_what_the_trainer_counts(tmp_path, name, steps):
     tr = trainer()
     cfg = task_config(tmp_path, name, steps=steps, eval_every=1000, checkpoint_every=1000)
-    est = estimate_task(
-        tr.model.config,
-        tr.tokenizer,
-        cfg.data,
-        steps=cfg.steps,
-        examples_per_step=cfg.examples_per_step,
-        seed=cfg.seed,
-        num_virtual_tokens=cfg.num_virtual_tokens,
-        projection=cfg.projection,
-        projection_hidden_size=cfg.projection_hidden_size,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    est = estimate_task(tr.model.config, tr.tokenizer, cfg, cache_dir=str(tmp_path / "cache"))
     tr.add_task(cfg)
     encoder = tr.tasks[cfg.task_id].encoder
     assert est.prefix_parameters == sum(p.numel() for p in encoder.parameters())
@@ -40,20 +29,8 @@ def test_tokens_and_prefix_size_are_what_the_trainer_counts(tmp_path, name, step
 
 def test_epochs_become_steps(tmp_path):
     tr = trainer()
-    cfg = task_config(tmp_path, "nxt")
-    est = estimate_task(
-        tr.model.config,
-        tr.tokenizer,
-        cfg.data,
-        steps=None,
-        epochs=1.5,
-        examples_per_step=4,
-        seed=0,
-        num_virtual_tokens=TASKS["nxt"][1],
-        projection=False,
-        projection_hidden_size=512,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    cfg = task_config(tmp_path, "nxt", steps=None, epochs=1.5)
+    est = estimate_task(tr.model.config, tr.tokenizer, cfg, cache_dir=str(tmp_path / "cache"))
     assert est.steps == math.ceil(1.5 * est.train_rows / 4)
     with pytest.raises(ValueError, match="tokens_per_s must be > 0"):
         est.seconds(0)

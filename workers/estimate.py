@@ -1,7 +1,6 @@
 """What a task will cost before it runs: tokens (exact, from its data), compute, and peak memory.
 
-    est = estimate_task(model_config, tokenizer, data_settings, steps=60, examples_per_step=4, seed=0,
-                        num_virtual_tokens=10, projection=False, projection_hidden_size=512)
+    est = estimate_task(model_config, tokenizer, task_config(spec, "j-1", "out"))   # orchestrator.plan
     est.total_tokens            # the tokens its 60 steps will process, row for row
     est.seconds(150.0)          # at 150 tokens/s of the group's measured throughput
 
@@ -23,8 +22,10 @@ import numpy as np
 import torch
 
 from workers.arch import prefix_shape
-from workers.data import DataSettings, ExampleStream, load_task_data
+from workers.batches import ExampleStream
+from workers.data import load_task_data
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
+from workers.tasks import TaskConfig
 
 ACTIVATION_FLOATS_PER_TOKEN = 16
 """Floats a decoder layer keeps per token and hidden unit for the backward (norm inputs, q/k/v, attention
@@ -74,29 +75,26 @@ class Estimate:
 def estimate_task(
     model_config: Any,
     tokenizer: Any,
-    data: DataSettings,
+    config: TaskConfig,
     *,
-    steps: int | None,
-    epochs: float | None = None,
-    examples_per_step: int,
-    seed: int,
-    num_virtual_tokens: int,
-    projection: bool,
-    projection_hidden_size: int,
     dtype: str = "float32",
     micro_batch_size: int = 4,
     cache_dir: str | None = None,
 ) -> Estimate:
-    """Estimate one task; reads and tokenizes its data as the trainer would (DataError as the trainer's)."""
+    """Estimate one task (as `orchestrator.plan.task_config` builds it); reads and tokenizes its data as the
+    trainer would (DataError as the trainer's)."""
+    data, t = config.data, config.training
+    examples_per_step = t.examples_per_step
     task = load_task_data(data, tokenizer, cache_dir=cache_dir)
     n = len(task.train)
-    total_steps = steps if steps is not None else max(1, math.ceil(epochs * n / examples_per_step))
+    total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * n / examples_per_step))
     lengths = np.array([len(ids) for ids in task.train["input_ids"]], dtype=np.int64)
     targets = np.array([sum(1 for t in labels if t != -100) for labels in task.train["labels"]], dtype=np.int64)
-    drawn = _draw_counts(n, seed, total_steps * examples_per_step)
+    drawn = _draw_counts(n, t.seed, total_steps * examples_per_step)
     shape = prefix_shape(model_config)
     base = _parameter_count(model_config)
-    prefix = _prefix_parameters(model_config, num_virtual_tokens, projection, projection_hidden_size)
+    prefix = _prefix_parameters(model_config, config.prefix)
+    num_virtual_tokens = config.prefix.num_virtual_tokens
     hidden = int(getattr(model_config, "hidden_size", shape.token_dim))
     longest = int(lengths.max()) + num_virtual_tokens
     rows = min(micro_batch_size, examples_per_step)
@@ -131,13 +129,8 @@ def _draw_counts(n: int, seed: int, draws: int) -> np.ndarray:
     return counts
 
 
-def _prefix_parameters(model_config: Any, num_virtual_tokens: int, projection: bool, hidden: int) -> int:
+def _prefix_parameters(model_config: Any, config: PrefixTuningConfig) -> int:
     """Trained parameters of the task's PrefixEncoder, built on the meta device."""
-    config = PrefixTuningConfig(
-        num_virtual_tokens=num_virtual_tokens,
-        prefix_projection=projection,
-        encoder_hidden_size=hidden if projection else None,
-    )
     with torch.device("meta"):
         encoder = PrefixEncoder(configure_for_model(config, model_config))
     return sum(p.numel() for p in encoder.parameters())
