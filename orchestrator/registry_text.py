@@ -1,4 +1,4 @@
-"""How `prefixd lookup` and `prefixd models` print, shared by the local commands (orchestrator/registry.py)
+"""How `prefixd lookup` and `prefixd models` print, shared by the local commands (orchestrator/registry/)
 and the same commands through `--server` (orchestrator/cli.py). No MLflow here: the remote commands must
 not pay for importing it."""
 

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from jobs.spec import parse_spec
 from orchestrator import registry
+from orchestrator.generation import load_pyfunc
 from orchestrator.plan import base_model_ref, task_config
 from orchestrator.pyfunc_model import PrefixPyfuncModel
 from orchestrator.registry import (
@@ -477,7 +478,7 @@ def test_bad_input_names_the_problem(trained, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert f"prefixd-rev v1: base model path:{moved}:float32" in err and "no such folder" in err, err
-    fails(lambda: registry.load_pyfunc(uri, "rev"), f"base model path:{moved}:float32")
+    fails(lambda: load_pyfunc(uri, "rev"), f"base model path:{moved}:float32")
     mlflow.set_tracking_uri(uri)
     try:
         with pytest.raises(ModelLoadError, match=f"base model path:{moved}:float32"):

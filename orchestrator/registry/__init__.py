@@ -1,0 +1,62 @@
+"""Finished jobs into MLflow, and lookups of what was registered: one run and one version per job.
+
+    run_id = log_job(uri, job, spec, result_dir)               # tracking only          (tracking.py)
+    name, version = register_job(uri, job, spec, result_dir)   # run + model + version  (registration.py)
+    registered = register_pending(store, uri)                  # the orchestrator's loop, with backoff
+    lookup(uri, "uppercase")                                   # the champion's version (lookup.py)
+
+Modules: client.py (tag names, RegistryError, the tracking URI, the MLflow client, outages), tracking.py
+(one run per job), registration.py (versions, ownership, the champion, the loop), lookup.py (lookups,
+search, download). Generation from registered prefixes is `orchestrator.generation`.
+"""
+
+from orchestrator.config import default_tracking_uri
+from orchestrator.registry.client import (
+    CHAMPION,
+    LATEST,
+    OWNER_TAG,
+    RegistryError,
+    exponential_backoff,
+    is_unreachable,
+    tracking_uri_from_args,
+)
+from orchestrator.registry.lookup import check_alias, download, lookup, search_models
+from orchestrator.registry.registration import model_owner, register_job, register_pending
+from orchestrator.registry.tracking import ResultFolder, base_model_sha256, experiment_name, log_job, read_result
+from orchestrator.registry.verbs import (
+    add_generate_arguments,
+    add_lookup_arguments,
+    add_models_arguments,
+    cmd_generate,
+    cmd_lookup,
+    cmd_models,
+)
+
+__all__ = [
+    "CHAMPION",
+    "LATEST",
+    "OWNER_TAG",
+    "RegistryError",
+    "ResultFolder",
+    "add_generate_arguments",
+    "add_lookup_arguments",
+    "add_models_arguments",
+    "base_model_sha256",
+    "check_alias",
+    "cmd_generate",
+    "cmd_lookup",
+    "cmd_models",
+    "default_tracking_uri",
+    "download",
+    "experiment_name",
+    "exponential_backoff",
+    "is_unreachable",
+    "log_job",
+    "lookup",
+    "model_owner",
+    "read_result",
+    "register_job",
+    "register_pending",
+    "search_models",
+    "tracking_uri_from_args",
+]

@@ -1,0 +1,293 @@
+"""Registration: one registered-model version per job, its owner, the champion, and the orchestrator's loop.
+
+    name, version = register_job(uri, job, spec, result_dir)   # run + pyfunc model + version + aliases
+    registered = register_pending(store, uri)                  # every due job, with backoff
+
+Registry. Registered model `spec.registry.model_name` (default 'prefixd-<task>'), one version per job,
+created with `create_model_version(source="models:/<logged model id>")` so that
+`mlflow.pyfunc.load_model("models:/<name>@champion")` works. A version is found again by its tag
+prefixd.job_id before anything is created: a job never gets two versions. Version tags: prefixd.job_id,
+prefixd.task, prefixd.base_model, prefixd.base_model_sha256, prefixd.metric.<name> for each final metric,
+prefixd.registry_metric / prefixd.direction, prefixd.num_virtual_tokens, prefixd.champion_reason and
+prefixd.champion_decision (promote | keep), and the spec's tags (prefixd.* keys are ours: a spec's own
+are dropped, and specs refuse them at the entry).
+
+Ownership. A registered model belongs to the tenant whose job created it (model tag prefixd.owner; a job
+without a tenant counts as the local tenant, 'local'). A job of another tenant cannot add a version to it
+or move its aliases: its registration fails with a RegistryError naming the model, and nothing is written.
+A model made before owners existed (no prefixd.owner tag) is adopted by the first tenant that registers a
+version to it.
+
+Aliases. `latest` is MLflow's own: it is reserved (`set_registered_model_alias(..., "latest", ...)` is
+refused) and always resolves to the highest version (`models:/<name>@latest`), so nothing is set for it;
+lookups list it. `champion` moves to a new version only when it beats the current champion on
+`spec.registry.metric` in `spec.registry.direction` (strictly; the new job's spec decides); the first
+version becomes champion; a version without that metric never displaces one. The decision is recorded on
+the version (tag prefixd.champion_reason) and, when the champion moves, on the registered model
+(tags prefixd.champion_version, prefixd.champion_reason).
+
+Outages. `register_pending` marks a job's failed attempt in the store with an exponential backoff; on a
+connection failure it stops and marks every remaining due job the same way, so a down MLflow costs one
+timeout per call. Jobs whose spec says registry.register: false are logged (a run, no version) and then
+marked done in the store with registry_model 'runs:/<run id>' and registry_version '-'.
+
+One process registers at a time: the orchestrators sharing a job store take the store's "registrar" lease
+before registering (`register_pending(..., keep_lease=)` renews it before each job and stops when it is
+lost). As a last guard, two versions found for one job after a create are reduced to the oldest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from jobs.spec import REGISTERED_NAME_PREFIX, JobSpec
+from orchestrator.plan import base_model_ref
+from orchestrator.pyfunc_model import describe_base
+from orchestrator.registry.client import (
+    BASE_TAG,
+    CHAMPION,
+    DECISION_TAG,
+    JOB_TAG,
+    LOCAL_TENANT,
+    METRIC_TAG,
+    MODEL_ID_TAG,
+    OWNER_TAG,
+    REASON_TAG,
+    SHA_TAG,
+    TASK_TAG,
+    RegistryError,
+    already_exists,
+    exponential_backoff,
+    is_unreachable,
+    metric_of,
+    mlflow_client,
+    not_found,
+    quote,
+)
+from orchestrator.registry.tracking import log_job, log_job_run, own_tags, read_result
+from workers.models import BaseModelRef
+
+
+def _job_version(client, name: str, job_id: str):
+    """The version registered for this job, or None."""
+    try:
+        found = client.search_model_versions(f"name = {quote(name)} and tags.`{JOB_TAG}` = {quote(job_id)}")
+    except Exception as e:
+        if not_found(e):
+            return None
+        raise
+    found = sorted(found, key=lambda v: int(v.version))
+    return found[0] if found else None
+
+
+def _tenant_of(job) -> str:
+    return getattr(job, "tenant", None) or LOCAL_TENANT
+
+
+def model_owner(tracking_uri: str, name: str) -> str | None:
+    """The tenant owning registered model `name` (its prefixd.owner tag); None if there is no such model
+    or it predates owners."""
+    with mlflow_client(tracking_uri) as client:
+        try:
+            return (client.get_registered_model(name).tags or {}).get(OWNER_TAG)
+        except Exception as e:
+            if not_found(e) or getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                return None
+            raise
+
+
+def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
+    """Create the model owned by the job's tenant, or check that the tenant owns it (RegistryError if not;
+    a model without an owner is adopted)."""
+    tenant = _tenant_of(job)
+    try:
+        model = client.get_registered_model(name)
+    except Exception as e:
+        if not not_found(e):
+            raise
+        model = None
+    if model is not None:
+        owner = (model.tags or {}).get(OWNER_TAG)
+        if owner is None:
+            client.set_registered_model_tag(name, OWNER_TAG, tenant)
+        elif owner != tenant:
+            raise RegistryError(
+                f"job {job.id}: registered model {name!r} belongs to tenant {owner!r}; tenant "
+                f"{tenant!r} cannot add versions to it or move its aliases (set "
+                "registry.model_name to a model of your own)"
+            )
+        return
+    try:
+        client.create_registered_model(
+            name,
+            tags={TASK_TAG: spec.name, OWNER_TAG: tenant},
+            description=f"Prefixes for task '{spec.name}' trained by prefixd, one version per job. Aliases: "
+            f"'champion' (best {spec.registry.metric}), '@latest' (MLflow's: the newest version).",
+        )
+    except Exception as e:
+        if not already_exists(e):
+            raise
+        _ensure_registered_model(client, name, spec, job)  # created meanwhile: by whom?
+
+
+def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> tuple[str, str]:
+    """Log the job (if not yet) and register it as a new version of spec.registry.model_name;
+    returns (model name, version as a string). Idempotent: a job's existing version is returned.
+    RegistryError if the spec says registry.register: false."""
+    if not spec.registry.register:
+        raise RegistryError(f"job {job.id}: its spec says registry.register: false (log it with log_job)")
+    name = spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name
+    result = read_result(result_dir, job.id)
+    ref = base_model_ref(spec)
+    with mlflow_client(tracking_uri) as client:
+        _ensure_registered_model(client, name, spec, job)  # ownership first: nothing is written otherwise
+        mv = _job_version(client, name, job.id)
+        if mv is None:
+            run = log_job_run(client, tracking_uri, job.id, spec, ref, result)
+            model_id = run.data.tags[MODEL_ID_TAG]
+            mv = client.create_model_version(
+                name,
+                source=f"models:/{model_id}",
+                run_id=run.info.run_id,
+                model_id=model_id,
+                tags=_version_tags(job.id, spec, ref, run.data.tags.get(SHA_TAG), result.metrics),
+                description=_description(job.id, spec, ref, result.metrics),
+            )
+            mv = _one_version_per_job(client, name, job.id, str(mv.version))
+        _decide_champion(client, name, mv, spec)
+        return name, str(mv.version)
+
+
+def _one_version_per_job(client, name: str, job_id: str, created: str):
+    """The job's oldest version; a newer one (a second registrar that raced this one) is deleted. Both
+    racers reach the same answer, so exactly one version stays."""
+    keep = _job_version(client, name, job_id)
+    if keep is not None and str(keep.version) != created:
+        client.delete_model_version(name, created)
+        return client.get_model_version(name, str(keep.version))
+    return client.get_model_version(name, created)
+
+
+def _version_tags(
+    job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None, metrics: Mapping[str, float]
+) -> dict[str, str]:
+    tags = own_tags(spec)
+    tags.update(
+        {
+            JOB_TAG: job_id,
+            TASK_TAG: spec.name,
+            BASE_TAG: describe_base(ref),
+            "prefixd.registry_metric": spec.registry.metric,
+            "prefixd.direction": spec.registry.direction,
+            "prefixd.num_virtual_tokens": str(spec.prefix.num_virtual_tokens),
+        }
+    )
+    if sha256:
+        tags[SHA_TAG] = sha256
+    for key, value in metrics.items():
+        tags[METRIC_TAG + key] = repr(value)
+    return tags
+
+
+def _description(job_id: str, spec: JobSpec, ref: BaseModelRef, metrics: Mapping[str, float]) -> str:
+    metric = spec.registry.metric
+    value = f"{metrics[metric]:.6g}" if metric in metrics else "not measured"
+    return (
+        f"Prefix for task '{spec.name}' from job {job_id}: {spec.prefix.num_virtual_tokens} virtual tokens "
+        f"over base model {describe_base(ref)}. {metric} = {value} ({spec.registry.direction})."
+    )
+
+
+def _decide_champion(client, name: str, mv, spec: JobSpec) -> None:
+    """Move `champion` to mv if it beats the current champion (see the module docstring).
+
+    The decision is written on the version first (prefixd.champion_decision), then the alias moves: a
+    retry after a crash in between re-applies a 'promote' unless a newer version holds the alias by now.
+    """
+    version = str(mv.version)
+    decided = (mv.tags or {}).get(DECISION_TAG)
+    champion = client.get_registered_model(name).aliases.get(CHAMPION)
+    champion = str(champion) if champion is not None else None
+    if decided is not None:
+        if decided == "promote" and champion != version and (champion is None or int(champion) < int(version)):
+            _promote(client, name, version, mv.tags.get(REASON_TAG, ""))
+        return
+    metric, direction = spec.registry.metric, spec.registry.direction
+    new = metric_of(mv, metric)
+    if champion is None:
+        promote, reason = True, "first version of the model" + (f" ({metric} {new:.6g})" if new is not None else "")
+    elif champion == version:
+        promote, reason = True, "already champion"
+    else:
+        old = metric_of(client.get_model_version(name, champion), metric)
+        if new is None:
+            promote, reason = False, f"no {metric} recorded for this version; champion stays v{champion}"
+        elif old is None:
+            promote, reason = True, f"{metric} {new:.6g}; champion v{champion} had no {metric}"
+        else:
+            better = new < old if direction == "minimize" else new > old
+            sign = ("<" if new < old else ">=") if direction == "minimize" else (">" if new > old else "<=")
+            if better:
+                promote, reason = True, f"{metric} {new:.6g} {sign} {old:.6g} of v{champion} ({direction})"
+            else:
+                promote, reason = (
+                    False,
+                    (
+                        f"{metric} {new:.6g} {sign} {old:.6g} of v{champion} ({direction}): "
+                        f"no improvement, champion stays v{champion}"
+                    ),
+                )
+    client.set_model_version_tag(name, version, REASON_TAG, reason)
+    client.set_model_version_tag(name, version, DECISION_TAG, "promote" if promote else "keep")
+    if promote:
+        _promote(client, name, version, reason)
+
+
+def _promote(client, name: str, version: str, reason: str) -> None:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, "prefixd.champion_version", version)
+    client.set_registered_model_tag(name, REASON_TAG, f"v{version}: {reason}")
+
+
+def register_pending(
+    store,
+    tracking_uri: str,
+    *,
+    now: float | None = None,
+    backoff: Callable[[int], float] = exponential_backoff,
+    keep_lease: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Log and register every succeeded, unregistered job that is due at `now` (default: time.time()).
+
+    Returns the ids of the jobs recorded as done in this call. A failed attempt is marked in the store
+    (mark_registration_failed), due again at now + backoff(attempts so far, this one included); on a
+    connection failure the rest of the due jobs are marked the same way without being tried.
+    keep_lease() is called before each job (to renew the registrar's lease); False stops at once.
+    """
+    now = time.time() if now is None else now
+    due = store.pending_registrations(now)
+    done: list[str] = []
+    for i, job in enumerate(due):
+        if keep_lease is not None and not keep_lease():
+            break
+        if store.get(job.id).registered:  # registered meanwhile by a registrar whose lease ran out
+            continue
+        try:
+            spec = JobSpec.from_dict(job.spec)
+            if spec.registry.register:
+                model, version = register_job(tracking_uri, job, spec, job.result_dir)
+            else:
+                model, version = f"runs:/{log_job(tracking_uri, job, spec, job.result_dir)}", "-"
+        except Exception as e:  # the loop must go on; the error is kept on the job
+            unreachable = is_unreachable(e)
+            error = f"{'MLflow unreachable: ' if unreachable else ''}{type(e).__name__}: {e}"[:2000]
+            for other in due[i:] if unreachable else [job]:
+                store.mark_registration_failed(other.id, error, now + backoff(other.registration_attempts + 1))
+            if unreachable:
+                break
+            continue
+        store.mark_registered(job.id, model, version)
+        done.append(job.id)
+    return done

@@ -1,0 +1,266 @@
+"""Tracking: one MLflow run per finished job.
+
+    run_id = log_job(uri, job, spec, result_dir)
+
+The run lives in the experiment `spec.registry.experiment`, else `prefixd/<base model>` (the spec's base_key
+with characters outside [A-Za-z0-9._:@-] made '_'). Params: the flattened spec. Metrics: every numeric field
+of history.jsonl at its step (loss, learning_rate, tokens, tokens_per_s, task_tokens_per_s, epoch, and the
+eval metrics at eval steps), timestamped by the record's `time`, then metrics.json (the final evaluation) at
+the last step, in `log_batch` calls. Tags: prefixd.job_id, prefixd.task, prefixd.base_model
+('kind:location@revision:dtype'), prefixd.base_model_sha256 (sha256 of the local safetensors weights, when
+the folder is on this machine; a built-in model counts only once it is converted), prefixd.model_id, and the
+spec's own tags. Artifacts: adapter/, prefix/, spec.json, metrics.json, history.jsonl, data_report.txt,
+result.json, plus the logged pyfunc model (`orchestrator.pyfunc_model`). The run is marked FINISHED last, so
+a FINISHED run is complete: a retry reuses it; an unfinished run of the job (a crash mid-log) is deleted and
+logged again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import REGISTERED_NAME_PREFIX, JobSpec
+from orchestrator.plan import base_model_ref
+from orchestrator.pyfunc_model import ADAPTER, BASE_MODEL, BASE_MODEL_FILE, PREFIX, base_model_record, describe_base
+from orchestrator.registry.client import (
+    BASE_TAG,
+    JOB_TAG,
+    MODEL_ID_TAG,
+    MODEL_NAME,
+    SHA_TAG,
+    TAG,
+    TASK_TAG,
+    RegistryError,
+    already_exists,
+    mlflow_client,
+    quote,
+    sqlite_db,
+)
+from orchestrator.results import fetch_result
+from workers.models import BaseModelRef, default_model_cache
+
+_HISTORY_SKIP = ("step", "time")
+_RESULT_FILES = ("metrics.json", "history.jsonl", "data_report.txt", "result.json")
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    root: Path
+    """The folder's files on this machine (a temporary copy when the job's folder is in remote storage)."""
+    history: list[dict[str, Any]]
+    """history.jsonl, one record per step."""
+    metrics: dict[str, float]
+    """metrics.json: the final evaluation (finite numbers only)."""
+    keep: Any = field(default=None, repr=False, compare=False)
+    """The temporary copy's TemporaryDirectory: removed once this folder is no longer referenced."""
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "prefix"
+
+
+def read_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolder:
+    """Check and read a job's result folder, a local path or a storage URI (`orchestrator/results.py`
+    fetches it to this machine); RegistryError names what is missing or unreadable."""
+    if not result_dir:
+        raise RegistryError(f"job {job_id}: it has no result_dir")
+    try:
+        root, keep = fetch_result(result_dir, job_id)
+    except ValueError as e:  # ResultError, or a StorageError naming the storage and what failed
+        raise RegistryError(str(e)) from None
+    try:
+        metrics = json.loads((root / "metrics.json").read_text(encoding="utf-8"))
+        history = [
+            json.loads(line)
+            for line in (root / "history.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RegistryError(f"job {job_id}: {root}: metrics.json or history.jsonl is not valid JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise RegistryError(f"job {job_id}: {root / 'metrics.json'}: expected a JSON object")
+    return ResultFolder(
+        root=root, history=history, metrics={k: float(v) for k, v in metrics.items() if _finite(v)}, keep=keep
+    )
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def experiment_name(spec: JobSpec) -> str:
+    """spec.registry.experiment, else 'prefixd/<base_key>' with odd characters made '_'."""
+    if spec.registry.experiment:
+        return spec.registry.experiment
+    key = re.sub(r"[^A-Za-z0-9._:@-]+", "_", spec.base_model.base_key).strip("_")
+    return f"prefixd/{key[-200:]}"
+
+
+def base_model_sha256(ref: BaseModelRef) -> str | None:
+    """sha256 of the base weights when they are on this machine already; never converts or downloads."""
+    from workers.models import weights_fingerprint
+
+    if ref.kind == "path":
+        folder = Path(ref.location)
+    elif ref.kind == "builtin":
+        folder = default_model_cache() / ref.location
+    else:
+        return None
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return weights_fingerprint(folder)
+    return None
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    db = sqlite_db(uri)
+    # A sqlite store would put artifacts under the current directory; keep them next to the database.
+    location = None
+    if db is not None:
+        location = str(db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name))
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception as e:
+        if already_exists(e):  # created meanwhile by another process
+            return client.get_experiment_by_name(name).experiment_id
+        raise
+
+
+def _find_run(client, experiment_id: str, job_id: str):
+    """The job's active runs, newest first."""
+    return list(
+        client.search_runs(
+            [experiment_id], f"tags.`{JOB_TAG}` = {quote(job_id)}", order_by=["attributes.start_time DESC"]
+        )
+    )
+
+
+def own_tags(spec: JobSpec) -> dict[str, str]:
+    """The spec's tags without any under prefixd.* (ours; a spec stored before they were refused may hold some)."""
+    return {k: v for k, v in spec.tags.items() if not k.lower().startswith(TAG)}
+
+
+def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None) -> dict[str, str]:
+    tags = own_tags(spec)
+    tags.update(
+        {
+            JOB_TAG: job_id,
+            TASK_TAG: spec.name,
+            BASE_TAG: describe_base(ref),
+            "prefixd.registered_model": spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name,
+        }
+    )
+    if sha256:
+        tags[SHA_TAG] = sha256
+    return tags
+
+
+def _metrics_from(result: ResultFolder) -> list[Any]:
+    """History metrics at their steps, then the final metrics at the last step (replacing the
+    history's value of the same key there)."""
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    points: dict[tuple[str, int], Metric] = {}
+    last_step, last_ms = 0, now_ms
+    for record in result.history:
+        step = int(record.get("step", 0))
+        ms = int(record["time"] * 1000) if _finite(record.get("time")) else now_ms
+        if step >= last_step:
+            last_step, last_ms = step, ms
+        for key, value in record.items():
+            if key not in _HISTORY_SKIP and _finite(value):
+                points[(key, step)] = Metric(key=key, value=float(value), timestamp=ms, step=step)
+    for key, value in result.metrics.items():
+        points[(key, last_step)] = Metric(key=key, value=value, timestamp=last_ms, step=last_step)
+    return list(points.values())
+
+
+def log_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> str:
+    """Log a finished job as one MLflow run (see the module docstring); returns its run id.
+
+    Idempotent: a FINISHED run tagged with the job's id is returned as is.
+    """
+    result = read_result(result_dir, job.id)
+    ref = base_model_ref(spec)
+    with mlflow_client(tracking_uri) as client:
+        return log_job_run(client, tracking_uri, job.id, spec, ref, result).info.run_id
+
+
+def log_job_run(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, result: ResultFolder):
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    from orchestrator.pyfunc_model import PYFUNC_ENTRY, signature
+
+    experiment_id = _experiment_id(client, experiment_name(spec), uri)
+    for run in _find_run(client, experiment_id, job_id):
+        if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
+            return run
+        client.delete_run(run.info.run_id)  # a half-logged earlier attempt: start over
+
+    sha256 = base_model_sha256(ref)
+    run = client.create_run(experiment_id, tags=_run_tags(job_id, spec, ref, sha256), run_name=f"{spec.name}-{job_id}")
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in spec.flat_params().items()]
+    for lo in range(0, len(params), 100):  # MLflow: at most 100 params per batch
+        client.log_batch(run_id, params=params[lo : lo + 100])
+    metrics = _metrics_from(result)
+    for lo in range(0, len(metrics), 1000):  # and at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[lo : lo + 1000])
+    client.log_artifacts(run_id, str(result.adapter), ADAPTER)
+    client.log_artifacts(run_id, str(result.prefix), PREFIX)
+    client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n", "spec.json")
+    for name in _RESULT_FILES:
+        if (result.root / name).is_file():
+            client.log_artifact(run_id, str(result.root / name))
+
+    with tempfile.TemporaryDirectory(prefix="prefixd-model-") as tmp:
+        record = Path(tmp) / BASE_MODEL_FILE
+        record.write_text(json.dumps(base_model_record(ref, sha256), indent=2) + "\n", encoding="utf-8")
+        code = Path(tmp) / "prefixd_model.py"
+        code.write_text(PYFUNC_ENTRY, encoding="utf-8")
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the run ends FINISHED, last
+            # MLflow advises an input example; giving one would make it load the base model (see below).
+            warnings.filterwarnings("ignore", message="An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(code),  # MLflow's models-from-code: nothing is pickled
+                artifacts={ADAPTER: str(result.adapter), PREFIX: str(result.prefix), BASE_MODEL: str(record)},
+                signature=signature(),
+                # Given, not inferred, and no input_example: either would make MLflow load the model, base
+                # model included, at logging time.
+                pip_requirements=_requirements(),
+                metadata={"prefixd_base_model": describe_base(ref), "prefixd_job_id": job_id},
+                tags={JOB_TAG: job_id, TASK_TAG: spec.name},
+            )
+            client.log_batch(run_id, tags=[RunTag(MODEL_ID_TAG, info.model_id)])
+    return client.get_run(run_id)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("mlflow", "torch", "transformers", "safetensors", "prefixd"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
