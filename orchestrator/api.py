@@ -15,7 +15,7 @@
 - Tenants. Each job records the tenant that submitted it. list, status, cancel, logs and events see only
   the caller's own jobs: another tenant's job answers 404 exactly as a job that does not exist. Admin tokens
   (PREFIXD_ADMIN_TOKENS) see and control every job. The registry routes (/v1/models) read the shared
-  registry; writing to it happens only through a tenant's own jobs (orchestrator/registry.py: a registered
+  registry; writing to it happens only through a tenant's own jobs (orchestrator/registry/: a registered
   model belongs to the tenant that created it). A spec naming another tenant's model is refused (422).
 - Quotas (the operator's, `tenant_quotas` / PREFIXD_QUOTAS): a submission past the tenant's max_queued or
   max_priority gets 429 with the limit named; max_running holds its further jobs in the queue (their

@@ -16,6 +16,9 @@ does it for the files a spec names); base-model folders must already be on the s
 The token names a tenant on the server: list, status, cancel, logs and events see that tenant's jobs only (an
 admin token's: everyone's), and another tenant's job answers 404 as a missing one does.
 
+Its registry calls (`lookup`, `search_models`) are those of orchestrator.commands.registry.Registry, so
+`prefixd lookup` and `prefixd models` run the same code against a server as against the local registry.
+
 Every refusal raises ApiError with the HTTP status (None when the server cannot be reached) and the
 server's detail; a refused spec (422) also carries every problem as (field path, message) pairs, and
 prints one per line; a quota refusal is 429, its detail naming the limit. Each call is one request;
@@ -126,7 +129,7 @@ class ApiClient:
         params = {k: v for k, v in (("alias", alias), ("version", version)) if v is not None}
         return self._call("GET", f"/v1/models/{quote(task, safe='')}", params=params)
 
-    def models(self, base: str | None = None, tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    def search_models(self, base: str | None = None, tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         """Registered prefixd models (orchestrator.registry.search_models's dicts)."""
         params: list[tuple[str, str]] = [("base", base)] if base is not None else []
         params += [("tag", f"{k}={v}") for k, v in (tags or {}).items()]

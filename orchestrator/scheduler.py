@@ -12,7 +12,7 @@ One scheduling pass (`Orchestrator.tick`), every `poll_s`:
                          per-base limit), within max_groups; a reservation holds nothing until every
                          bundle fits, and meanwhile the base's queued jobs say what they wait for
                          ("waiting for 8 GPUs"); once reserved, the group's actors start in it
-    register             succeeded jobs are logged and registered in MLflow (orchestrator/registry.py),
+    register             succeeded jobs are logged and registered in MLflow (orchestrator/registry/),
                          retried with backoff while MLflow is unreachable
 
 A group's shape (ranks, ZeRO stage, GPUs/CPUs/custom resources per rank, placement strategy, replicas) comes

@@ -235,7 +235,7 @@ def test_client(server, tmp_path):
     assert client.cancel(job_id).state == "cancelled"
     assert client.logs(job_id) == JobStore(url).logs(job_id)
     assert client.validate(spec()) == {"task": "rev", "base_key": "builtin:smollm2-135m:float32", "priority": 0}
-    assert client.models(base="builtin:smollm2-135m", tags={"a": "b"}) == []
+    assert client.search_models(base="builtin:smollm2-135m", tags={"a": "b"}) == []
 
     with pytest.raises(ApiError) as e:
         client.submit("name: Bad\ntraining: {steps: 0}\n")

@@ -6,6 +6,9 @@ Training commands (`run`, killed and restarted) are tested in test_orchestrator.
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +18,8 @@ import pytest
 from jobs.spec import spec_json_schema
 from orchestrator import cli
 from orchestrator.cli import COMMANDS, build_parser, main
+from orchestrator.commands import serving
+from orchestrator.commands.common import CommandError, config_from_args
 from orchestrator.store import JobStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
@@ -53,7 +58,6 @@ def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_command_table_matches_the_parser():
     assert _subcommands(build_parser()) == set(COMMANDS)
-    assert _subcommands(build_parser(registry_arguments=False)) == set(COMMANDS)
     for name, (function, help_text, add_arguments) in COMMANDS.items():
         assert callable(function) and callable(add_arguments) and help_text, name
     assert {
@@ -197,21 +201,47 @@ def test_run_with_an_empty_queue_starts_nothing(home, capsys):
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 
-def test_registry_commands_without_the_registry_module(home, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_registry", lambda: (None, "orchestrator.registry is not installed yet"))
-    code, out, err = run(capsys, "--home", str(home), "lookup", "some-model", "--alias", "best")
-    assert code == 1 and out == ""
-    assert err.strip() == (
-        "prefixd lookup: error: `prefixd lookup` is not available: orchestrator.registry is not installed yet"
+def test_job_commands_and_help_import_neither_mlflow_nor_torch(home):
+    """The registry commands' arguments are defined beside the job commands; MLflow and torch (seconds to
+    import) load only when a registry command runs on this machine."""
+    script = (
+        "import sys; from orchestrator.cli import main; "
+        f"codes = [main(['--home', {str(home)!r}, 'status']), main(['lookup', '--help']), main(['--help'])]; "
+        "print(codes, sorted(m for m in ('mlflow', 'torch', 'transformers') if m in sys.modules))"
     )
-    assert _subcommands(build_parser()) == set(COMMANDS)  # the parser still builds
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[0, 0, 0] []"
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(home, capsys):
+    """`prefixd status | head -1`: the reader goes away, the command ends without a traceback (exit 141)."""
+    for _ in range(3):
+        assert run(capsys, "--home", str(home), "submit", UPPERCASE, REVERSE)[0] == 0
+    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "status"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    child.stdout.close()  # before the child has started: its first write finds no reader
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == "", err
+    # The same with a reader that takes the first line only.
+    head = subprocess.run(
+        f"{shlex.join(command)} | head -1", shell=True, capture_output=True, text=True, timeout=120, env=_env()
+    )
+    assert head.stdout.split() == ["ID", "NAME", "STATE", "STEP", "LOSS", "ATTEMPTS", "UPDATED"]
+    assert head.stderr == ""
+
+
+def _env() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH, for `python -m orchestrator.cli`."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def test_serve_api_flag_without_the_api_module(home, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "orchestrator.api", None)  # as if the module did not exist
-    config = cli.config_from_args(argparse.Namespace(home=str(home)))
+    config = config_from_args(argparse.Namespace(home=str(home)))
     args = build_parser().parse_args(["serve", "--api", "--host", "127.0.0.1", "--port", "8123"])
-    assert cli._start_api(config, args) is None
+    assert serving._start_api(config, args) is None
     assert "the HTTP API is not available yet" in capsys.readouterr().err
 
 
@@ -250,15 +280,17 @@ def test_commands_are_sorted_by_what_they_do_with_a_server():
     assert set().union(*groups) == set(COMMANDS) and sum(map(len, groups)) == len(COMMANDS)
 
 
-def test_server_registry_arguments_match_the_registry_ones():
-    """lookup/models through --server take their options from cli.py (no MLflow import): the same ones."""
-
-    def options(parser, name):
-        [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        return {(a.dest, tuple(a.option_strings)) for a in action.choices[name]._actions}
-
-    for name in cli.SERVER_ARGUMENTS:
-        assert options(build_parser(server=True), name) == options(build_parser(), name), name
+def test_registry_arguments_parse():
+    parser = build_parser()
+    a = parser.parse_args(["lookup", "rev", "--version", "3", "--json", "--mlflow-uri", "http://x"])
+    assert (a.mlflow_uri, a.task, a.version, a.alias, a.json, a.download) == ("http://x", "rev", 3, None, True, None)
+    a = parser.parse_args(["models", "--base", "builtin:smollm2-135m", "--tag", "team=nlp", "--tag", "k=v"])
+    assert (getattr(a, "mlflow_uri", None), a.base, a.tag) == (None, "builtin:smollm2-135m", ["team=nlp", "k=v"])
+    a = parser.parse_args(["generate", "--task", "a", "--task", "b", "--max-new-tokens", "5", "p1", "p2"])
+    assert (a.tasks, a.alias, a.version, a.max_new_tokens, a.prompts) == (["a", "b"], None, None, 5, ["p1", "p2"])
+    for argv in (["lookup", "rev", "--alias", "a", "--version", "1"], ["lookup", "rev", "--version", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
 
 
 def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys, tmp_path):
@@ -381,12 +413,41 @@ def test_server_registry_commands(remote, capsys):
     assert code == 2 and "expected an integer >= 1" in err
 
 
+def test_registry_commands_print_the_same_locally_and_through_the_server(api, remote, capsys):
+    """One definition of lookup and models, two registries: the server's MLflow asked over HTTP, and the same
+    MLflow asked from here (--mlflow-uri). A model registered straight into it: every output matches."""
+    from mlflow import MlflowClient
+
+    url, _ = remote
+    uri = api[1].tracking_uri
+    client = MlflowClient(uri, uri)
+    client.create_registered_model("prefixd-echo", tags={"prefixd.task": "echo", "prefixd.owner": "local"})
+    tags = {"prefixd.task": "echo", "prefixd.job_id": "j-1", "prefixd.base_model": "builtin:smollm2-135m:float32"}
+    client.create_model_version("prefixd-echo", "file:///nowhere", tags=tags | {"prefixd.metric.eval_loss": "1.5"})
+    client.set_registered_model_alias("prefixd-echo", "champion", "1")
+    for argv, code in (
+        (["models"], 0),
+        (["models", "--json", "--base", "builtin:smollm2-135m"], 0),
+        (["lookup", "echo"], 0),
+        (["lookup", "prefixd-echo", "--version", "1", "--json"], 0),
+        (["lookup", "echo", "--alias", "gone"], 2),
+        (["lookup", "nope"], 2),
+        (["models", "--tag", "nokey"], 2),
+    ):
+        here = run(capsys, *argv, "--mlflow-uri", uri)
+        there = run(capsys, "--server", url, *argv)
+        assert here[:2] == there[:2] and here[0] == code, (argv, here, there)
+        if code:  # the same error line last (MLflow may log above it)
+            assert here[2].splitlines()[-1] == there[2].splitlines()[-1], argv
+    assert "prefixd-echo v1 (champion, latest)" in run(capsys, "lookup", "echo", "--mlflow-uri", uri)[1]
+
+
 def test_serve_api_refuses_without_tokens(home, monkeypatch):
     monkeypatch.delenv("PREFIXD_API_TOKENS", raising=False)
-    config = cli.config_from_args(argparse.Namespace(home=str(home)))
+    config = config_from_args(argparse.Namespace(home=str(home)))
     args = build_parser().parse_args(["serve", "--api", "--port", "0"])
-    with pytest.raises(cli.CommandError, match="set PREFIXD_API_TOKENS"):
-        cli._start_api(config, args)
+    with pytest.raises(CommandError, match="set PREFIXD_API_TOKENS"):
+        serving._start_api(config, args)
 
 
 def test_status_tells_why_a_succeeded_job_is_not_registered(home, capsys):

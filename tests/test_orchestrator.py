@@ -134,13 +134,14 @@ def test_config_reports_every_bad_setting(tmp_path):
 
 
 def test_group_settings_from_the_command_line_and_their_checks(tmp_path):
-    from orchestrator.cli import _scheduler_settings, build_parser
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.serving import scheduler_settings
 
     args = build_parser().parse_args(["run", "--zero-stage", "0", "--compile-layers"])
-    config = OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(args))
+    config = OrchestratorConfig.from_env(home=tmp_path, **scheduler_settings(args))
     assert (config.zero_stage, config.compile_layers) == (0, True)
     args = build_parser().parse_args(["run", "--workers-per-group", "2", "--zero-offload", "--gpus-per-worker", "1"])
-    config = OrchestratorConfig.from_env(home=tmp_path, **_scheduler_settings(args))
+    config = OrchestratorConfig.from_env(home=tmp_path, **scheduler_settings(args))
     assert (config.workers_per_group, config.zero_offload, config.gpus_per_worker, config.zero_stage) == (
         2,
         True,
@@ -149,7 +150,7 @@ def test_group_settings_from_the_command_line_and_their_checks(tmp_path):
     )
     assert (
         OrchestratorConfig.from_env(
-            home=tmp_path, **_scheduler_settings(build_parser().parse_args(["run"]))
+            home=tmp_path, **scheduler_settings(build_parser().parse_args(["run"]))
         ).compile_layers
         is False
     )

@@ -214,7 +214,8 @@ def test_group_shape_errors_name_the_base_and_setting(tmp_path):
 def test_group_shapes_file_from_the_command_line(tmp_path):
     table = tmp_path / "shapes.yaml"
     table.write_text("builtin:smollm2-135m:\n  workers_per_group: 2\n  zero_stage: 3\n  gpus_per_worker: 1\n")
-    from orchestrator.cli import _scheduler_settings, build_parser
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.serving import scheduler_settings
 
     args = build_parser().parse_args(
         [
@@ -229,7 +230,7 @@ def test_group_shapes_file_from_the_command_line(tmp_path):
             "STRICT_PACK",
         ]
     )
-    settings = _scheduler_settings(args)
+    settings = scheduler_settings(args)
     assert settings["group_shapes"] == {
         "builtin:smollm2-135m": {"workers_per_group": 2, "zero_stage": 3, "gpus_per_worker": 1}
     }

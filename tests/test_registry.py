@@ -21,14 +21,12 @@ from mlflow import MlflowClient
 
 from jobs.spec import parse_spec
 from orchestrator import registry
+from orchestrator.cli import main
 from orchestrator.generation import load_pyfunc
 from orchestrator.plan import base_model_ref, task_config
 from orchestrator.pyfunc_model import PrefixPyfuncModel
 from orchestrator.registry import (
     RegistryError,
-    cmd_generate,
-    cmd_lookup,
-    cmd_models,
     default_tracking_uri,
     download,
     log_job,
@@ -257,23 +255,14 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     assert [m["name"] for m in search_models(uri, base=f"path:{trained['base']}")] == ["prefixd-dbl", "prefixd-rev"]
     assert search_models(uri, base="builtin:smollm2-135m") == []
     capsys.readouterr()
-    assert cmd_models(args(mlflow_uri=uri, base=None, tag=["kind=dbl"], json=False)) == 0
+    assert main(["models", "--mlflow-uri", uri, "--tag", "kind=dbl"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["MODEL", "TASK", "CHAMPION", "LATEST", "VERSIONS"]
     assert lines[1].split()[:5] == ["prefixd-dbl", "dbl", "3", "3", "1,2,3"] and len(lines) == 2
-    assert cmd_lookup(args(mlflow_uri=uri, task="rev", alias=None, version="1", json=True, download=None)) == 0
+    assert main(["lookup", "rev", "--version", "1", "--json", "--mlflow-uri", uri]) == 0
     assert json.loads(capsys.readouterr().out)["job_id"] == job_ids[0]
     assert (
-        cmd_lookup(
-            args(
-                mlflow_uri=uri,
-                task="prefixd-rev",
-                alias="champion",
-                version=None,
-                json=False,
-                download=str(tmp_path / "dl"),
-            )
-        )
+        main(["lookup", "prefixd-rev", "--alias", "champion", "--download", str(tmp_path / "dl"), "--mlflow-uri", uri])
         == 0
     )
     out = capsys.readouterr().out
@@ -329,17 +318,7 @@ def test_mlflow_server_flow_peft_download_pyfunc_and_generate(trained, mlflow_se
     # -- generation: prefixd's own path, the CLI's mixed batch and the pyfunc model agree
     expected = generate_texts(PrefixedModel(base_b), tokenizer, [prefix], [0] * len(PROMPTS), PROMPTS, max_new_tokens=8)
     capsys.readouterr()
-    code = cmd_generate(
-        args(
-            mlflow_uri=uri,
-            tasks=["rev", "dbl"],
-            alias=None,
-            version=None,
-            max_new_tokens=8,
-            json=False,
-            prompts=PROMPTS,
-        )
-    )
+    code = main(["generate", "--mlflow-uri", uri, "--task", "rev", "--task", "dbl", "--max-new-tokens", "8", *PROMPTS])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out[0] == "== rev (prefixd-rev v1)" and out[len(PROMPTS) + 1] == "== dbl (prefixd-dbl v1)"
@@ -442,40 +421,25 @@ def test_bad_input_names_the_problem(trained, tmp_path, capsys):
     fails(lambda: download(uri, "rev", dst=tmp_path / "job" / "metrics.json"), "is not a folder")
 
     cases = [
-        (cmd_lookup, dict(task="nope", alias=None, version=None, json=False, download=None), "'nope'"),
-        (cmd_lookup, dict(task="rev", alias="gone", version=None, json=False, download=None), "no alias 'gone'"),
-        (cmd_lookup, dict(task="rev", alias=None, version="9", json=False, download=None), "no version 9"),
-        (cmd_lookup, dict(task="rev", alias="-x y", version=None, json=False, download=None), "not a valid alias"),
-        (cmd_models, dict(base=None, tag=["novalue"], json=False), "expected KEY=VALUE"),
-        (
-            cmd_generate,
-            dict(tasks=["nope"], alias=None, version=None, max_new_tokens=4, json=False, prompts=["a"]),
-            "'nope'",
-        ),
+        (["lookup", "nope"], "'nope'"),
+        (["lookup", "rev", "--alias", "gone"], "no alias 'gone'"),
+        (["lookup", "rev", "--version", "9"], "no version 9"),
+        (["lookup", "rev", "--alias=-x y"], "not a valid alias"),
+        (["lookup", "rev", "--version", "two"], "expected an integer >= 1, got 'two'"),
+        (["models", "--tag", "novalue"], "expected KEY=VALUE"),
+        (["generate", "--task", "nope", "--max-new-tokens", "4", "a"], "'nope'"),
+        (["generate", "--task", "rev", "--max-new-tokens", "0", "a"], "--max-new-tokens 0: must be >= 1"),
     ]
-    for cmd, kw, message in cases:
+    for argv, message in cases:
         capsys.readouterr()
-        assert cmd(args(mlflow_uri=uri, **kw)) == 2
+        assert main([*argv, "--mlflow-uri", uri]) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("prefixd ") and message in err, err
+        assert err.splitlines()[-1].startswith(f"prefixd {argv[0]}: ") and message in err, err
 
     # The registered version's base model is gone from this machine: every loading path names it.
     shutil.rmtree(moved)
     capsys.readouterr()
-    assert (
-        cmd_generate(
-            args(
-                mlflow_uri=uri,
-                tasks=["rev"],
-                alias=None,
-                version=None,
-                max_new_tokens=4,
-                json=False,
-                prompts=["rev ab="],
-            )
-        )
-        == 2
-    )
+    assert main(["generate", "--mlflow-uri", uri, "--task", "rev", "--max-new-tokens", "4", "rev ab="]) == 2
     err = capsys.readouterr().err
     assert f"prefixd-rev v1: base model path:{moved}:float32" in err and "no such folder" in err, err
     fails(lambda: load_pyfunc(uri, "rev"), f"base model path:{moved}:float32")
@@ -499,40 +463,3 @@ def test_tracking_uri_from_args(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow").is_dir()
     monkeypatch.setenv("PREFIXD_HOME", str(tmp_path / "h2"))
     assert registry.tracking_uri_from_args(args()) == f"sqlite:///{tmp_path}/h2/mlflow/mlflow.db"
-
-
-def test_cli_argument_parsers():
-    parser = argparse.ArgumentParser(prog="prefixd")
-    parser.add_argument("--mlflow-uri")
-    sub = parser.add_subparsers(dest="verb")
-    registry.add_lookup_arguments(sub.add_parser("lookup"))
-    registry.add_models_arguments(sub.add_parser("models"))
-    registry.add_generate_arguments(sub.add_parser("generate"))
-    a = parser.parse_args(["--mlflow-uri", "http://x", "lookup", "rev", "--version", "3", "--json"])
-    assert (a.mlflow_uri, a.task, a.version, a.alias, a.json, a.download) == ("http://x", "rev", "3", None, True, None)
-    a = parser.parse_args(["models", "--base", "builtin:smollm2-135m", "--tag", "team=nlp", "--tag", "k=v"])
-    assert (a.mlflow_uri, a.base, a.tag) == (None, "builtin:smollm2-135m", ["team=nlp", "k=v"])
-    a = parser.parse_args(
-        [
-            "generate",
-            "--task",
-            "a",
-            "--task",
-            "b",
-            "--max-new-tokens",
-            "5",
-            "p1",
-            "p2",
-            "--mlflow-uri",
-            "sqlite:///x.db",
-        ]
-    )
-    assert (a.tasks, a.alias, a.max_new_tokens, a.prompts, a.mlflow_uri) == (
-        ["a", "b"],
-        None,
-        5,
-        ["p1", "p2"],
-        "sqlite:///x.db",
-    )
-    with pytest.raises(SystemExit):
-        parser.parse_args(["lookup", "rev", "--alias", "a", "--version", "1"])

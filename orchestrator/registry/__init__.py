@@ -23,14 +23,6 @@ from orchestrator.registry.client import (
 from orchestrator.registry.lookup import check_alias, download, lookup, search_models
 from orchestrator.registry.registration import model_owner, register_job, register_pending
 from orchestrator.registry.tracking import ResultFolder, base_model_sha256, experiment_name, log_job, read_result
-from orchestrator.registry.verbs import (
-    add_generate_arguments,
-    add_lookup_arguments,
-    add_models_arguments,
-    cmd_generate,
-    cmd_lookup,
-    cmd_models,
-)
 
 __all__ = [
     "CHAMPION",
@@ -38,14 +30,8 @@ __all__ = [
     "OWNER_TAG",
     "RegistryError",
     "ResultFolder",
-    "add_generate_arguments",
-    "add_lookup_arguments",
-    "add_models_arguments",
     "base_model_sha256",
     "check_alias",
-    "cmd_generate",
-    "cmd_lookup",
-    "cmd_models",
     "default_tracking_uri",
     "download",
     "experiment_name",
