@@ -386,7 +386,7 @@ class OrchestratorConfig:
         """The job's out_dir; the same for every attempt, so a new worker resumes the last checkpoint."""
         if isinstance(self.jobs_dir, Path):
             return self.jobs_dir / job_id
-        from orchestrator.results import job_folder
+        from workers.results import job_folder
 
         return job_folder(self.jobs_dir, job_id)
 

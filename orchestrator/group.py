@@ -23,7 +23,7 @@ rank protocol of `workers/ranks.py` (each rank's device and threads: `workers/de
 A job's folder (`<storage>/jobs/<job_id>/`, a local path or an s3:// URI: `workers/storage.py`) is the same
 on every attempt and on every node: `add_task` resumes the newest complete checkpoint found there, and a
 `result.json` left by an attempt that died between writing its result and recording it makes the next
-attempt record it without training again (`orchestrator/results.py`), so every job completes exactly once.
+attempt record it without training again (`workers/results.py`), so every job completes exactly once.
 A node keeps only caches and staging of its own (under $PREFIXD_NODE_HOME when it sets one).
 """
 
@@ -40,8 +40,8 @@ from typing import Any
 
 import ray
 
-from orchestrator.results import RESULT_FILE, job_folder, read_result, write_result  # noqa: F401 - re-exported
 from orchestrator.store import InvalidTransition, JobStore, UnknownJob
+from workers.results import completed_result, finite, job_folder, write_result
 
 NODE_HOME_ENV = "PREFIXD_NODE_HOME"
 log = logging.getLogger("prefixd.group")
@@ -265,7 +265,7 @@ class WorkerGroup:
 
         job_dir = job_folder(self.s.jobs_dir, job.id)
         try:
-            previous = read_result(job_dir, job.id)
+            previous = completed_result(job_dir, job.id)
         except OSError as e:  # StorageError: the storage cannot be read now; another attempt will look again
             self._release(job.id, f"cannot read its job folder: {e}")
             return
@@ -363,9 +363,9 @@ class WorkerGroup:
                 job_id,
                 step=progress.step,
                 total_steps=progress.total_steps,
-                loss=_finite(progress.loss),
-                tokens_per_s=_finite(progress.tokens_per_s),
-                examples_per_s=_finite(progress.examples_per_s),
+                loss=finite(progress.loss),
+                tokens_per_s=finite(progress.tokens_per_s),
+                examples_per_s=finite(progress.examples_per_s),
                 eval=progress.eval,
             )
         except (InvalidTransition, UnknownJob) as e:
@@ -551,7 +551,3 @@ def start_group(
     actor = _RemoteWorkerGroup.options(**options(0, 4)).remote(settings)
     followers = [_RemoteFollower.options(**options(rank, 2)).remote() for rank in range(1, settings.world)]
     return actor, actor.run.remote(followers), followers
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

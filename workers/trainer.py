@@ -31,7 +31,6 @@ every micro-batch live on `device` (the rank's GPU, or the CPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from workers import allocator
+from workers import allocator, results
 from workers.batches import ExampleStream, micro_batch_groups, mixed_forward, rank_share
 from workers.checkpoints import restore_checkpoint, save_checkpoint
 from workers.data import DataSettings, TaskData, load_task_data
@@ -398,23 +397,19 @@ class MultiTaskTrainer:
             task_id=task.config.task_id,
             name=task.config.name,
             steps=task.step,
-            adapter_dir=out.child("adapter").uri,
-            prefix_dir=out.child("prefix").uri,
+            adapter_dir=out.child(results.ADAPTER).uri,
+            prefix_dir=out.child(results.PREFIX).uri,
             metrics=dict(task.last_eval),
-            history_file=out.child("history.jsonl").uri,
+            history_file=out.child(results.HISTORY).uri,
         )
         if self.rank == 0:
             with temporary_dir(self.scratch_dir, f"result-{task.config.task_id}-") as tmp:
                 tmp = Path(tmp)
-                save_peft_adapter(tmp / "adapter", task.encoder, task.prefix_config)
-                save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
-                with open(tmp / "history.jsonl", "w", encoding="utf-8") as f:
-                    for record in task.history:
-                        f.write(json.dumps(record) + "\n")
-                (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
-                (tmp / "data_report.txt").write_text(str(task.data.report) + "\n", encoding="utf-8")
-                for name in ("adapter", "prefix", "history.jsonl", "metrics.json", "data_report.txt"):
-                    out.upload(tmp / name, name)
+                save_peft_adapter(tmp / results.ADAPTER, task.encoder, task.prefix_config)
+                save_prefix(tmp / results.PREFIX, task.encoder, task.prefix_config)
+                results.write_outputs(
+                    out, tmp, history=task.history, metrics=result.metrics, report=str(task.data.report)
+                )
             out.delete_checkpoints()
         return result
 

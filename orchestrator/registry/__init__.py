@@ -22,14 +22,13 @@ from orchestrator.registry.client import (
 )
 from orchestrator.registry.lookup import check_alias, download, lookup, search_models
 from orchestrator.registry.registration import model_owner, register_job, register_pending
-from orchestrator.registry.tracking import ResultFolder, base_model_sha256, experiment_name, log_job, read_result
+from orchestrator.registry.tracking import base_model_sha256, experiment_name, log_job
 
 __all__ = [
     "CHAMPION",
     "LATEST",
     "OWNER_TAG",
     "RegistryError",
-    "ResultFolder",
     "base_model_sha256",
     "check_alias",
     "default_tracking_uri",
@@ -40,7 +39,6 @@ __all__ = [
     "log_job",
     "lookup",
     "model_owner",
-    "read_result",
     "register_job",
     "register_pending",
     "search_models",

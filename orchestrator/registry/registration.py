@@ -66,7 +66,7 @@ from orchestrator.registry.client import (
     not_found,
     quote,
 )
-from orchestrator.registry.tracking import log_job, log_job_run, own_tags, read_result
+from orchestrator.registry.tracking import load_job_result, log_job, log_job_run, own_tags
 from workers.models import BaseModelRef
 
 
@@ -139,7 +139,7 @@ def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) 
     if not spec.registry.register:
         raise RegistryError(f"job {job.id}: its spec says registry.register: false (log it with log_job)")
     name = spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name
-    result = read_result(result_dir, job.id)
+    result = load_job_result(result_dir, job.id)
     ref = base_model_ref(spec)
     with mlflow_client(tracking_uri) as client:
         _ensure_registered_model(client, name, spec, job)  # ownership first: nothing is written otherwise

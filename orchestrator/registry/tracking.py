@@ -18,12 +18,10 @@ logged again.
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,60 +42,19 @@ from orchestrator.registry.client import (
     quote,
     sqlite_db,
 )
-from orchestrator.results import fetch_result
 from workers.models import BaseModelRef, default_model_cache
+from workers.results import ResultFolder, finite, load_result
 
 _HISTORY_SKIP = ("step", "time")
-_RESULT_FILES = ("metrics.json", "history.jsonl", "data_report.txt", "result.json")
 
 
-@dataclass(frozen=True)
-class ResultFolder:
-    root: Path
-    """The folder's files on this machine (a temporary copy when the job's folder is in remote storage)."""
-    history: list[dict[str, Any]]
-    """history.jsonl, one record per step."""
-    metrics: dict[str, float]
-    """metrics.json: the final evaluation (finite numbers only)."""
-    keep: Any = field(default=None, repr=False, compare=False)
-    """The temporary copy's TemporaryDirectory: removed once this folder is no longer referenced."""
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def prefix(self) -> Path:
-        return self.root / "prefix"
-
-
-def read_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolder:
-    """Check and read a job's result folder, a local path or a storage URI (`orchestrator/results.py`
-    fetches it to this machine); RegistryError names what is missing or unreadable."""
-    if not result_dir:
-        raise RegistryError(f"job {job_id}: it has no result_dir")
+def load_job_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolder:
+    """The job's result folder, read (`workers.results.load_result`); RegistryError names what is missing or
+    unreadable."""
     try:
-        root, keep = fetch_result(result_dir, job_id)
+        return load_result(result_dir, job_id)
     except ValueError as e:  # ResultError, or a StorageError naming the storage and what failed
         raise RegistryError(str(e)) from None
-    try:
-        metrics = json.loads((root / "metrics.json").read_text(encoding="utf-8"))
-        history = [
-            json.loads(line)
-            for line in (root / "history.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RegistryError(f"job {job_id}: {root}: metrics.json or history.jsonl is not valid JSON ({e})") from None
-    if not isinstance(metrics, dict):
-        raise RegistryError(f"job {job_id}: {root / 'metrics.json'}: expected a JSON object")
-    return ResultFolder(
-        root=root, history=history, metrics={k: float(v) for k, v in metrics.items() if _finite(v)}, keep=keep
-    )
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def experiment_name(spec: JobSpec) -> str:
@@ -181,12 +138,12 @@ def _metrics_from(result: ResultFolder) -> list[Any]:
     last_step, last_ms = 0, now_ms
     for record in result.history:
         step = int(record.get("step", 0))
-        ms = int(record["time"] * 1000) if _finite(record.get("time")) else now_ms
+        ms = int(record["time"] * 1000) if finite(record.get("time")) is not None else now_ms
         if step >= last_step:
             last_step, last_ms = step, ms
         for key, value in record.items():
-            if key not in _HISTORY_SKIP and _finite(value):
-                points[(key, step)] = Metric(key=key, value=float(value), timestamp=ms, step=step)
+            if key not in _HISTORY_SKIP and (number := finite(value)) is not None:
+                points[(key, step)] = Metric(key=key, value=number, timestamp=ms, step=step)
     for key, value in result.metrics.items():
         points[(key, last_step)] = Metric(key=key, value=value, timestamp=last_ms, step=last_step)
     return list(points.values())
@@ -197,7 +154,7 @@ def log_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> st
 
     Idempotent: a FINISHED run tagged with the job's id is returned as is.
     """
-    result = read_result(result_dir, job.id)
+    result = load_job_result(result_dir, job.id)
     ref = base_model_ref(spec)
     with mlflow_client(tracking_uri) as client:
         return log_job_run(client, tracking_uri, job.id, spec, ref, result).info.run_id
@@ -227,9 +184,8 @@ def log_job_run(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef,
     client.log_artifacts(run_id, str(result.adapter), ADAPTER)
     client.log_artifacts(run_id, str(result.prefix), PREFIX)
     client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n", "spec.json")
-    for name in _RESULT_FILES:
-        if (result.root / name).is_file():
-            client.log_artifact(run_id, str(result.root / name))
+    for path in result.files():
+        client.log_artifact(run_id, str(path))
 
     with tempfile.TemporaryDirectory(prefix="prefixd-model-") as tmp:
         record = Path(tmp) / BASE_MODEL_FILE
