@@ -65,6 +65,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.bounds import SpecBounds
 from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
+from jobs.spec import Problem as SpecProblem
 from orchestrator.files import MAX_UPLOAD_BYTES, FileStore, files_router, is_file_id
 from orchestrator.store import MAX_EVENTS, STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
 from orchestrator.tenants import (
@@ -333,18 +334,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 bounds=settings.bounds,
                 files=lambda file_id: resolve_file(file_id, caller),
             )
+            foreign = _foreign_names(settings, spec, caller.tenant)
+            if foreign:
+                raise SpecError("request body", foreign)
         except SpecError as e:
             raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
-        owner = _model_owner(settings, spec)
-        if owner is not None and owner != caller.tenant:
-            problem = {
-                "path": "registry.model_name",
-                "message": f"{spec.registry.model_name!r} is a registered model of another tenant; only "
-                "its owner adds versions to it: choose a model name of your own",
-            }
-            raise _SpecRefused(
-                "request body: 1 problem in the job spec\n  registry.model_name: " + problem["message"], [problem]
-            )
         return spec
 
     async def read_spec(request: Request, caller: Caller) -> Any:
@@ -478,15 +472,37 @@ def _quota_table(settings: ApiSettings) -> dict[str, Quota]:
     return {t: Quota() for t in exempt} | dict(settings.quotas)
 
 
-def _model_owner(settings: ApiSettings, spec: Any) -> str | None:
-    """The tenant owning the spec's registered model, when MLflow says so now; None if free, unknown or
-    unreachable (registration checks again, and is the authority)."""
-    if registry is None or not settings.tracking_uri or not spec.registry.register:
-        return None
-    try:
-        return registry.model_owner(settings.tracking_uri, spec.registry.model_name)
-    except Exception:  # noqa: BLE001 - MLflow down: the registrar refuses a foreign model anyway
-        return None
+def _foreign_names(settings: ApiSettings, spec: Any, tenant: str) -> list[SpecProblem]:
+    """A problem for the spec's registered model and its named experiment when MLflow says now that another
+    tenant owns them; none when they are free, unknown or MLflow is unreachable (registration checks again,
+    and is the authority)."""
+    if registry is None or not settings.tracking_uri:
+        return []
+    checks = {  # field: (the name the spec gives, who owns such a name, the refusal)
+        "registry.model_name": (
+            spec.registry.model_name if spec.registry.register else None,
+            registry.model_owner,
+            "is a registered model of another tenant; only its owner adds versions to it: choose a model name "
+            "of your own",
+        ),
+        "registry.experiment": (
+            spec.registry.experiment,
+            registry.experiment_owner,
+            "is an MLflow experiment of another tenant; only its owner logs runs into it: choose an experiment "
+            "of your own, or leave it unset",
+        ),
+    }
+    problems = []
+    for path, (name, owner_of, refusal) in checks.items():
+        if name is None:
+            continue
+        try:
+            owner = owner_of(settings.tracking_uri, name)
+        except Exception:  # noqa: BLE001 - MLflow down: the registrar refuses a foreign name anyway
+            continue
+        if owner is not None and owner != tenant:
+            problems.append(SpecProblem(path, f"{name!r} {refusal}"))
+    return problems
 
 
 def _tracking(settings: ApiSettings) -> str:

@@ -1,6 +1,6 @@
 """One registrar, and registry ownership, for real: a tiny Llama trained once (its result folder copied
 per job), a real PostgreSQL job store shared by two Orchestrator objects registering at the same time
-into one sqlite MLflow store, and other tenants' attempts on a model they do not own.
+into one sqlite MLflow store, and other tenants' attempts on a model or an experiment they do not own.
 
 Run: python -m pytest -q tests/test_registrar.py
 """
@@ -168,4 +168,75 @@ def test_a_model_belongs_to_its_tenant(trained, tmp_path):
         )
         assert r.status_code == 201
         assert http.post("/v1/jobs", json=body, headers={"Authorization": "Bearer ta"}).status_code == 201
+    store.close()
+
+
+def test_an_experiment_belongs_to_its_tenant(trained, tmp_path):
+    uri = default_tracking_uri(tmp_path / "mlflow-home")
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    client = MlflowClient(uri, uri)
+
+    def spec_of(tenant: str, **registry_fields):
+        return make_spec(trained, registry={"model_name": f"{tenant}-rev", **registry_fields})
+
+    def runs_in(experiment: str) -> list[str]:
+        exp = client.get_experiment_by_name(experiment)
+        return sorted(r.data.tags["prefixd.job_id"] for r in client.search_runs([exp.experiment_id]))
+
+    # alice creates her experiment and may use it again; it records her as its owner.
+    alice = [
+        finished(store, spec_of("alice", experiment="alice-lab"), trained / "result", tmp_path / f"a{i}", "alice")
+        for i in range(2)
+    ]
+    assert registry.register_pending(store, uri) == alice
+    assert client.get_experiment_by_name("alice-lab").tags["prefixd.owner"] == "alice"
+    assert registry.experiment_owner(uri, "alice-lab") == "alice"
+
+    # bob names it, to register and to log only: both refused, nothing written (not even his model).
+    bob = finished(store, spec_of("bob", experiment="alice-lab"), trained / "result", tmp_path / "b1", "bob")
+    bob_log = finished(
+        store, spec_of("bob", experiment="alice-lab", register=False), trained / "result", tmp_path / "b2", "bob"
+    )
+    assert registry.register_pending(store, uri) == []
+    for job_id in (bob, bob_log):
+        row = store.get(job_id)
+        assert not row.registered, job_id
+        assert (
+            "experiment 'alice-lab' belongs to tenant 'alice'; tenant 'bob' cannot log runs" in row.registration_error
+        )
+    assert runs_in("alice-lab") == sorted(alice)
+    assert client.search_registered_models("name = 'bob-rev'") == []
+
+    # The local admin may log into it; the shared default experiment (prefixd/<base>) takes every tenant.
+    local = finished(store, spec_of("local", experiment="alice-lab"), trained / "result", tmp_path / "l1", None)
+    shared = [finished(store, spec_of(t), trained / "result", tmp_path / f"s-{t}", t) for t in ("alice", "bob")]
+    assert registry.register_pending(store, uri) == [local, *shared]
+    assert runs_in("alice-lab") == sorted([*alice, local])
+    default = registry.experiment_name(spec_of("bob"))
+    assert default.startswith("prefixd/") and runs_in(default) == sorted(shared)
+    assert "prefixd.owner" not in client.get_experiment_by_name(default).tags
+    assert client.get_experiment_by_name("alice-lab").tags["prefixd.owner"] == "alice"
+
+    # Over HTTP, bob's spec naming alice's experiment is refused before anything is queued; alice's is taken.
+    app = create_app(
+        ApiSettings(
+            store_url=store.url, callers=parse_entries(["alice=ta", "bob=tb"]), data_root=trained, tracking_uri=uri
+        )
+    )
+    body = {
+        "name": "rev",
+        "base_model": {"path": "base"},
+        "training": {"steps": 2},
+        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+    }
+    with TestClient(app) as http:
+        for token, model in (("tb", "bob-rev"), ("ta", "alice-rev")):
+            spec = body | {"registry": {"experiment": "alice-lab", "model_name": model}}
+            r = http.post("/v1/jobs", json=spec, headers={"Authorization": f"Bearer {token}"})
+            if token == "tb":
+                assert r.status_code == 422, r.text
+                [problem] = r.json()["problems"]
+                assert problem["path"] == "registry.experiment" and "another tenant" in problem["message"]
+            else:
+                assert r.status_code == 201, r.text
     store.close()

@@ -22,7 +22,7 @@ from orchestrator.registry.client import (
 )
 from orchestrator.registry.lookup import check_alias, download, lookup, search_models
 from orchestrator.registry.registration import model_owner, register_job, register_pending
-from orchestrator.registry.tracking import base_model_sha256, experiment_name, log_job
+from orchestrator.registry.tracking import base_model_sha256, experiment_name, experiment_owner, log_job
 
 __all__ = [
     "CHAMPION",
@@ -34,6 +34,7 @@ __all__ = [
     "default_tracking_uri",
     "download",
     "experiment_name",
+    "experiment_owner",
     "exponential_backoff",
     "is_unreachable",
     "log_job",

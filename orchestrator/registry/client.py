@@ -39,6 +39,11 @@ MODEL_NAME = "model"  # the logged pyfunc model's name within the run
 ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,255}$"  # MLflow's rule; 'latest' is built in, 'v<digits>' is reserved
 
 
+def tenant_of(job) -> str:
+    """The tenant a job acts for: its own, or the local admin's for a job from before tenants."""
+    return getattr(job, "tenant", None) or LOCAL_TENANT
+
+
 class RegistryError(ValueError):
     """Bad input to a lookup or registration: names the task, model, alias, version or file."""
 

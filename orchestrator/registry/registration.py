@@ -16,7 +16,8 @@ Ownership. A registered model belongs to the tenant whose job created it (model 
 without a tenant counts as the local tenant, 'local'). A job of another tenant cannot add a version to it
 or move its aliases: its registration fails with a RegistryError naming the model, and nothing is written.
 A model made before owners existed (no prefixd.owner tag) is adopted by the first tenant that registers a
-version to it.
+version to it. Experiments follow the same rule (`orchestrator/registry/tracking.py`); both are checked
+before anything is written.
 
 Aliases. `latest` is MLflow's own: it is reserved (`set_registered_model_alias(..., "latest", ...)` is
 refused) and always resolves to the highest version (`models:/<name>@latest`), so nothing is set for it;
@@ -50,7 +51,6 @@ from orchestrator.registry.client import (
     CHAMPION,
     DECISION_TAG,
     JOB_TAG,
-    LOCAL_TENANT,
     METRIC_TAG,
     MODEL_ID_TAG,
     OWNER_TAG,
@@ -65,8 +65,16 @@ from orchestrator.registry.client import (
     mlflow_client,
     not_found,
     quote,
+    tenant_of,
 )
-from orchestrator.registry.tracking import load_job_result, log_job, log_job_run, own_tags
+from orchestrator.registry.tracking import (
+    check_experiment,
+    experiment_name,
+    load_job_result,
+    log_job,
+    log_job_run,
+    own_tags,
+)
 from workers.models import BaseModelRef
 
 
@@ -80,10 +88,6 @@ def _job_version(client, name: str, job_id: str):
         raise
     found = sorted(found, key=lambda v: int(v.version))
     return found[0] if found else None
-
-
-def _tenant_of(job) -> str:
-    return getattr(job, "tenant", None) or LOCAL_TENANT
 
 
 def model_owner(tracking_uri: str, name: str) -> str | None:
@@ -101,7 +105,7 @@ def model_owner(tracking_uri: str, name: str) -> str | None:
 def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
     """Create the model owned by the job's tenant, or check that the tenant owns it (RegistryError if not;
     a model without an owner is adopted)."""
-    tenant = _tenant_of(job)
+    tenant = tenant_of(job)
     try:
         model = client.get_registered_model(name)
     except Exception as e:
@@ -142,10 +146,12 @@ def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) 
     result = load_job_result(result_dir, job.id)
     ref = base_model_ref(spec)
     with mlflow_client(tracking_uri) as client:
-        _ensure_registered_model(client, name, spec, job)  # ownership first: nothing is written otherwise
+        # Ownership first: nothing is written when the experiment or the model belongs to another tenant.
+        check_experiment(client, experiment_name(spec), tenant_of(job), job.id)
+        _ensure_registered_model(client, name, spec, job)
         mv = _job_version(client, name, job.id)
         if mv is None:
-            run = log_job_run(client, tracking_uri, job.id, spec, ref, result)
+            run = log_job_run(client, tracking_uri, job.id, spec, ref, result, tenant_of(job))
             model_id = run.data.tags[MODEL_ID_TAG]
             mv = client.create_model_version(
                 name,

@@ -13,6 +13,12 @@ spec's own tags. Artifacts: adapter/, prefix/, spec.json, metrics.json, history.
 result.json, plus the logged pyfunc model (`orchestrator.pyfunc_model`). The run is marked FINISHED last, so
 a FINISHED run is complete: a retry reuses it; an unfinished run of the job (a crash mid-log) is deleted and
 logged again.
+
+Ownership. The default experiments (names under 'prefixd/', one per base model) are shared by every tenant.
+Any other experiment belongs to the tenant whose job created it (experiment tag prefixd.owner): a job of
+another tenant naming it in registry.experiment is refused with a RegistryError naming the experiment and
+its owner, and nothing is logged. The local admin (tenant 'local': `prefixd submit` on the store's machine)
+may log anywhere; an experiment made before owners existed is adopted by the first job that logs into it.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from orchestrator.pyfunc_model import ADAPTER, BASE_MODEL, BASE_MODEL_FILE, PREF
 from orchestrator.registry.client import (
     BASE_TAG,
     JOB_TAG,
+    LOCAL_TENANT,
     MODEL_ID_TAG,
     MODEL_NAME,
+    OWNER_TAG,
     SHA_TAG,
     TAG,
     TASK_TAG,
@@ -41,11 +49,13 @@ from orchestrator.registry.client import (
     mlflow_client,
     quote,
     sqlite_db,
+    tenant_of,
 )
 from workers.models import BaseModelRef, default_model_cache
 from workers.results import ResultFolder, finite, load_result
 
 _HISTORY_SKIP = ("step", "time")
+SHARED_EXPERIMENTS = "prefixd/"  # the default experiments' names: shared by every tenant
 
 
 def load_job_result(result_dir: str | Path | None, job_id: str = "?") -> ResultFolder:
@@ -62,7 +72,32 @@ def experiment_name(spec: JobSpec) -> str:
     if spec.registry.experiment:
         return spec.registry.experiment
     key = re.sub(r"[^A-Za-z0-9._:@-]+", "_", spec.base_model.base_key).strip("_")
-    return f"prefixd/{key[-200:]}"
+    return f"{SHARED_EXPERIMENTS}{key[-200:]}"
+
+
+def experiment_owner(tracking_uri: str, name: str) -> str | None:
+    """The tenant owning experiment `name` (its prefixd.owner tag); None if there is no such experiment, it
+    is a shared one (under prefixd/), or it predates owners."""
+    if name.startswith(SHARED_EXPERIMENTS):
+        return None
+    with mlflow_client(tracking_uri) as client:
+        exp = client.get_experiment_by_name(name)
+    return None if exp is None else (exp.tags or {}).get(OWNER_TAG)
+
+
+def check_experiment(client, name: str, tenant: str, job_id: str, exp=None) -> None:
+    """RegistryError when experiment `name` (`exp`, if already fetched) belongs to a tenant other than
+    `tenant`; shared experiments and the local admin pass."""
+    if name.startswith(SHARED_EXPERIMENTS) or tenant == LOCAL_TENANT:
+        return
+    exp = client.get_experiment_by_name(name) if exp is None else exp
+    owner = None if exp is None else (exp.tags or {}).get(OWNER_TAG)
+    if owner is not None and owner != tenant:
+        raise RegistryError(
+            f"job {job_id}: experiment {name!r} belongs to tenant {owner!r}; tenant {tenant!r} cannot log runs "
+            "into it (set registry.experiment to an experiment of your own, or leave it unset for the shared "
+            f"{SHARED_EXPERIMENTS}<base model> one)"
+        )
 
 
 def base_model_sha256(ref: BaseModelRef) -> str | None:
@@ -80,11 +115,17 @@ def base_model_sha256(ref: BaseModelRef) -> str | None:
     return None
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
+def _experiment_id(client, name: str, uri: str, tenant: str, job_id: str) -> str:
+    """The experiment's id, created owned by `tenant` if needed (shared ones own no tag); RegistryError
+    when it belongs to another tenant."""
+    shared = name.startswith(SHARED_EXPERIMENTS)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        check_experiment(client, name, tenant, job_id, exp)
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if not shared and OWNER_TAG not in (exp.tags or {}):  # made before owners: adopted
+            client.set_experiment_tag(exp.experiment_id, OWNER_TAG, tenant)
         return exp.experiment_id
     db = sqlite_db(uri)
     # A sqlite store would put artifacts under the current directory; keep them next to the database.
@@ -92,10 +133,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
     if db is not None:
         location = str(db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name))
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=None if shared else {OWNER_TAG: tenant})
     except Exception as e:
-        if already_exists(e):  # created meanwhile by another process
-            return client.get_experiment_by_name(name).experiment_id
+        if already_exists(e):  # created meanwhile by another process: whose is it?
+            return _experiment_id(client, name, uri, tenant, job_id)
         raise
 
 
@@ -157,16 +198,17 @@ def log_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> st
     result = load_job_result(result_dir, job.id)
     ref = base_model_ref(spec)
     with mlflow_client(tracking_uri) as client:
-        return log_job_run(client, tracking_uri, job.id, spec, ref, result).info.run_id
+        return log_job_run(client, tracking_uri, job.id, spec, ref, result, tenant_of(job)).info.run_id
 
 
-def log_job_run(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, result: ResultFolder):
+def log_job_run(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, result: ResultFolder, tenant: str):
+    """The job's FINISHED run in its experiment, logged now unless an earlier attempt finished it."""
     import mlflow
     from mlflow.entities import Param, RunTag
 
     from orchestrator.pyfunc_model import PYFUNC_ENTRY, signature
 
-    experiment_id = _experiment_id(client, experiment_name(spec), uri)
+    experiment_id = _experiment_id(client, experiment_name(spec), uri, tenant, job_id)
     for run in _find_run(client, experiment_id, job_id):
         if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
             return run
