@@ -74,6 +74,22 @@ def finished(store: JobStore, spec, result: Path, dst: Path, tenant: str | None,
     return job_id
 
 
+BODY = {  # a spec of task rev on the tiny base, as a client sends it
+    "name": "rev",
+    "base_model": {"path": "base"},
+    "training": {"steps": 2},
+    "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+}
+
+
+def api_of(store: JobStore, data_root: Path, uri: str) -> TestClient:
+    """The HTTP API over this store and MLflow, with tenants alice (token 'ta') and bob ('tb')."""
+    callers = parse_entries(["alice=ta", "bob=tb"])
+    return TestClient(
+        create_app(ApiSettings(store_url=store.url, callers=callers, data_root=data_root, tracking_uri=uri))
+    )
+
+
 def test_two_orchestrators_on_one_postgres_store_register_each_job_once(trained, fresh_postgres_url, tmp_path):
     uri = default_tracking_uri(tmp_path / "mlflow-home")
     spec = make_spec(trained)
@@ -149,25 +165,14 @@ def test_a_model_belongs_to_its_tenant(trained, tmp_path):
     assert str(client.get_registered_model("prefixd-rev").aliases["champion"]) == "1"
 
     # Over HTTP, bob's spec naming alice's model is refused before anything is queued.
-    app = create_app(
-        ApiSettings(
-            store_url=store.url, callers=parse_entries(["alice=ta", "bob=tb"]), data_root=trained, tracking_uri=uri
-        )
-    )
-    body = {
-        "name": "rev",
-        "base_model": {"path": "base"},
-        "training": {"steps": 2},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-    }
-    with TestClient(app) as http:
-        r = http.post("/v1/jobs", json=body, headers={"Authorization": "Bearer tb"})
+    with api_of(store, trained, uri) as http:
+        r = http.post("/v1/jobs", json=BODY, headers={"Authorization": "Bearer tb"})
         assert r.status_code == 422 and r.json()["problems"][0]["path"] == "registry.model_name"
         r = http.post(
-            "/v1/jobs", json=body | {"registry": {"model_name": "bobs-rev"}}, headers={"Authorization": "Bearer tb"}
+            "/v1/jobs", json=BODY | {"registry": {"model_name": "bobs-rev"}}, headers={"Authorization": "Bearer tb"}
         )
         assert r.status_code == 201
-        assert http.post("/v1/jobs", json=body, headers={"Authorization": "Bearer ta"}).status_code == 201
+        assert http.post("/v1/jobs", json=BODY, headers={"Authorization": "Bearer ta"}).status_code == 201
     store.close()
 
 
@@ -218,20 +223,9 @@ def test_an_experiment_belongs_to_its_tenant(trained, tmp_path):
     assert client.get_experiment_by_name("alice-lab").tags["prefixd.owner"] == "alice"
 
     # Over HTTP, bob's spec naming alice's experiment is refused before anything is queued; alice's is taken.
-    app = create_app(
-        ApiSettings(
-            store_url=store.url, callers=parse_entries(["alice=ta", "bob=tb"]), data_root=trained, tracking_uri=uri
-        )
-    )
-    body = {
-        "name": "rev",
-        "base_model": {"path": "base"},
-        "training": {"steps": 2},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-    }
-    with TestClient(app) as http:
+    with api_of(store, trained, uri) as http:
         for token, model in (("tb", "bob-rev"), ("ta", "alice-rev")):
-            spec = body | {"registry": {"experiment": "alice-lab", "model_name": model}}
+            spec = BODY | {"registry": {"experiment": "alice-lab", "model_name": model}}
             r = http.post("/v1/jobs", json=spec, headers={"Authorization": f"Bearer {token}"})
             if token == "tb":
                 assert r.status_code == 422, r.text

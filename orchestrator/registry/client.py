@@ -111,6 +111,16 @@ def not_found(e: Exception) -> bool:
     return getattr(e, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
+def registered_model(client, name: str):
+    """The registered model `name`, or None when there is none (or `name` is no valid model name)."""
+    try:
+        return client.get_registered_model(name)
+    except Exception as e:
+        if not_found(e) or getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+            return None
+        raise
+
+
 def already_exists(e: Exception) -> bool:
     return getattr(e, "error_code", None) in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 

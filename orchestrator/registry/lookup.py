@@ -35,8 +35,8 @@ from orchestrator.registry.client import (
     is_unreachable,
     metric_of,
     mlflow_client,
-    not_found,
     quote,
+    registered_model,
 )
 
 
@@ -47,12 +47,8 @@ def resolve_name(client, task_or_model: str) -> str:
             f"{task_or_model!r} is not a task or model name (letters, digits, '_', '.' and '-', "
             "starting with a letter or digit)"
         )
-    try:
-        client.get_registered_model(task_or_model)
+    if registered_model(client, task_or_model) is not None:
         return task_or_model
-    except Exception as e:
-        if not not_found(e) and getattr(e, "error_code", None) != "INVALID_PARAMETER_VALUE":
-            raise
     tagged = [m.name for m in _all_models(client, f"tags.`{TASK_TAG}` = {quote(task_or_model)}")]
     if len(tagged) == 1:
         return tagged[0]
@@ -61,12 +57,8 @@ def resolve_name(client, task_or_model: str) -> str:
             f"task {task_or_model!r} has several registered models ({', '.join(sorted(tagged))}); give the model name"
         )
     default = REGISTERED_NAME_PREFIX + task_or_model
-    try:
-        client.get_registered_model(default)
+    if registered_model(client, default) is not None:
         return default
-    except Exception as e:
-        if not not_found(e) and getattr(e, "error_code", None) != "INVALID_PARAMETER_VALUE":
-            raise
     known = sorted(m.name for m in _all_models(client) if TASK_TAG in (m.tags or {}))
     raise RegistryError(
         f"no registered model for task or model {task_or_model!r} (looked for a model of that "

@@ -65,6 +65,7 @@ from orchestrator.registry.client import (
     mlflow_client,
     not_found,
     quote,
+    registered_model,
     tenant_of,
 )
 from orchestrator.registry.tracking import (
@@ -94,12 +95,8 @@ def model_owner(tracking_uri: str, name: str) -> str | None:
     """The tenant owning registered model `name` (its prefixd.owner tag); None if there is no such model
     or it predates owners."""
     with mlflow_client(tracking_uri) as client:
-        try:
-            return (client.get_registered_model(name).tags or {}).get(OWNER_TAG)
-        except Exception as e:
-            if not_found(e) or getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
-                return None
-            raise
+        model = registered_model(client, name)
+    return None if model is None else (model.tags or {}).get(OWNER_TAG)
 
 
 def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
