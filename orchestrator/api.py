@@ -110,6 +110,8 @@ class ApiSettings:
     """The operator's upper bounds on spec numbers."""
     quotas: Mapping[str, Quota] = field(default_factory=dict)
     """Per-tenant quotas ('*': every tenant not named; admins and the local tenant are exempt unless named)."""
+    serving: Any = None
+    """An orchestrator.serving_models.ModelCatalog: its OpenAI routes are mounted under /openai (/openai/v1/...)."""
 
 
 def tokens_from_env() -> dict[str, Caller]:
@@ -256,26 +258,34 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: ApiSettings) -> FastAPI:
-    app = FastAPI(title="prefixd", version="1", description=__doc__)
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
-    store = JobStore(settings.store_url)
-    store.set_quotas(_quota_table(settings))
+def bearer_authorizer(callers: Mapping[str, Caller]):
+    """The FastAPI dependency that maps `Authorization: Bearer <token>` to its Caller: none -> 401, a token
+    not in `callers` -> 403 (the job API's and orchestrator/serving.py's routes share it)."""
     bearer = HTTPBearer(auto_error=False)
-    data_root = settings.data_root.resolve()
-    files = FileStore(settings.files_storage) if settings.files_storage else None
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         given = credentials.credentials.encode()
         found = None
-        for token, caller in settings.callers.items():  # every token compared, in constant time each
+        for token, caller in callers.items():  # every token compared, in constant time each
             if hmac.compare_digest(given, token.encode()):
                 found = caller
         if found is None:
             raise HTTPException(403, "token not accepted")
         return found
+
+    return authorize
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    app = FastAPI(title="prefixd", version="1", description=__doc__)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    store = JobStore(settings.store_url)
+    store.set_quotas(_quota_table(settings))
+    data_root = settings.data_root.resolve()
+    files = FileStore(settings.files_storage) if settings.files_storage else None
+    authorize = bearer_authorizer(settings.callers)
 
     def visible_job(job_id: str, caller: Caller):
         """The job if the caller may see it (its own, or any for an admin); else 404 as for no such job."""
@@ -460,6 +470,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise HTTPException(404, str(e)) from None
 
     app.include_router(files_router(files, authorize, settings.max_upload_bytes, errors))
+    if settings.serving is not None:
+        from orchestrator.serving import serving_router
+
+        app.include_router(serving_router(settings.serving, authorize), prefix="/openai")
     return app
 
 
@@ -545,6 +559,7 @@ def start_api(
     data_root: str | Path | None = None,
     max_upload_bytes: int | None = None,
     startup_timeout_s: float = 60.0,
+    serving: Any = None,
 ) -> ApiHandle:
     """Serve create_app over the config's job store and MLflow registry; returns once it listens.
 
@@ -553,7 +568,7 @@ def start_api(
     all raises ApiStartError (the API never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT,
     else <config.home>/data (created); with $PREFIXD_TENANT_DATA_DIRS=1 each tenant reads <data_root>/<tenant>/. Uploads are kept under config.storage (else the home folder), at most
     max_upload_bytes each (default $PREFIXD_MAX_UPLOAD_BYTES, else 1 GiB). Bounds and quotas come from config.spec_bounds and
-    config.tenant_quotas. port 0 picks a free port (see .url). A host that is not a loopback address prints
+    config.tenant_quotas. serving: a ModelCatalog whose OpenAI routes to mount at /openai. port 0 picks a free port (see .url). A host that is not a loopback address prints
     a warning on stderr: the API is then reachable from other machines over plain HTTP.
 
         api = start_api(config, port=0, tokens=["alice=tok-a", "bob=tok-b"], admin_tokens=["ops=tok-o"])
@@ -586,6 +601,7 @@ def start_api(
         quotas=quotas,
         files_storage=str(config.storage or config.home),
         max_upload_bytes=upload_limit,
+        serving=serving,
     )
     sock = _listen_socket(host, port)
     try:

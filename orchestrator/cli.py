@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable
 
 from jobs.spec import SpecError
+from orchestrator import serving_cli as serve_models
 from orchestrator.client import ApiError
 from orchestrator.commands import jobs, registry, serving
 from orchestrator.commands.common import SERVER_ENV, TOKEN_ENV, CommandError, server_url
@@ -59,11 +60,16 @@ COMMANDS: dict[str, Command] = {
     "lookup": (registry.cmd_lookup, "find trained prefixes in the registry", registry.add_lookup_arguments),
     "models": (registry.cmd_models, "list registered models", registry.add_models_arguments),
     "generate": (registry.cmd_generate, "generate text with a registered prefix", registry.add_generate_arguments),
+    "serve-models": (
+        serve_models.cmd_serve_models,
+        "serve every registered prefix, OpenAI-compatible",
+        serve_models.add_serve_models_arguments,
+    ),
 }
 
 SERVER_COMMANDS = ("submit", "status", "list", "cancel", "logs", "lookup", "models")  # through --server
 SERVER_IGNORED = ("validate", "schema")  # always local, whatever --server says
-SERVER_REFUSED = ("run", "serve", "generate")  # they work on this machine: --server is refused
+SERVER_REFUSED = ("run", "serve", "generate", "serve-models")  # they work on this machine: --server is refused
 
 
 def _global_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:

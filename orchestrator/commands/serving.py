@@ -8,7 +8,6 @@ serve` (until stopped, optionally with the HTTP API), and the scheduler flags th
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 import threading
@@ -113,27 +112,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="folder that relative paths in specs submitted over HTTP are read from, and may not "
         "leave (PREFIXD_DATA_ROOT; default HOME/data)",
     )
+    p.add_argument(
+        "--serve-models",
+        action="store_true",
+        help="with --api: also serve every registered prefix, OpenAI-compatible, under /openai/v1 "
+        "(prefixd serve-models for its own server and settings)",
+    )
 
 
 def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
-    """The HTTP API lives in orchestrator.api as `start_api(config, host=, port=)` returning a handle with
-    `stop()`; until that module exists, serve runs without it."""
+    """The HTTP API (orchestrator.api, imported only when asked for), with the model-serving routes mounted
+    under /openai when --serve-models is given."""
+    from orchestrator import api
+    from orchestrator.serving_cli import serving_catalog
+
+    serving = serving_catalog(config) if getattr(args, "serve_models", False) else None
     try:
-        api = importlib.import_module("orchestrator.api")
-    except ModuleNotFoundError as e:
-        if e.name != "orchestrator.api":
-            raise
-        print(
-            "the HTTP API is not available yet (orchestrator.api is not installed); serving without it", file=sys.stderr
+        return api.start_api(
+            config, host=args.host, port=args.port, data_root=getattr(args, "data_root", None), serving=serving
         )
-        return None
-    if not hasattr(api, "start_api"):
-        print(
-            "the HTTP API is not available yet (orchestrator.api has no start_api); serving without it", file=sys.stderr
-        )
-        return None
-    try:
-        return api.start_api(config, host=args.host, port=args.port, data_root=getattr(args, "data_root", None))
     except api.ApiStartError as e:
         raise CommandError(str(e)) from None
 
