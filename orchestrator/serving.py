@@ -206,6 +206,8 @@ def serving_router(catalog: ModelCatalog, authorize) -> APIRouter:
         except ModelRefused as e:
             param = str(e).split(":", 1)[0] if str(e).startswith(("model:", "n:")) else "model"
             raise BadRequest(param, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the registry unreachable or refusing: say so, as a 503
+            raise BadRequest(None, f"model registry: {type(e).__name__}: {e}", 503, "server_error") from None
         ids = [prompt_ids(served, p, chat=chat) for p in params.prompts]
         p_len, limit = served.prefix.shape[0], served.engine.context_length
         for i in ids:
@@ -354,7 +356,7 @@ def serving_router(catalog: ModelCatalog, authorize) -> APIRouter:
         listing = await run_in_threadpool(catalog.listing)
         data = {}
         for m in listing:
-            if catalog.visible(m, caller):
+            if catalog.visible((m.get("tags") or {}).get("prefixd.owner"), caller):
                 owner = (m.get("tags") or {}).get("prefixd.owner") or "prefixd"
                 data.setdefault(m["task"] or m["name"], {"id": m["task"] or m["name"], "object": "model",
                                                         "created": 0, "owned_by": owner})  # fmt: skip

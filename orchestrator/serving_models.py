@@ -8,9 +8,11 @@ thread (workers/decode.py), and the registered prefixes in an LRU, resolved from
 Names. `model` is a task (or registered-model) name, optionally `@alias` or `:version`; without either it
 means `@champion`. What a caller may use and sees listed: the registered models its tenant owns (tag
 prefixd.owner), those of the local tenant (trained through the CLI on the store's machine) and those without
-an owner; an admin: every model. Aliases are resolved
-from a listing of the registry that is refreshed at most every `alias_ttl_s` seconds, so a moved alias
-is served within that time; each (model, version) is downloaded once and kept in the LRU, bounded by
+an owner; an admin: every model. A name is resolved (registry.lookup) on first use; every `alias_ttl_s`
+seconds one background refresh re-reads every alias and owner from one listing of the registered models
+(requests meanwhile use what they have), so a moved alias is served within about that time; the registry's listing
+(GET /v1/models, the names an unknown model's 404 lists) is reused as long. Each (model, version) is
+downloaded once and kept in the LRU, bounded by
 `max_prefixes` and `max_prefix_bytes` (least recently used out first; running rows keep their tensor).
 
 Engines. Each base model runs in its own thread: requests wait in a queue bounded by `max_queue`
@@ -245,32 +247,41 @@ class ModelCatalog:
         self.device = resolve_device(settings.device)
         self._lock = threading.Lock()
         self._listing: tuple[float, list[dict]] | None = None
+        self._names: dict[tuple, tuple[str, str, str | None]] = {}  # (task, alias, version) -> name, version, owner
+        self._refreshed_at = time.monotonic()
+        self._refreshing = False
         self._prefixes: collections.OrderedDict[tuple[str, str], tuple[torch.Tensor, str]] = collections.OrderedDict()
         self._engines: dict[str, Engine] = {}
-        self._loading: dict[Any, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks: dict[Any, threading.Lock] = {}
+
+    def _lock_of(self, key: Any) -> threading.Lock:
+        """One lock per key (a name, a prefix, a base model), made once."""
+        with self._lock:
+            return self._locks.setdefault(key, threading.Lock())
 
     # names
-    def listing(self, *, fresh: bool = False) -> list[dict]:
-        """search_models() of the registry, reused for alias_ttl_s seconds."""
-        with self._lock:
+    def listing(self) -> list[dict]:
+        """search_models() of the registry, reused for alias_ttl_s seconds (one refresh at a time)."""
+        with self._lock_of("listing"):
             cached = self._listing
-        if cached is None or fresh or time.monotonic() - cached[0] > self.settings.alias_ttl_s:
-            models = registry.search_models(self.settings.tracking_uri)
-            cached = (time.monotonic(), models)
-            with self._lock:
-                self._listing = cached
+            if cached is None or time.monotonic() - cached[0] > self.settings.alias_ttl_s:
+                cached = self._listing = (time.monotonic(), registry.search_models(self.settings.tracking_uri))
         return cached[1]
 
     @staticmethod
-    def visible(model: dict, caller: Any) -> bool:
-        owner = (model.get("tags") or {}).get(registry.OWNER_TAG)
+    def visible(owner: str | None, caller: Any) -> bool:
+        """Whether a model of this owner (its prefixd.owner tag) is the caller's to use and see."""
         return caller is None or caller.admin or owner in (None, LOCAL_TENANT, caller.tenant)
 
     def visible_ids(self, caller: Any) -> list[str]:
-        return sorted({m["task"] or m["name"] for m in self.listing() if self.visible(m, caller)})
+        listing = self.listing()
+        return sorted(
+            {m["task"] or m["name"] for m in listing if self.visible(m["tags"].get(registry.OWNER_TAG), caller)}
+        )
 
     def resolve(self, model: str, caller: Any) -> tuple[str, str]:
-        """(registered name, version) for a `model` string; ModelNotFound / ModelRefused."""
+        """(registered name, version) for a `model` string; ModelNotFound / ModelRefused (module docstring:
+        how long a resolution is reused)."""
         found = re.fullmatch(MODEL_PATTERN, model) if isinstance(model, str) else None
         if found is None:
             raise ModelRefused(
@@ -278,27 +289,71 @@ class ModelCatalog:
                 ":version, e.g. capitals, capitals@champion, capitals:3"
             )
         task, alias, version = found["task"], found["alias"], found["version"]
-        mine = [m for m in self.listing() if self.visible(m, None if caller is None else caller)]
-        hits = [m for m in mine if m["name"] == task] or [m for m in mine if m["task"] == task]
-        if not hits:
+        key = (task, alias, version)
+        with self._lock_of(("name", key)):
+            cached = self._names.get(key)
+            if cached is None:
+                cached = self._names[key] = self._lookup(task, alias, version, caller)
+        with self._lock:
+            due = time.monotonic() - self._refreshed_at > self.settings.alias_ttl_s and not self._refreshing
+            self._refreshing = self._refreshing or due
+        if due:  # served from the cache meanwhile; one refresh of every alias at a time, in the background
+            threading.Thread(target=self._refresh, name="prefixd-aliases", daemon=True).start()
+        if not self.visible(cached[2], caller):
             ids = ", ".join(self.visible_ids(caller)) or "none"
             raise ModelNotFound(f"model: no model {task!r}; the models you can use: {ids}")
-        if len(hits) > 1:
-            names = ", ".join(sorted(m["name"] for m in hits))
-            raise ModelRefused(f"model: task {task!r} has several registered models ({names}); give the model name")
-        entry = hits[0]
-        if version is not None:
-            if str(int(version)) not in entry["versions"]:
-                raise ModelNotFound(
-                    f"model: {entry['name']} has no version {version}; its versions: {', '.join(entry['versions'])}"
-                )
-            return entry["name"], str(int(version))
-        alias = alias or registry.CHAMPION
-        if alias not in entry["aliases"]:
+        return cached[0], cached[1]
+
+    def _lookup(self, task: str, alias: str | None, version: str | None, caller: Any) -> tuple:
+        """(registered name, version, owner) from the registry; ModelNotFound naming what exists."""
+        try:
+            info = registry.lookup(self.settings.tracking_uri, task, alias=alias, version=version)
+            owner = registry.model_owner(self.settings.tracking_uri, info["name"])
+        except registry.RegistryError as e:
+            ids = self.visible_ids(caller)
+            if task in ids:  # the model exists for this caller: its alias or version does not
+                raise ModelNotFound(f"model: {e}") from None
             raise ModelNotFound(
-                f"model: {entry['name']} has no alias {alias!r}; its aliases: {', '.join(sorted(entry['aliases']))}"
-            )
-        return entry["name"], str(entry["aliases"][alias])
+                f"model: no model {task!r}; the models you can use: {', '.join(ids) or 'none'}"
+            ) from None
+        return info["name"], str(info["version"]), owner
+
+    def _refresh(self) -> None:
+        """Every resolved alias (and owner) from one paged listing of the registered models; `latest`
+        from a lookup; an alias that is gone is forgotten (its next request resolves it, and hears why)."""
+        from mlflow import MlflowClient
+
+        try:
+            uri = self.settings.tracking_uri
+            client, models, token = MlflowClient(uri, uri), {}, None
+            while True:
+                page = client.search_registered_models(max_results=1000, page_token=token)
+                models.update({m.name: m for m in page})
+                if not (token := page.token):
+                    break
+            for key, (name, version, _) in list(self._names.items()):
+                task, alias, fixed = key
+                model = models.get(name)
+                if fixed is None and model is not None and alias == registry.LATEST:
+                    try:
+                        fresh = self._lookup(task, alias, None, None)
+                    except ModelNotFound:
+                        fresh = None
+                elif model is not None and (fixed is not None or (alias or registry.CHAMPION) in model.aliases):
+                    now = version if fixed is not None else str(model.aliases[alias or registry.CHAMPION])
+                    fresh = (name, now, (model.tags or {}).get(registry.OWNER_TAG))
+                else:
+                    fresh = None
+                with self._lock_of(("name", key)):
+                    if fresh is None:
+                        self._names.pop(key, None)
+                    else:
+                        self._names[key] = fresh
+        except Exception:  # noqa: BLE001 - registry unreachable: keep serving what was resolved, retry later
+            pass
+        finally:
+            with self._lock:
+                self._refreshed_at, self._refreshing = time.monotonic(), False
 
     def get(self, model: str, caller: Any) -> Served:
         name, version = self.resolve(model, caller)
@@ -308,7 +363,7 @@ class ModelCatalog:
     # prefixes and bases
     def _prefix(self, name: str, version: str) -> tuple[torch.Tensor, str]:
         key = (name, version)
-        with self._loading[key]:
+        with self._lock_of(key):
             with self._lock:
                 if key in self._prefixes:
                     self._prefixes.move_to_end(key)
@@ -345,7 +400,7 @@ class ModelCatalog:
             return list(self._prefixes)
 
     def _engine(self, base: str, ref, sha256) -> Engine:
-        with self._loading[("base", base)]:
+        with self._lock_of(("base", base)):
             if base not in self._engines:
                 try:
                     model, tokenizer = load_recorded_base(ref, sha256)

@@ -13,9 +13,9 @@ prefix first (P_row slots, never rotated, as in training), then its prompt, then
 running batch keeps all rows' caches left-padded to one length S: k, v [B, H_kv, S, D] and a mask [B, S]
 (0 on padding). A decoding step feeds one token per row at position P_row + t (the count of the row's real
 slots), which is the position the row gets alone; padding is masked, so every row's logits are the ones it
-gets decoded alone, up to float rounding. A joining row is prefilled alone (its prefix as the cache, no
-padding), then its cache is padded into the batch; rows that leave are dropped and the columns that only
-held padding are cut.
+gets decoded alone, up to float rounding. The rows joining at a step are prefilled together, laid out as
+generate() lays out a mixed-prefix batch, then their caches are padded into the batch; rows that leave
+are dropped and the columns that only held padding are cut.
 
 Greedy rows (temperature 0) take the argmax; others sample from softmax(logits / temperature) restricted
 to the top_p nucleus, with the row's own torch.Generator (seeded: the same seed gives the same tokens).
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from workers.inject import PrefixedModel, generation_cache, layer_key_values
+from workers.inject import PrefixedModel, generation_cache, layer_key_values, pack_prefixes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,46 +86,63 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------------------------------ joining
     @torch.no_grad()
     def add(self, rows: Sequence[Row]) -> list[tuple[Row, int | None]]:
-        """Prefill each new row alone and put it into the running batch; returns (row, first token or None
-        when the row ended at once on eos). Rows already done (max_tokens reached) are not kept."""
-        out = []
-        for row in rows:
-            k_v, mask, token = self._prefill(row)
-            out.append((row, token))
-            if row.done:
-                continue
-            self._join(row, k_v, mask, token)
-        return out
+        """Prefill the new rows (one forward for all of them) and put them into the running batch; returns
+        (row, first token, or None when the row ended at once on eos). Rows done at once are not kept."""
+        rows = list(rows)
+        if not rows:
+            return []
+        k_v, mask, tokens = self._prefill(rows)
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if keep:
+            index = torch.tensor(keep, device=mask.device)
+            self._join(
+                [rows[i] for i in keep],
+                [(k.index_select(0, index), v.index_select(0, index)) for k, v in k_v],
+                mask.index_select(0, index),
+                [tokens[i] for i in keep],
+            )
+        return list(zip(rows, tokens))
 
-    def _prefill(self, row: Row):
+    def _prefill(self, rows: list[Row]):
+        """One forward over the new rows, laid out as generate() lays out a mixed-prefix batch: per row
+        [unused prefix slots (0), its prefix (1), left padding (0), its prompt (1)], positions P_row + t."""
         device, shape = self.prefixed.device, self.prefixed.shape
-        if row.sampling.temperature > 0 and row.generator is None:
-            row.generator = torch.Generator(device=device)
-            if row.sampling.seed is None:
-                row.generator.seed()
-            else:
-                row.generator.manual_seed(row.sampling.seed)
-        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=device)  # [1, T]
-        p = 0 if row.prefix is None else row.prefix.shape[0]
-        if row.prefix is not None:
-            flat = row.prefix.to(device=device, dtype=self.prefixed.dtype).unsqueeze(0)  # [1, P, F]
-            cache = generation_cache(layer_key_values(flat, shape), seq2seq=False)
+        for row in rows:
+            if row.sampling.temperature > 0 and row.generator is None:
+                row.generator = torch.Generator(device=device)
+                if row.sampling.seed is None:
+                    row.generator.seed()
+                else:
+                    row.generator.manual_seed(row.sampling.seed)
+        t = max(len(row.prompt_ids) for row in rows)
+        ids = torch.zeros((len(rows), t), dtype=torch.long, device=device)
+        token_mask = torch.zeros((len(rows), t), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, t - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=device)
+            token_mask[i, t - len(row.prompt_ids) :] = 1
+        if all(row.prefix is None for row in rows):
+            cache, prefix_mask = DynamicCache(), token_mask[:, :0]
         else:
-            cache = DynamicCache()
-        mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long, device=device)
-        positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0)
+            width = shape.num_layers * 2 * shape.token_dim
+            prefixes = [
+                row.prefix.to(device) if row.prefix is not None else torch.zeros((0, width), device=device)
+                for row in rows
+            ]
+            packed = pack_prefixes(prefixes, torch.arange(len(rows), device=device), dtype=self.prefixed.dtype)
+            cache = generation_cache(layer_key_values(packed.flat, shape), seq2seq=False)
+            prefix_mask = packed.mask
+        mask = torch.cat([prefix_mask, token_mask], dim=1)  # [B, Pmax + T]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
         logits = self.prefixed.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        ).logits[:, -1]  # [1, vocab]
-        token = self._pick([row], logits)[0]
-        token = self._record(row, token)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return layers, mask, token
+        ).logits[:, -1]  # [B, vocab]
+        tokens = [self._record(row, token) for row, token in zip(rows, self._pick(rows, logits))]
+        return [(layer.keys, layer.values) for layer in cache.layers], mask, tokens
 
-    def _join(self, row: Row, k_v, mask: torch.Tensor, token: int) -> None:
-        last = torch.tensor([token], dtype=torch.long, device=mask.device)
+    def _join(self, rows: list[Row], k_v, mask: torch.Tensor, tokens: list[int]) -> None:
+        last = torch.tensor(tokens, dtype=torch.long, device=mask.device)
         if not self.rows:
-            self.rows, self._cache, self._mask, self._last = [row], k_v, mask, last
+            self.rows, self._cache, self._mask, self._last = rows, k_v, mask, last
             return
         s_old, s_new = self._mask.shape[1], mask.shape[1]
         width = max(s_old, s_new)
@@ -139,7 +156,7 @@ class ContinuousBatcher:
         ]
         self._mask = torch.cat([F.pad(self._mask, (width - s_old, 0)), F.pad(mask, (width - s_new, 0))])
         self._last = torch.cat([self._last, last])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
