@@ -70,6 +70,9 @@ class ServingSettings:
     """Largest max_tokens a request may ask for."""
     device: str = "auto"
     """Where base models run: auto, cpu, cuda, cuda:N."""
+    only_base: str | None = None
+    """Serve only prefixes of this base model ('kind:location@revision:dtype'); others answer 400 naming
+    it (a Ray Serve deployment per base model, docker/serve_models.py)."""
 
 
 class ModelNotFound(LookupError):
@@ -372,6 +375,8 @@ class ModelCatalog:
                 folder = registry.download(self.settings.tracking_uri, name, version=version, dst=Path(tmp))
                 ref, sha256 = read_base_model_record(folder / "base_model.json")
                 base = describe_base(ref)
+                if self.settings.only_base is not None and base != self.settings.only_base:
+                    raise ModelRefused(f"model: {name} v{version} belongs to base model {base}, not served here")
                 engine = self._engine(base, ref, sha256)
                 try:
                     _, encoder = load_peft_adapter(folder, engine.prefixed.model.config)

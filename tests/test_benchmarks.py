@@ -303,3 +303,17 @@ def test_estimate_quick(tmp_path):
     assert "not measured" in first["estimate"]["throughput_source"]
     assert second["estimate"]["throughput_source"] == "measured: the run of rev"
     assert re.search(r"^rev\s+\d+ / \d+\s+[\d.]+ / [\d.]+\s+[+-]\d+%", out, re.M), out
+
+
+def test_serving_quick(tmp_path):
+    """benchmarks/serving.py --tiny --quick: every variant answers, the pyfunc model agrees with the server
+    (the script exits otherwise), and the table and targets are printed."""
+    out_file = tmp_path / "serving.json"
+    out = run_script("serving.py", "--tiny", "--quick", "--concurrency", "8", "--json", str(out_file))
+    for variant in ("served-1", "served-8", "served-16", "one-at-a-time", "pyfunc-8"):
+        assert re.search(rf"^{variant}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\d+$", out, re.M), (variant, out)
+    for label in ("served-16 / served-1 throughput", "served-16 / one-at-a-time throughput"):
+        assert re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+>= \d\.\d\d\s+{RESULT}$", out, re.M), (label, out)
+    report = json.loads(out_file.read_text())
+    assert set(report["variants"]) == {"served-1", "served-8", "served-16", "one-at-a-time", "pyfunc-8"}
+    assert all(v["tokens_per_s"] > 0 and v["p95_s"] >= v["p50_s"] > 0 for v in report["variants"].values())

@@ -965,3 +965,27 @@ def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch, capsys
     assert healthcheck.main(["healthcheck.py", "mlflow"]) == 1
     assert "unhealthy: MLflow" in capsys.readouterr().err
     assert healthcheck.main(["healthcheck.py", "nonsense"]) == 2
+
+
+def test_ray_serve_config_names_the_serving_app_and_its_settings():
+    """docker/serve_models.yaml: each application imports orchestrator.serving_ray:build_app (a function of
+    that file), names a base model, and its settings are ServingSettings fields (read without Ray Serve)."""
+    import ast
+    import dataclasses
+
+    from orchestrator.serving_models import ServingSettings
+
+    config = load_yaml(DOCKER / "serve_models.yaml")
+    source = ast.parse((ROOT / "orchestrator" / "serving_ray.py").read_text())
+    functions = {n.name for n in source.body if isinstance(n, ast.FunctionDef)}
+    fields = {f.name for f in dataclasses.fields(ServingSettings)}
+    assert config["applications"]
+    routes = [app["route_prefix"] for app in config["applications"]]
+    assert len(set(routes)) == len(routes)  # one route per base model
+    for app in config["applications"]:
+        module, _, function = app["import_path"].partition(":")
+        assert (module, function) == ("orchestrator.serving_ray", "build_app") and function in functions
+        assert re.fullmatch(r"(builtin|path|hub):[^:]+(:[a-z0-9]+)$", app["args"]["base"]), app["args"]["base"]
+        assert set(app["args"].get("settings", {})) <= fields - {"tracking_uri", "only_base"}
+        assert int(app["args"]["num_replicas"]) >= 1
+        assert "PREFIXD_API_TOKENS" not in app.get("runtime_env", {}).get("env_vars", {})  # no tokens in the file

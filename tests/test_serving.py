@@ -281,3 +281,33 @@ def test_mounted_in_the_job_api(registered, tmp_path, expected):
     finally:
         api.stop()
         catalog.close()
+
+
+def test_chat_uses_the_chat_template_when_the_base_has_one(server, expected):
+    tokenizer = server.catalog.get("t04", None).engine.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt, as is
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="tok-a", max_retries=0)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        got = client.chat.completions.create(model="t04", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        assert got.choices[0].message.content.strip() == expected[("t04", PROMPTS[0])]
+        assert got.choices[0].message.role == "assistant" and got.usage.prompt_tokens == len(PROMPTS[0])
+        chunks = client.chat.completions.create(
+            model="t04", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == expected[("t04", PROMPTS[0])]
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_requests_past_the_timeout_answer_504(registered):
+    handle = start_serving(
+        ModelCatalog(ServingSettings(tracking_uri=registered["uri"], timeout_s=0.001)), CALLERS, port=0
+    )
+    try:
+        r = complete(handle.url, "tok-a", model="t04", prompt=PROMPTS[0], max_tokens=100, temperature=0)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        streamed = complete(handle.url, "tok-a", model="t04", prompt=PROMPTS[0], max_tokens=100, stream=True).text
+        assert '"type": "timeout"' in streamed and streamed.rstrip().endswith("data: [DONE]")
+    finally:
+        handle.stop()
