@@ -609,16 +609,7 @@ def start_api(
     except BaseException:
         sock.close()
         raise
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="prefixd-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            raise ApiStartError(f"the HTTP API on {host}:{port} did not start (see the log above)")
-        time.sleep(0.02)
+    server, thread = serve_in_thread(app, sock, f"the HTTP API on {host}:{port}", startup_timeout_s)
     bound_port = sock.getsockname()[1]
     if not _is_loopback(host):
         print(
@@ -629,6 +620,22 @@ def start_api(
         )
     shown = f"[{host}]" if ":" in host else host
     return ApiHandle(url=f"http://{shown}:{bound_port}", data_root=root, server=server, thread=thread)
+
+
+def serve_in_thread(app, sock: socket.socket, what: str, startup_timeout_s: float = 60.0):
+    """(uvicorn.Server, daemon thread) serving `app` on the bound socket, once it listens; ApiStartError
+    naming `what` when it does not start in time."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="prefixd-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise ApiStartError(f"{what} did not start (see the log above)")
+        time.sleep(0.02)
+    return server, thread
 
 
 def _upload_limit(given: int | None) -> int:

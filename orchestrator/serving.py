@@ -407,18 +407,9 @@ class ServingHandle:
 
 def start_serving(catalog: ModelCatalog, callers, *, host: str = "127.0.0.1", port: int = 8001) -> ServingHandle:
     """Serve create_serving_app on host:port (0: a free port) in a thread; returns once it listens."""
-    from orchestrator.api import _listen_socket
+    from orchestrator.api import _listen_socket, serve_in_thread
 
     sock = _listen_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_serving_app(catalog, callers), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="prefixd-serving", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            raise RuntimeError(f"serve-models on {host}:{port} did not start (see the log above)")
-        time.sleep(0.02)
+    server, thread = serve_in_thread(create_serving_app(catalog, callers), sock, f"serve-models on {host}:{port}")
     shown = f"[{host}]" if ":" in host else host
     return ServingHandle(f"http://{shown}:{sock.getsockname()[1]}", server, thread, catalog)

@@ -65,6 +65,7 @@ def serving_catalog(config):
 
 
 def cmd_serve_models(args: argparse.Namespace) -> int:
+    from orchestrator.api import ApiStartError
     from orchestrator.registry import tracking_uri_from_args
     from orchestrator.serving import start_serving
     from orchestrator.serving_models import ModelCatalog
@@ -83,7 +84,11 @@ def cmd_serve_models(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    handle = start_serving(ModelCatalog(settings), callers, host=args.host, port=args.port)
+    try:
+        handle = start_serving(ModelCatalog(settings), callers, host=args.host, port=args.port)
+    except (ApiStartError, ValueError) as e:  # a taken port, an unknown --device
+        print(f"prefixd serve-models: error: {e}", file=sys.stderr)
+        return 1
     print(f"serving registered prefixes on {handle.url}/v1 (registry {uri}; Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():

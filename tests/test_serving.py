@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -29,6 +34,7 @@ from workers.generate import encode_prompt
 from workers.models import load_base_model
 from workers.trainer import MultiTaskTrainer
 
+ROOT = Path(__file__).resolve().parents[1]
 TASKS = [f"t{i:02d}" for i in range(16)]
 KINDS = ("reverse", "double", "next")
 PROMPTS = ["rev abcd=", "dbl 123=", "next abc:", "rev hg="]
@@ -311,3 +317,24 @@ def test_requests_past_the_timeout_answer_504(registered):
         assert '"type": "timeout"' in streamed and streamed.rstrip().endswith("data: [DONE]")
     finally:
         handle.stop()
+
+
+def test_the_cli_verb_serves(registered, tmp_path):
+    """`prefixd serve-models` in its own process, tokens from the environment, SIGTERM stops it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFIXD_", "MLFLOW_TRACKING"))}
+    env |= {"PYTHONPATH": str(ROOT), "PREFIXD_API_TOKENS": "alice=tok-a"}
+    command = [sys.executable, "-m", "orchestrator.cli", "--home", str(tmp_path), "serve-models", "--port", "0",
+               "--mlflow-uri", registered["uri"], "--max-batch", "8"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        line = process.stdout.readline()
+        url = line.split(" on ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), line
+        listed = httpx.get(url + "/models", headers={"Authorization": "Bearer tok-a"}, timeout=60).json()
+        assert {m["id"] for m in listed["data"]} == set(TASKS)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
