@@ -568,8 +568,9 @@ def start_api(
     all raises ApiStartError (the API never serves unauthenticated). data_root: default $PREFIXD_DATA_ROOT,
     else <config.home>/data (created); with $PREFIXD_TENANT_DATA_DIRS=1 each tenant reads <data_root>/<tenant>/. Uploads are kept under config.storage (else the home folder), at most
     max_upload_bytes each (default $PREFIXD_MAX_UPLOAD_BYTES, else 1 GiB). Bounds and quotas come from config.spec_bounds and
-    config.tenant_quotas. serving: a ModelCatalog whose OpenAI routes to mount at /openai. port 0 picks a free port (see .url). A host that is not a loopback address prints
-    a warning on stderr: the API is then reachable from other machines over plain HTTP.
+    config.tenant_quotas. port 0 picks a free port (see .url). A host that is not a loopback address prints
+    a warning on stderr: the API is then reachable from other machines over plain HTTP. serving: a
+    ModelCatalog (orchestrator/serving_models.py) whose OpenAI routes are mounted at /openai.
 
         api = start_api(config, port=0, tokens=["alice=tok-a", "bob=tok-b"], admin_tokens=["ops=tok-o"])
     """

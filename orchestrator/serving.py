@@ -225,17 +225,17 @@ def serving_router(catalog: ModelCatalog, authorize) -> APIRouter:
         return params, served, ids
 
     async def complete(request: Request, caller, chat: bool):
-        model = "?"
+        label = "-"  # the metrics' model label: a name that resolved, never arbitrary input
         try:
             try:
                 body = await request.json()
             except ValueError:
                 raise BadRequest(None, "the request body is not valid JSON") from None
-            model = body.get("model", "?") if isinstance(body, dict) else "?"
             params, served, ids = await resolve(body, chat, caller)
+            label = params.model
             return await run(params, served, ids, chat)
         except BadRequest as e:
-            metrics.request(str(model)[:128], e.status)
+            metrics.request(label, e.status)
             return error_response(e)
 
     async def run(params: Params, served: Served, ids: list[list[int]], chat: bool):

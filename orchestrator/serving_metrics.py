@@ -4,7 +4,8 @@
     metrics.request("capitals", 200); metrics.tokens("capitals", 5); metrics.step(8, 0.012)
     print(metrics.render())
 
-Series (all prefixed prefixd_serving_): requests_total{model,code}, prompt_tokens_total{model},
+Series (all prefixed prefixd_serving_): requests_total{model,code} (model "-" when the request named no
+model that resolved: labels never carry arbitrary input), prompt_tokens_total{model},
 completion_tokens_total{model}, rejected_total{reason}, queue_seconds (histogram: wait before joining the
 batch), batch_size (histogram: rows per decoding step), step_seconds_total and steps_total, queue_depth{base}
 (gauge), tokens_per_second (gauge: generated tokens over the last `window_s` seconds), prefixes_loaded,
