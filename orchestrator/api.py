@@ -43,6 +43,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -51,6 +52,7 @@ import socket
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,14 +62,23 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from starlette.concurrency import run_in_threadpool
 
 from jobs.bounds import SpecBounds
 from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
 from jobs.spec import Problem as SpecProblem
 from orchestrator.files import MAX_UPLOAD_BYTES, FileStore, files_router, is_file_id
-from orchestrator.store import MAX_EVENTS, STATES, InvalidTransition, JobStore, Quota, QuotaExceeded, UnknownJob
+from orchestrator.store import (
+    MAX_EVENTS,
+    STATES,
+    InvalidTransition,
+    Job,
+    JobStore,
+    Quota,
+    QuotaExceeded,
+    UnknownJob,
+)
 from orchestrator.tenants import (
     ADMIN_TOKENS_ENV,
     LOCAL_TENANT,
@@ -122,39 +133,18 @@ def tokens_from_env() -> dict[str, Caller]:
 # ---------------------------------------------------------------------------------------------- schemas
 
 
-class JobOut(BaseModel):
-    """One job-store row (orchestrator.store.Job), every field: what `prefixd status --json` prints."""
+def _job_model() -> type[BaseModel]:
+    """The job object of the API, made from orchestrator.store.Job so that the two cannot drift apart."""
+    hints = typing.get_type_hints(Job)
+    fields = {
+        f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(Job)
+    }
+    fields["registry_version"] = (str | None, None)  # an int in older stores
+    doc = "One job-store row (orchestrator.store.Job), every field: what `prefixd status --json` prints."
+    return create_model("JobOut", __doc__=doc, **fields)
 
-    id: str
-    task: str
-    base_key: str
-    priority: int
-    state: str
-    spec: dict
-    attempts: int
-    max_attempts: int
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    updated_at: float
-    error: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    examples_per_s: float | None = None
-    result_dir: str | None = None
-    cancel_requested: bool = False
-    owner: str | None = None
-    heartbeat_at: float | None = None
-    registered: bool = False
-    registry_model: str | None = None
-    registry_version: str | None = None
-    registration_attempts: int = 0
-    registration_error: str | None = None
-    next_registration_at: float | None = None
-    waiting: str | None = None
-    tenant: str | None = None
+
+JobOut = _job_model()
 
 
 class SubmitOut(BaseModel):
@@ -210,10 +200,7 @@ class Error(BaseModel):
 def _job_out(job: Any) -> JobOut:
     data = asdict(job)
     version = data.get("registry_version")
-    return JobOut(
-        **{k: data[k] for k in JobOut.model_fields if k in data}
-        | {"registry_version": None if version is None else str(version)}
-    )
+    return JobOut(**data | {"registry_version": None if version is None else str(version)})
 
 
 # ---------------------------------------------------------------------------------------------- app

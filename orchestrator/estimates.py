@@ -7,8 +7,8 @@
 Tokens come from the job's data (`workers.estimate`, exact); time is tokens over a throughput: the one
 measured for the spec's base model by its groups when there is one, else `DEFAULT_FLOPS` of compute at ~4
 FLOPs per base parameter per token, and the report says which. A group's time is shared by its co-tenants,
-so a job that trains beside others takes longer by their share; `expected_finish` then follows the job's own
-measured step rate.
+so a job that trains beside others takes longer by their share; once it runs, `Job.estimated_finish` follows
+its own measured step rate.
 """
 
 from __future__ import annotations
@@ -92,15 +92,6 @@ def estimate_spec(
         "peak_memory_bytes": est.peak_memory_bytes,
         "memory_bytes": est.memory_bytes,
     }
-
-
-def expected_finish(job: Any, examples_per_step: int, now: float) -> float | None:
-    """Unix time a running job should finish at its latest measured step rate (examples_per_s of its
-    last step; evaluation not counted); None when it is not running or no step is timed yet."""
-    if job.state != "running" or not job.examples_per_s or job.step is None or not job.total_steps:
-        return None
-    seconds_per_step = examples_per_step / job.examples_per_s
-    return max(now, job.updated_at) + (job.total_steps - job.step) * seconds_per_step
 
 
 def format_estimate(report: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ from orchestrator.estimates import (
     DEFAULT_FLOPS,
     Throughput,
     estimate_spec,
-    expected_finish,
     format_estimate,
     measured_throughput,
 )
@@ -60,10 +59,3 @@ def test_a_groups_jobs_sum_to_its_throughput():
     assert rate.tokens_per_s == 400.0  # groups: g1 150, g2 400; the upper median of two
     assert "2 running group(s)" in rate.source
     assert measured_throughput([job(state="succeeded")], "b").tokens_per_s is None
-
-
-def test_expected_finish_follows_the_jobs_step_rate():
-    assert expected_finish(job(), examples_per_step=4, now=990.0) == 1000.0 + 20 * 2.0
-    assert expected_finish(job(), examples_per_step=4, now=1005.0) == 1005.0 + 40.0
-    assert expected_finish(job(state="queued"), 4, 0.0) is None
-    assert expected_finish(job(examples_per_s=None), 4, 0.0) is None

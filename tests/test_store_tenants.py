@@ -57,6 +57,21 @@ def test_an_old_store_gains_the_tenant_column(url):
         assert (claimed.sweep_id, claimed.sweep_variant, claimed.run_id) == (None, None, None)
 
 
+def test_a_running_job_says_when_it_should_finish(url):
+    clock = Clock()
+    with JobStore(url, clock=clock) as store:
+        job_id = store.submit({"training": {"examples_per_step": 4}}, task="t", base_key="b")
+        assert store.get(job_id).estimated_finish is None  # queued
+        store.claim("o")
+        store.update_progress(job_id, step=0, total_steps=30)
+        assert store.get(job_id).estimated_finish is None  # no step timed yet
+        clock.now += 50
+        store.update_progress(job_id, step=10, total_steps=30, examples_per_s=2.0)  # 2 s a step
+        assert store.get(job_id).estimated_finish == clock.now + 20 * 2.0
+        store.finish(job_id, "succeeded")
+        assert store.get(job_id).estimated_finish is None
+
+
 def test_sweep_variants_and_runs_are_kept_with_their_jobs(url):
     with JobStore(url) as store:
         variants = [

@@ -105,6 +105,9 @@ class Job:
     """Its variant's values, e.g. 'training.learning_rate=0.01 prefix.num_virtual_tokens=20'."""
     run_id: str | None = None
     """Its MLflow run, opened when it started training; None before (or when MLflow was not reachable)."""
+    estimated_finish: float | None = None
+    """Running jobs: when the last step ends at the rate of its latest step (`updated_at` + steps left x
+    examples_per_step / examples_per_s; evaluations not counted). Derived when read, not stored."""
 
 
 JOB_FIELDS = tuple(f.name for f in fields(Job))
@@ -142,12 +145,21 @@ QUOTA_FIELDS = ("max_queued", "max_running", "max_priority")
 def to_job(row, waiting: str | None = None) -> Job:
     """A Job from a jobs-table row (with a `waiting` column when read by JOB_SELECT; `waiting` overrides)."""
     m = row._mapping
-    values = {name: m[name] for name in JOB_FIELDS if name != "waiting"}
+    values = {name: m[name] for name in JOB_FIELDS if name not in ("waiting", "estimated_finish")}
     values["waiting"] = waiting or m.get("waiting")
     values["spec"] = json.loads(m["spec"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["registered"] = bool(values["registered"])
+    values["estimated_finish"] = _estimated_finish(values)
     return Job(**values)
+
+
+def _estimated_finish(job: Mapping[str, Any]) -> float | None:
+    rate, step, total = job["examples_per_s"], job["step"], job["total_steps"]
+    if job["state"] != "running" or not rate or step is None or not total:
+        return None
+    per_step = job["spec"].get("training", {}).get("examples_per_step")
+    return job["updated_at"] + (total - step) * per_step / rate if per_step else None
 
 
 def new_row(item: NewJob | Mapping[str, Any], now: float) -> tuple[dict, list[str]]:
