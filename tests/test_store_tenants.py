@@ -4,6 +4,7 @@ and a real PostgreSQL server.
 Run: python -m pytest -q tests/test_store_tenants.py
 """
 
+import math
 import threading
 
 import pytest
@@ -68,6 +69,10 @@ def test_a_running_job_says_when_it_should_finish(url):
         clock.now += 50
         store.update_progress(job_id, step=10, total_steps=30, examples_per_s=2.0)  # 2 s a step
         assert store.get(job_id).estimated_finish == clock.now + 20 * 2.0
+        assert store.get(job_id).last_eval is None
+        store.update_progress(job_id, step=20, total_steps=30, eval={"eval_loss": 1.5, "eval_perplexity": math.inf})
+        store.update_progress(job_id, step=21, total_steps=30)
+        assert store.get(job_id).last_eval == {"step": 20, "eval_loss": 1.5, "eval_perplexity": None}
         store.finish(job_id, "succeeded")
         assert store.get(job_id).estimated_finish is None
 

@@ -105,6 +105,8 @@ class Job:
     """Its variant's values, e.g. 'training.learning_rate=0.01 prefix.num_virtual_tokens=20'."""
     run_id: str | None = None
     """Its MLflow run, opened when it started training; None before (or when MLflow was not reachable)."""
+    last_eval: dict | None = None
+    """The latest evaluation: {'step': 20, 'eval_loss': 1.93, ...} (non-finite values as None); None before."""
     estimated_finish: float | None = None
     """Running jobs: when the last step ends at the rate of its latest step (`updated_at` + steps left x
     examples_per_step / examples_per_s; evaluations not counted). Derived when read, not stored."""
@@ -148,6 +150,7 @@ def to_job(row, waiting: str | None = None) -> Job:
     values = {name: m[name] for name in JOB_FIELDS if name not in ("waiting", "estimated_finish")}
     values["waiting"] = waiting or m.get("waiting")
     values["spec"] = json.loads(m["spec"])
+    values["last_eval"] = json.loads(m["last_eval"]) if m["last_eval"] else None
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["registered"] = bool(values["registered"])
     values["estimated_finish"] = _estimated_finish(values)

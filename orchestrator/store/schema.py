@@ -1,7 +1,7 @@
 """The job store's tables, how an engine is opened on sqlite or PostgreSQL, and the migrations of older stores.
 
 Table names carry a prefix because the database may be shared (MLflow's tracking store has its own tables).
-Columns added after stores existed (prefixd_jobs.tenant, .sweep_id, .sweep_variant and .run_id;
+Columns added after stores existed (prefixd_jobs.tenant, .sweep_id, .sweep_variant, .run_id, .last_eval;
 prefixd_job_events.type and .data) are added to an
 older store by `create_schema` with explicit, idempotent ALTER TABLE statements (sqlite and PostgreSQL), old
 rows keeping NULL or the column's default; new tables are created by `create_all`.
@@ -83,6 +83,7 @@ jobs_table = Table(
     Column("sweep_id", String(64)),  # the sweep the job is a variant of (jobs/sweep.py), and which one
     Column("sweep_variant", Text),
     Column("run_id", String(64)),  # the job's MLflow run, opened when it starts training
+    Column("last_eval", Text),  # JSON: the latest evaluation's metrics and its step
     CheckConstraint("state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="prefixd_jobs_state"),
     Index("prefixd_jobs_claim", "state", "base_key", "priority", "seq"),
     Index("prefixd_jobs_tenant", "tenant", "state"),
@@ -170,6 +171,7 @@ def _migrate(c: Connection) -> None:
         ("sweep_id", "VARCHAR(64)"),
         ("sweep_variant", "TEXT"),
         ("run_id", "VARCHAR(64)"),
+        ("last_eval", "TEXT"),
     )
     for name, sql_type in added:
         if name not in have:

@@ -5,6 +5,7 @@ clock; every function returns what `JobStore`'s method of the same name returns.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from sqlalchemy import Connection, select, update
@@ -78,8 +79,10 @@ def update_progress(
     step, total_steps = min(step, INT_MAX), min(total_steps, INT_MAX)  # INTEGER columns
     row = locked(c, job_id, "update progress of", ("running",))
     values = dict(step=step, total_steps=total_steps, loss=loss, tokens_per_s=tokens_per_s)
-    c.execute(update(jobs_table).where(_J.id == job_id).values(examples_per_s=examples_per_s, updated_at=now, **values))
     message, data = events.metrics(step, total_steps, loss, tokens_per_s, examples_per_s, eval)
+    if data.get("eval"):
+        values["last_eval"] = json.dumps({"step": step} | data["eval"], allow_nan=False)
+    c.execute(update(jobs_table).where(_J.id == job_id).values(examples_per_s=examples_per_s, updated_at=now, **values))
     events.add(c, job_id, now, "info", message, type="metrics", data=data)
     return bool(row.cancel_requested)
 
