@@ -57,6 +57,13 @@ def load_spec(path: str | Path, *, bounds: SpecBounds | None = None) -> JobSpec:
     return parse_spec(obj, base_dir=path.resolve().parent, source=str(path), bounds=bounds)
 
 
+def load_specs(path: str | Path, *, bounds: SpecBounds | None = None) -> list[tuple[str | None, JobSpec]]:
+    """`load_spec` for a file that may carry a `sweep:` section: [(variant label, JobSpec)] (`parse_specs`)."""
+    path = Path(path)
+    obj = read_spec_file(path, str(path))
+    return parse_specs(obj, base_dir=path.resolve().parent, source=str(path), bounds=bounds)
+
+
 def parse_spec(
     obj: Any,
     *,

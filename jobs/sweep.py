@@ -84,6 +84,27 @@ def expand_sweep(document: Any, source: str = "<spec>") -> list[tuple[str | None
     return [(_label(c), _with(base, c)) for c in combos]
 
 
+def job_entries(variants: list[tuple[str | None, Any]], **common: Any) -> list[dict[str, Any]]:
+    """What the job store queues for parsed variants (`jobs.spec.parse_specs`): one entry a variant, linked
+    by a fresh sweep id when they come from a sweep; `common` (max_attempts, tenant) goes into each.
+
+        store.submit_many(job_entries(parse_specs(doc, base_dir=root), tenant="alice", max_attempts=3))
+    """
+    sweep_id = new_sweep_id() if variants and variants[0][0] is not None else None
+    return [
+        {
+            "spec": spec.to_dict(),
+            "task": spec.name,
+            "base_key": spec.base_model.base_key,
+            "priority": spec.priority,
+            "sweep_id": sweep_id,
+            "sweep_variant": label,
+        }
+        | common
+        for label, spec in variants
+    ]
+
+
 def new_sweep_id() -> str:
     """A fresh sweep id: 'sweep-' and 12 hex digits."""
     return f"sweep-{secrets.token_hex(6)}"

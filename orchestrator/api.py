@@ -66,8 +66,9 @@ from pydantic import BaseModel, create_model
 from starlette.concurrency import run_in_threadpool
 
 from jobs.bounds import SpecBounds
-from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_spec
+from jobs.spec import MAX_SPEC_BYTES, SpecError, parse_document, parse_specs
 from jobs.spec import Problem as SpecProblem
+from jobs.sweep import job_entries
 from orchestrator.files import MAX_UPLOAD_BYTES, FileStore, files_router, is_file_id
 from orchestrator.store import (
     MAX_EVENTS,
@@ -117,6 +118,10 @@ class ApiSettings:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     """Most bytes one upload (POST /v1/files) may hold; default 1 GiB."""
     max_attempts: int = 3
+    estimate_cache: str | None = None
+    """Where POST /v1/specs/estimate keeps tokenized data (the orchestrator's data cache); None: datasets'."""
+    model_cache: str | None = None
+    """Where built-in base models are converted (the orchestrator's model cache); None: the default."""
     bounds: SpecBounds = field(default_factory=SpecBounds)
     """The operator's upper bounds on spec numbers."""
     quotas: Mapping[str, Quota] = field(default_factory=dict)
@@ -148,8 +153,14 @@ JobOut = _job_model()
 
 
 class SubmitOut(BaseModel):
+    """What was queued: one job, or a sweep's variants (`job_id` is then the first of `job_ids`)."""
+
     job_id: str
     task: str
+    job_ids: list[str]
+    sweep_id: str | None = None
+    variants: list[str | None]
+    """Each job's variant label (a sweep's), None for a job on its own."""
 
 
 class SpecOut(BaseModel):
@@ -158,6 +169,8 @@ class SpecOut(BaseModel):
     task: str
     base_key: str
     priority: int
+    variants: int = 1
+    """Jobs it would queue: a sweep's variants, else 1."""
 
 
 class Problem(BaseModel):
@@ -318,12 +331,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
             return data_root / caller.tenant  # a missing folder refuses every path, as an empty one does
         return data_root
 
-    def check_spec(raw: bytes, content_type: str, caller: Caller) -> Any:
-        """Parse and validate (in a worker thread: it may read files); raises _SpecRefused."""
+    def check_spec(raw: bytes, content_type: str, caller: Caller) -> list[tuple[str | None, Any]]:
+        """Parse and validate (in a worker thread: it may read files): [(variant label, JobSpec)], one
+        without a sweep; raises _SpecRefused."""
         try:
             obj = parse_document(raw, "request body", fmt="json" if "json" in content_type else "yaml")
             root = data_root_of(caller)
-            spec = parse_spec(
+            variants = parse_specs(
                 obj,
                 base_dir=root,
                 data_root=root,
@@ -331,15 +345,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 bounds=settings.bounds,
                 files=lambda file_id: resolve_file(file_id, caller),
             )
-            foreign = _foreign_names(settings, spec, caller.tenant)
+            foreign = _foreign_names(settings, variants[0][1], caller.tenant)  # variants share their names
             if foreign:
                 raise SpecError("request body", foreign)
         except SpecError as e:
             raise _SpecRefused(str(e), [{"path": p.path, "message": p.message} for p in e.problems]) from None
-        return spec
+        return variants
 
-    async def read_spec(request: Request, caller: Caller) -> Any:
-        """The body as a validated JobSpec whose paths stay in the data root; raises _SpecRefused (422)."""
+    async def read_spec(request: Request, caller: Caller) -> list[tuple[str | None, Any]]:
+        """The body as validated JobSpec variants whose paths stay in the data root; raises _SpecRefused (422)."""
         raw = await _read_body(request, settings.max_body_bytes)
         return await run_in_threadpool(check_spec, raw, request.headers.get("content-type", ""), caller)
 
@@ -355,28 +369,50 @@ def create_app(settings: ApiSettings) -> FastAPI:
         caller: Caller = Depends(authorize),
         max_attempts: int | None = Query(None, ge=1, le=100, description="default: the server's setting"),
     ) -> SubmitOut:
-        """Submit one job spec (JSON object, or YAML text with content type application/yaml)."""
-        spec = await read_spec(request, caller)
+        """Submit one job spec (JSON object, or YAML text with content type application/yaml); a spec with a
+        `sweep:` section queues each of its variants as a job, linked by one sweep id."""
+        variants = await read_spec(request, caller)
+        entries = job_entries(variants, max_attempts=max_attempts or settings.max_attempts, tenant=caller.tenant)
         try:
-            job_id = await run_in_threadpool(
-                store.submit,
-                spec.to_dict(),
-                task=spec.name,
-                base_key=spec.base_model.base_key,
-                priority=spec.priority,
-                max_attempts=max_attempts or settings.max_attempts,
-                tenant=caller.tenant,
-                enforce_quota=not caller.admin,
-            )
+            ids = await run_in_threadpool(store.submit_many, entries, enforce_quota=not caller.admin)
         except QuotaExceeded as e:
             raise HTTPException(429, str(e)) from None
-        return SubmitOut(job_id=job_id, task=spec.name)
+        labels = [label for label, _ in variants]
+        return SubmitOut(
+            job_id=ids[0], task=entries[0]["task"], job_ids=ids, sweep_id=entries[0]["sweep_id"], variants=labels
+        )
 
     @app.post("/v1/specs/validate", response_model=SpecOut, responses=spec_refusals, openapi_extra=spec_body)
     async def validate(request: Request, caller: Caller = Depends(authorize)) -> SpecOut:
         """Check one job spec as POST /v1/jobs would, without queueing it."""
-        spec = await read_spec(request, caller)
-        return SpecOut(task=spec.name, base_key=spec.base_model.base_key, priority=spec.priority)
+        variants = await read_spec(request, caller)
+        spec = variants[0][1]
+        return SpecOut(
+            task=spec.name, base_key=spec.base_model.base_key, priority=spec.priority, variants=len(variants)
+        )
+
+    @app.post("/v1/specs/estimate", responses=spec_refusals, openapi_extra=spec_body)
+    async def estimate(request: Request, caller: Caller = Depends(authorize)) -> list[dict[str, Any]]:
+        """What a spec (each variant of a sweep) will cost before it runs: tokens from its data, time at its
+        base model's measured throughput (or a stated default), modelled peak memory (orchestrator/estimates.py)."""
+        variants = await read_spec(request, caller)
+        return await run_in_threadpool(estimate_variants, variants)
+
+    def estimate_variants(variants: list[tuple[str | None, Any]]) -> list[dict[str, Any]]:
+        from orchestrator.estimates import estimate_spec, measured_throughput  # torch: only when asked
+
+        running = store.list(state="running")
+        out = []
+        for label, spec in variants:
+            throughput = measured_throughput(running, spec.base_model.base_key)
+            try:
+                report = estimate_spec(
+                    spec, throughput=throughput, data_cache=settings.estimate_cache, model_cache=settings.model_cache
+                )
+            except ValueError as e:  # ModelLoadError, DataError: the spec was valid, its model or data is not
+                raise HTTPException(422, f"cannot estimate: {e}") from None
+            out.append(report | {"variant": label})
+        return out
 
     @app.get("/v1/jobs", response_model=list[JobOut], responses=errors)
     def list_jobs(
@@ -384,12 +420,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         state: str | None = Query(None, description=f"one of {', '.join(STATES)}"),
         task: str | None = Query(None, max_length=64),
         limit: int | None = Query(None, ge=1, le=10000),
+        sweep: str | None = Query(None, max_length=64, description="only the variants of this sweep"),
     ) -> list[JobOut]:
         """The caller's jobs (an admin's: everyone's), in submission order."""
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state {state!r}; accepted: {', '.join(STATES)}")
         tenant = None if caller.admin else caller.tenant
-        return [_job_out(j) for j in store.list(state=state, task=task, limit=limit, tenant=tenant)]
+        return [_job_out(j) for j in store.list(state=state, task=task, limit=limit, tenant=tenant, sweep=sweep)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors | {404: {"model": Error}})
     def status(job_id: str, caller: Caller = Depends(authorize)) -> JobOut:
@@ -585,6 +622,8 @@ def start_api(
         tenant_data_dirs=os.environ.get(TENANT_DATA_DIRS_ENV, "").strip().lower() in ("1", "true", "yes"),
         tracking_uri=config.tracking_uri,
         max_attempts=config.max_attempts,
+        estimate_cache=str(config.data_cache),
+        model_cache=str(config.model_cache),
         bounds=bounds,
         quotas=quotas,
         files_storage=str(config.storage or config.home),

@@ -4,7 +4,8 @@
     prefixd submit jobs/examples/*.yaml          queue them (all or none); prints the job ids
     prefixd run                                  train every queued job, live progress; exit when done
     prefixd serve [--api]                        keep scheduling jobs as they are submitted (and serve HTTP)
-    prefixd status [JOB] [--json]                the queue, or one job
+    prefixd status [JOB] [--json]                the queue, or one job (--sweep ID: a sweep's variants)
+    prefixd estimate SPEC...                     tokens, time and memory a spec will take, before it runs
     prefixd cancel JOB                           a queued job at once, a running one at its next step
     prefixd logs JOB [-f]                        a job's events (state changes, metrics, errors); -f follows
     prefixd schema                               the job spec's JSON Schema
@@ -56,6 +57,11 @@ COMMANDS: dict[str, Command] = {
     "list": (jobs.cmd_list, "list jobs (status without a job id)", jobs.add_list_arguments),
     "cancel": (jobs.cmd_cancel, "cancel a job (a running one stops at its next step)", jobs.add_cancel_arguments),
     "logs": (jobs.cmd_logs, "show a job's log", jobs.add_logs_arguments),
+    "estimate": (
+        jobs.cmd_estimate,
+        "what specs will cost before they run: tokens, time, memory",
+        jobs.add_estimate_arguments,
+    ),
     "schema": (jobs.cmd_schema, "print the job spec JSON Schema", jobs.add_schema_arguments),
     "lookup": (registry.cmd_lookup, "find trained prefixes in the registry", registry.add_lookup_arguments),
     "models": (registry.cmd_models, "list registered models", registry.add_models_arguments),
@@ -67,7 +73,7 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-SERVER_COMMANDS = ("submit", "status", "list", "cancel", "logs", "lookup", "models")  # through --server
+SERVER_COMMANDS = ("submit", "status", "list", "cancel", "logs", "estimate", "lookup", "models")  # through --server
 SERVER_IGNORED = ("validate", "schema")  # always local, whatever --server says
 SERVER_REFUSED = ("run", "serve", "generate", "serve-models")  # they work on this machine: --server is refused
 

@@ -64,17 +64,28 @@ class ApiClient:
     # ---- jobs -------------------------------------------------------------------------------------------
 
     def submit(self, spec: str | bytes | Mapping[str, Any], *, max_attempts: int | None = None) -> str:
-        """Queue one spec (YAML text, or a dict sent as JSON); returns the job id."""
+        """Queue one spec (YAML text, or a dict sent as JSON); returns the job id (a sweep's: its first)."""
+        return self.submit_jobs(spec, max_attempts=max_attempts)["job_id"]
+
+    def submit_jobs(self, spec: str | bytes | Mapping[str, Any], *, max_attempts: int | None = None) -> dict[str, Any]:
+        """Queue one spec, a sweep's variants included: {'job_id', 'task', 'job_ids', 'sweep_id', 'variants'}."""
         params = {} if max_attempts is None else {"max_attempts": max_attempts}
-        return self._call("POST", "/v1/jobs", params=params, **_spec_body(spec))["job_id"]
+        return self._call("POST", "/v1/jobs", params=params, **_spec_body(spec))
 
     def validate(self, spec: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
-        """Check one spec on the server without queueing it: {'task', 'base_key', 'priority'}."""
+        """Check one spec on the server without queueing it: {'task', 'base_key', 'priority', 'variants'}."""
         return self._call("POST", "/v1/specs/validate", **_spec_body(spec))
 
-    def list(self, state: str | None = None, task: str | None = None, limit: int | None = None) -> list[Job]:
+    def estimate(self, spec: str | bytes | Mapping[str, Any]) -> list[dict[str, Any]]:
+        """What the spec (each variant of a sweep) will cost (orchestrator/estimates.py), without queueing it."""
+        return self._call("POST", "/v1/specs/estimate", **_spec_body(spec))
+
+    def list(
+        self, state: str | None = None, task: str | None = None, limit: int | None = None, sweep: str | None = None
+    ) -> list[Job]:
         """Jobs in submission order (JobStore.list's filters)."""
-        params = {k: v for k, v in (("state", state), ("task", task), ("limit", limit)) if v is not None}
+        given = (("state", state), ("task", task), ("limit", limit), ("sweep", sweep))
+        params = {k: v for k, v in given if v is not None}
         return [_job(row) for row in self._call("GET", "/v1/jobs", params=params)]
 
     def status(self, job_id: str) -> Job:

@@ -211,6 +211,7 @@ def test_validate_checks_without_queueing_and_jobs_carry_every_field(server):
         "task": "rev",
         "base_key": "builtin:smollm2-135m:float32",
         "priority": 4,
+        "variants": 1,
     }
     r = httpx.post(base + "/v1/specs/validate", json=spec(training={"steps": 0}), headers=AUTH)
     assert r.status_code == 422 and [p["path"] for p in r.json()["problems"]] == ["training.steps"]
@@ -234,7 +235,12 @@ def test_client(server, tmp_path):
     assert [j.id for j in client.list(task="rev-client", limit=1)] == [JobStore(url).list(task="rev-client")[-1].id]
     assert client.cancel(job_id).state == "cancelled"
     assert client.logs(job_id) == JobStore(url).logs(job_id)
-    assert client.validate(spec()) == {"task": "rev", "base_key": "builtin:smollm2-135m:float32", "priority": 0}
+    assert client.validate(spec()) == {
+        "task": "rev",
+        "base_key": "builtin:smollm2-135m:float32",
+        "priority": 0,
+        "variants": 1,
+    }
     assert client.search_models(base="builtin:smollm2-135m", tags={"a": "b"}) == []
 
     with pytest.raises(ApiError) as e:

@@ -237,14 +237,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
-def test_serve_api_flag_without_the_api_module(home, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "orchestrator.api", None)  # as if the module did not exist
-    config = config_from_args(argparse.Namespace(home=str(home)))
-    args = build_parser().parse_args(["serve", "--api", "--host", "127.0.0.1", "--port", "8123"])
-    assert serving._start_api(config, args) is None
-    assert "the HTTP API is not available yet" in capsys.readouterr().err
-
-
 # ---- --server: the same commands through a real HTTP API (orchestrator.api.start_api on 127.0.0.1) ---------
 
 TOKEN = "cli-test-token-41d2"
@@ -273,6 +265,58 @@ def remote(api, home, monkeypatch):
     monkeypatch.delenv("PREFIXD_SERVER", raising=False)
     handle, config = api
     return handle.url, config.store_url
+
+
+def sweep_spec(tmp_path: Path) -> str:
+    """The reverse-words example with a 2 x 2 sweep over learning rate and prefix length."""
+    import yaml
+
+    doc = yaml.safe_load((EXAMPLES / "reverse_words.yaml").read_text())
+    for key in ("train", "validation"):
+        doc["data"][key] = str(EXAMPLES / doc["data"][key])
+    doc["sweep"] = {"parameters": {"training.learning_rate": [0.01, 0.03], "prefix.num_virtual_tokens": [5, 10]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def test_a_sweep_is_validated_submitted_and_shown_side_by_side(home, capsys, tmp_path):
+    spec = sweep_spec(tmp_path)
+    code, out, _ = run(capsys, "--home", str(home), "validate", spec)
+    assert (
+        code == 0
+        and out.strip() == f"{spec}: ok (reverse-words, base builtin:smollm2-135m:float32, a sweep of 4 variants)"
+    )
+    code, out, err = run(capsys, "--home", str(home), "submit", "--json", spec)
+    assert code == 0, err
+    rows = json.loads(out)
+    [sweep_id] = {r["sweep_id"] for r in rows}
+    assert (
+        len(rows) == 4
+        and sweep_id.startswith("sweep-")
+        and rows[1]["sweep_variant"] == ("training.learning_rate=0.01 prefix.num_virtual_tokens=10")
+    )
+    store = JobStore(f"sqlite:///{home / 'jobs.db'}")
+    jobs = store.list(sweep=sweep_id)
+    assert [j.spec["prefix"]["num_virtual_tokens"] for j in jobs] == [5, 10, 5, 10]
+    store.claim("o", limit=2)
+    store.update_progress(jobs[0].id, step=20, total_steps=60, eval={"eval_loss": 2.5})
+    store.update_progress(jobs[1].id, step=20, total_steps=60, eval={"eval_loss": 1.5})
+    code, out, _ = run(capsys, "--home", str(home), "status", "--sweep", sweep_id)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["ID", "VARIANT", "STATE", "STEP", "LOSS", "EVAL_LOSS", "AT", "STEP"]
+    assert f"{jobs[1].id} *" in lines[2] and "1.5000" in lines[2] and "20" in lines[2]
+    assert lines[-1].startswith("* best so far by eval_loss (minimize)")
+
+
+def test_estimate_says_what_a_spec_will_cost(home, capsys, tmp_path):
+    code, out, err = run(capsys, "--home", str(home), "estimate", "--json", REVERSE)
+    assert code == 0, err
+    [report] = json.loads(out)
+    assert report["steps"] == 60 and report["total_tokens"] > 60 * report["examples_per_step"]
+    assert "not measured for this base model yet" in report["throughput_source"]
+    code, out, _ = run(capsys, "--home", str(home), "estimate", REVERSE)
+    assert f"tokens    {report['total_tokens']:,} over 60 steps" in out
 
 
 def test_commands_are_sorted_by_what_they_do_with_a_server():
@@ -332,6 +376,29 @@ def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys
     assert row["base_key"] == "builtin:smollm2-135m:float32"
     with JobStore(store_url) as store:
         assert store.get(row["id"]).max_attempts == 5
+
+
+def test_server_sweep_and_estimate_match_local_output(remote, capsys, tmp_path):
+    url, store_url = remote
+    spec = sweep_spec(tmp_path)
+    code, out, err = run(capsys, "--server", url, "submit", spec)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert (
+        len(lines) == 5
+        and lines[-1].startswith("sweep sweep-")
+        and lines[0].endswith("\ttraining.learning_rate=0.01 prefix.num_virtual_tokens=5")
+    )
+    sweep_id = lines[-1].split()[1].rstrip(":")
+    remote_out = run(capsys, "--server", url, "status", "--sweep", sweep_id)
+    assert remote_out == run(capsys, "--store-url", store_url, "status", "--sweep", sweep_id)
+    assert len(remote_out[1].splitlines()) == 5  # the header and four variants
+    code, out, err = run(capsys, "--server", url, "estimate", "--json", REVERSE)
+    assert code == 0, err
+    [remote_report] = json.loads(out)
+    code, out, _ = run(capsys, "--store-url", store_url, "estimate", "--json", REVERSE)
+    [local_report] = json.loads(out)
+    assert remote_report["total_tokens"] == local_report["total_tokens"] and remote_report["steps"] == 60
 
 
 def test_server_refusals_are_one_clear_message(remote, capsys, bad_spec, monkeypatch):

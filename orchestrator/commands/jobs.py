@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.bounds import SpecBounds
-from jobs.spec import Problem, SpecError, load_spec, parse_document, spec_json_schema
+from jobs.spec import Problem, SpecError, load_specs, parse_document, spec_json_schema
+from jobs.sweep import job_entries
 from jobs.validate import FILE_ID_PATTERN
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.commands.common import (
@@ -32,20 +33,27 @@ from orchestrator.commands.common import (
     with_store,
 )
 from orchestrator.logs import print_events
-from orchestrator.store import STATES, Job, NewJob
+from orchestrator.store import STATES, Job
 from orchestrator.tenants import LOCAL_TENANT
 
 
-def _load_specs(paths: list[str], args: argparse.Namespace) -> tuple[list[tuple[str, Any]], list[SpecError]]:
-    """Each spec file read and checked within the operator's bounds (config.spec_bounds)."""
+def _load_specs(paths: list[str], args: argparse.Namespace) -> tuple[list[tuple[str, list]], list[SpecError]]:
+    """Each spec file read and checked within the operator's bounds (config.spec_bounds): (path, its
+    [(variant label, JobSpec)]: one without a label, or a sweep's variants)."""
     bounds = SpecBounds(config_from_args(args).spec_bounds)
     good, bad = [], []
     for path in paths:
         try:
-            good.append((path, load_spec(path, bounds=bounds)))
+            good.append((path, load_specs(path, bounds=bounds)))
         except SpecError as e:
             bad.append(e)
     return good, bad
+
+
+def _described(variants: list) -> str:
+    spec = variants[0][1]
+    sweep = f", a sweep of {len(variants)} variants" if variants[0][0] is not None else ""
+    return f"{spec.name}, base {spec.base_model.base_key}{sweep}"
 
 
 def _job_dict(job: Job) -> dict[str, Any]:
@@ -57,14 +65,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(
             [
-                {"spec": p, "valid": True, "name": s.name, "base_key": s.base_model.base_key, "problems": []}
-                for p, s in good
+                {
+                    "spec": p,
+                    "valid": True,
+                    "name": v[0][1].name,
+                    "base_key": v[0][1].base_model.base_key,
+                    "variants": len(v),
+                    "problems": [],
+                }
+                for p, v in good
             ]
             + [{"spec": e.source, "valid": False, "problems": [str(p) for p in e.problems]} for e in bad]
         )
     else:
-        for path, spec in good:
-            print(f"{path}: ok ({spec.name}, base {spec.base_model.base_key})")
+        for path, variants in good:
+            print(f"{path}: ok ({_described(variants)})")
         for e in bad:
             print(e, file=sys.stderr)
     return 1 if bad else 0
@@ -82,27 +97,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     good, bad = _load_specs(args.specs, args)
     _refuse_if_invalid(bad, len(args.specs))
     max_attempts = args.max_attempts or config_from_args(args).max_attempts
-    ids = with_store(
-        args,
-        lambda store: store.submit_many(
-            [  # on this machine: the local admin
-                NewJob(
-                    spec=spec.to_dict(),
-                    task=spec.name,
-                    base_key=spec.base_model.base_key,
-                    priority=spec.priority,
-                    max_attempts=max_attempts,
-                    tenant=LOCAL_TENANT,
-                )
-                for _, spec in good
-            ]
-        ),
-    )
-    _print_submitted(
-        args,
-        [(job_id, path, spec.name, spec.base_model.base_key, spec.priority) for job_id, (path, spec) in zip(ids, good)],
-    )
+    # on this machine: the local admin
+    per_file = [
+        (path, job_entries(variants, max_attempts=max_attempts, tenant=LOCAL_TENANT)) for path, variants in good
+    ]
+    entries = [entry for _, file_entries in per_file for entry in file_entries]
+    ids = with_store(args, lambda store: store.submit_many(entries))
+    paths = [path for path, file_entries in per_file for _ in file_entries]
+    _print_submitted(args, [_submitted_row(job_id, path, e) for job_id, path, e in zip(ids, paths, entries)])
     return 0
+
+
+def _submitted_row(job_id: str, path: str, entry: dict[str, Any]) -> dict[str, Any]:
+    keys = ("task", "base_key", "priority", "sweep_id", "sweep_variant")
+    return {"id": job_id, "spec": path} | {k: entry.get(k) for k in keys}
 
 
 def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
@@ -136,14 +144,18 @@ def _submit_to_server(client: ApiClient, args: argparse.Namespace) -> int:
     submitted = []
     for path, text, spec in checked:
         try:
-            job_id = client.submit(text, max_attempts=args.max_attempts)
+            queued = client.submit_jobs(text, max_attempts=args.max_attempts)
         except ApiError as e:  # the server went away, or the data changed under it since the check
             _print_submitted(args, submitted)
             raise CommandError(
                 f"{path}: {e}\n{len(submitted)} of {len(checked)} specs were queued"
                 f"{' (above)' if submitted else ''}; the rest were not"
             ) from None
-        submitted.append((job_id, path, spec["task"], spec["base_key"], spec["priority"]))
+        sweep = {"sweep_id": queued["sweep_id"]}
+        submitted += [
+            _submitted_row(job_id, path, spec | sweep | {"sweep_variant": variant})
+            for job_id, variant in zip(queued["job_ids"], queued["variants"])
+        ]
     _print_submitted(args, submitted)
     return 0
 
@@ -180,18 +192,17 @@ def _refuse_if_invalid(bad: list[SpecError], total: int) -> None:
         raise CommandError(f"{len(bad)} of {total} spec{'s' if total != 1 else ''} invalid; nothing was submitted")
 
 
-def _print_submitted(args: argparse.Namespace, rows: list[tuple[str, str, str, str, int]]) -> None:
-    """rows: (job id, spec file, name, base key, priority)."""
+def _print_submitted(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """rows: {id, spec (its file), task, base_key, priority, sweep_id, sweep_variant}."""
     if args.json:
         print_json(
-            [
-                {"id": job_id, "name": name, "spec": path, "base_key": base_key, "priority": priority}
-                for job_id, path, name, base_key, priority in rows
-            ]
+            [{"id": r["id"], "name": r["task"]} | {k: v for k, v in r.items() if k not in ("id", "task")} for r in rows]
         )
-    else:
-        for job_id, path, name, _, _ in rows:
-            print(f"{job_id}\t{name}\t{path}")
+        return
+    for r in rows:
+        print("\t".join([r["id"], r["task"], r["spec"]] + ([r["sweep_variant"]] if r.get("sweep_variant") else [])))
+    for sweep_id in dict.fromkeys(r["sweep_id"] for r in rows if r.get("sweep_id")):
+        print(f"sweep {sweep_id}: prefixd status --sweep {sweep_id}")
 
 
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,14 +232,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             _print_job(job)
         return 0
+    sweep = getattr(args, "sweep", None)
     if client:
-        jobs = client.list(state=args.state, limit=args.limit)
+        jobs = client.list(state=args.state, limit=args.limit, sweep=sweep)
     else:
-        jobs = with_store(args, lambda store: store.list(state=args.state, limit=args.limit))
+        jobs = with_store(args, lambda store: store.list(state=args.state, limit=args.limit, sweep=sweep))
     if args.json:
         print_json([_job_dict(j) for j in jobs])
     elif not jobs:
-        print("no jobs" + (f" {args.state}" if args.state else ""))
+        print("no jobs" + (f" {args.state}" if args.state else "") + (f" in sweep {sweep}" if sweep else ""))
+    elif sweep:
+        _print_sweep(jobs)
     else:
         _print_table(jobs)
     return 0
@@ -239,6 +253,7 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the job row(s) as JSON")
     p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--limit", type=positive_int, help="only the newest this many jobs")
+    p.add_argument("--sweep", metavar="ID", help="a sweep's variants side by side, the best one marked")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -280,6 +295,56 @@ def add_logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until the job ends")
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Each spec's cost before it runs (every variant of a sweep), locally or by the server (its data root)."""
+    client = api_client(args)
+    reports = []
+    for path in args.specs:
+        if client:
+            reports += [r | {"spec": path} for r in client.estimate(Path(path).read_bytes())]
+            continue
+        good, bad = _load_specs([path], args)
+        _refuse_if_invalid(bad, 1)
+        reports += [r | {"spec": path} for r in with_store(args, lambda store: _estimate_here(store, good[0][1], args))]
+    if args.json:
+        print_json(reports)
+    else:
+        print("\n\n".join(_estimate_text(r) for r in reports))
+    return 0
+
+
+def _estimate_here(store, variants: list, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from orchestrator.estimates import estimate_spec, measured_throughput  # torch and transformers: only here
+
+    config, running = config_from_args(args), store.list(state="running")
+    try:
+        return [
+            estimate_spec(
+                spec,
+                throughput=measured_throughput(running, spec.base_model.base_key),
+                micro_batch_size=config.micro_batch_size,
+                model_cache=str(config.model_cache),
+                data_cache=str(config.data_cache),
+            )
+            | {"variant": label}
+            for label, spec in variants
+        ]
+    except ValueError as e:  # ModelLoadError, DataError: the spec is valid, its model or data cannot be used
+        raise CommandError(f"cannot estimate {variants[0][1].name}: {e}") from None
+
+
+def _estimate_text(report: dict[str, Any]) -> str:
+    from orchestrator.estimates import format_estimate
+
+    variant = f" [{report['variant']}]" if report.get("variant") else ""
+    return f"{report['spec']}{variant}: " + format_estimate(report)
+
+
+def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="job spec files (YAML or JSON)")
+    p.add_argument("--json", action="store_true", help="print the estimates as JSON")
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print_json(spec_json_schema())
     return 0
@@ -311,13 +376,44 @@ def _print_table(jobs: list[Job]) -> None:
                 clock(j.updated_at),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _print_rows(rows)
     if any(j.cancel_requested and j.state == "running" for j in jobs):
         print("* cancel requested; stops at its next step")
     for base, reason in sorted({(j.base_key, j.waiting) for j in jobs if j.state == "queued" and j.waiting}):
         print(f"queued jobs of {base}: {reason}")
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _print_sweep(jobs: list[Job]) -> None:
+    """A sweep's variants side by side: each one's latest evaluation of the registry metric; the best marked."""
+    registry = jobs[0].spec.get("registry", {})
+    metric, direction = registry.get("metric", "eval_loss"), registry.get("direction", "minimize")
+    value = {j.id: (j.last_eval or {}).get(metric) for j in jobs}
+    scored = [j for j in jobs if value[j.id] is not None]
+    pick = min if direction == "minimize" else max
+    best = pick(scored, key=lambda j: value[j.id]).id if scored else None
+    rows = [("ID", "VARIANT", "STATE", "STEP", "LOSS", metric.upper(), "AT STEP")]
+    for j in jobs:
+        at = (j.last_eval or {}).get("step")
+        rows.append(
+            (
+                j.id + (" *" if j.id == best else ""),
+                j.sweep_variant or "-",
+                j.state,
+                _step(j),
+                f"{j.loss:.4f}" if j.loss is not None else "-",
+                f"{value[j.id]:.4f}" if value[j.id] is not None else "-",
+                str(at) if at is not None else "-",
+            )
+        )
+    _print_rows(rows)
+    if best:
+        print(f"* best so far by {metric} ({direction}); the registry's champion follows the same rule")
 
 
 def _registration(job: Job) -> str | None:
