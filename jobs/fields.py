@@ -33,6 +33,7 @@ HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,
 HUB_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 METRICS = ("eval_loss", "eval_perplexity", "exact_match", "bleu", "rouge_l")
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
+GENERATION_METRICS = ("exact_match", "bleu", "rouge_l")  # measured only with training.eval_generation.enabled
 REGISTERED_NAME_PREFIX = "prefixd-"
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_target_positions")
 RESERVED_TAG_PREFIX = "prefixd."  # tags of this prefix are prefixd's own (registry bookkeeping)
@@ -194,6 +195,16 @@ class EvalGenerationSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EarlyStoppingSpec:
+    """Stop a task once registry.metric has not improved for `patience` evaluations in a row."""
+
+    patience: int = _f(kind="int", minimum=1, maximum=1000, ceiling=100_000)
+    """Evaluations (every eval_every steps) without an improvement after which the task stops."""
+    min_delta: float = _f(0.0, "float", minimum=0, maximum=1000, ceiling=1e12)
+    """Least change of the metric, in its direction, that counts as an improvement."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingSpec:
     """How long and how the prefix is optimised: exactly one of steps and epochs."""
 
@@ -226,6 +237,9 @@ class TrainingSpec:
     """Save a resumable checkpoint every this many steps (and at the end)."""
     eval_generation: EvalGenerationSpec = _section(EvalGenerationSpec)
     """Generation at evaluation time, for the generation metrics."""
+    early_stopping: EarlyStoppingSpec | None = _section(EarlyStoppingSpec, nullable=True)
+    """Stop when registry.metric stops improving: {patience, min_delta}; null: train the whole budget. Either
+    way the registered prefix is the best evaluation's."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,7 +257,8 @@ class RegistrySpec:
     """MLflow registered-model name; same rule as name. A model belongs to the tenant that created it: only
     its jobs add versions to it."""
     metric: str = _f("eval_loss", "str", choices=METRICS)
-    """Validation metric that picks the best checkpoint and is recorded with the registered version."""
+    """Validation metric that picks the best checkpoint (and drives training.early_stopping) and is recorded
+    with the registered version."""
     direction: str | None = _f(
         None,
         "str",
@@ -305,6 +320,11 @@ class JobSpec:
 
         walk(self.to_dict(), "")
         return out
+
+
+def metric_direction(metric: str) -> str:
+    """registry.direction's default for a metric: 'minimize' for eval_loss and eval_perplexity, else 'maximize'."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
 
 # --- building and dumping ---------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ from jobs.builtin_models import BUILTIN_MODELS
 from jobs.datafiles import DataFileError, data_exists, read_column_names
 from jobs.fields import (
     CONTEXT_KEYS,
-    LOWER_IS_BETTER,
+    GENERATION_METRICS,
     NAME_PATTERN,
     REGISTERED_NAME_PREFIX,
     RESERVED_TAG_PREFIX,
     JobSpec,
     _field_docs,
     _Rule,
+    metric_direction,
 )
 from jobs.problems import Problem, SpecError
 from workers.storage import is_remote
@@ -97,6 +98,7 @@ def check_document(
         _check_data(c.get("data"), raw.get("data"), ctx, problems)
         _check_context(c, context, problems)
         _check_training(c.get("training"), problems)
+        _check_early_stopping(c, problems)
         _fill_registry(c, problems)
     if problems:
         raise SpecError(source, problems)
@@ -470,6 +472,20 @@ def _check_training(t: dict | None, problems: list[Problem]) -> None:
         )
 
 
+def _check_early_stopping(c: dict, problems: list[Problem]) -> None:
+    """Early stopping watches registry.metric: a generation metric is measured only with generation on."""
+    t, reg = c.get("training") or {}, c.get("registry") or {}
+    metric = reg.get("metric")
+    if t.get("early_stopping") and metric in GENERATION_METRICS and not (t.get("eval_generation") or {}).get("enabled"):
+        problems.append(
+            Problem(
+                "training.early_stopping",
+                f"watches registry.metric {metric!r}, which is measured only with training.eval_generation.enabled "
+                "true; enable it or choose eval_loss or eval_perplexity",
+            )
+        )
+
+
 def _fill_registry(c: dict, problems: list[Problem]) -> None:
     """Choose the registry defaults that depend on other fields."""
     reg = c.get("registry")
@@ -487,4 +503,4 @@ def _fill_registry(c: dict, problems: list[Problem]) -> None:
                 )
             )
     if "direction" in reg and reg["direction"] is None and "metric" in reg:
-        reg["direction"] = "minimize" if reg["metric"] in LOWER_IS_BETTER else "maximize"
+        reg["direction"] = metric_direction(reg["metric"])

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs.fields import EarlyStoppingSpec
 from jobs.spec import (
     MAX_SPEC_BYTES,
     JobSpec,
@@ -144,6 +145,7 @@ def test_minimal_spec_is_fully_defaulted(task):
             "eval_max_rows": 256,
             "checkpoint_every": 50,
             "eval_generation": {"enabled": False, "samples": 32, "max_new_tokens": 32},
+            "early_stopping": None,
         },
         "priority": 0,
         "registry": {
@@ -173,6 +175,12 @@ def test_round_trip_trusts_the_stored_dict(task):
     assert again.training.epochs == 2.0 and again.registry.direction == "maximize"
     assert again.tags["team"] == "nlp"
     assert pickle.loads(pickle.dumps(again)) == spec
+
+
+def test_early_stopping_section_round_trips(task):
+    spec = load_spec(write(task, patched(minimal(), training__early_stopping={"patience": 3})))
+    assert spec.training.early_stopping == EarlyStoppingSpec(patience=3, min_delta=0.0)
+    assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_parse_of_to_dict_is_the_same_spec(task):
@@ -348,6 +356,23 @@ BAD_SPECS = [
         "warmup-longer-than-training",
         {"training__warmup_steps": 20},
         "training.warmup_steps: 20 warmup steps exceed training.steps 10",
+    ),
+    ("patience-missing", {"training__early_stopping": {}}, "training.early_stopping.patience: missing (required)"),
+    (
+        "patience-zero",
+        {"training__early_stopping": {"patience": 0}},
+        "training.early_stopping.patience: must be >= 1 and <= 1000, got 0",
+    ),
+    (
+        "min-delta-negative",
+        {"training__early_stopping": {"patience": 2, "min_delta": -0.1}},
+        "training.early_stopping.min_delta: must be >= 0 and <= 1000, got -0.1",
+    ),
+    (
+        "early-stopping-on-an-unmeasured-metric",
+        {"training__early_stopping": {"patience": 2}, "registry": {"metric": "bleu"}},
+        "training.early_stopping: watches registry.metric 'bleu', which is measured only with "
+        "training.eval_generation.enabled true",
     ),
     ("bad-schedule", {"training__schedule": "exp"}, "training.schedule: 'exp' is not one of constant, linear, cosine"),
     (
