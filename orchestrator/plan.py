@@ -27,7 +27,8 @@ def base_model_ref(spec: JobSpec) -> BaseModelRef:
 
 def task_config(spec: JobSpec, job_id: str, out_dir: str | Path) -> TaskConfig:
     """The worker's config of one job: its data settings, the PEFT prefix config (the spec's `prefix`
-    in PEFT's names) and the spec's `training` section as is."""
+    in PEFT's names), the spec's `training` section as is, and the registry metric and its direction
+    (which evaluation's prefix is the result)."""
     d, p = spec.data, spec.prefix
     data = DataSettings(
         train=str(d.train),
@@ -54,4 +55,6 @@ def task_config(spec: JobSpec, job_id: str, out_dir: str | Path) -> TaskConfig:
             init_weights="zero" if p.init == "zero" else None,
         ),
         training=spec.training,
+        metric=spec.registry.metric,
+        direction=spec.registry.direction,
     )

@@ -177,17 +177,30 @@ def tiny_task(
     projection_hidden_size: int | None = None,
     task_id: str | None = None,
     eval_generation: dict | None = None,
+    early_stopping: dict | None = None,
+    metric: str | None = None,
     **training,
 ):
     """A TaskConfig for tests: a prefix of `prefix_length` tokens (projected through an MLP of
     `projection_hidden_size` units when given), `training` the spec's training fields (spec defaults for the
-    rest), `eval_generation` the spec's eval_generation fields."""
-    from jobs.fields import EvalGenerationSpec, TrainingSpec
+    rest), `eval_generation` and `early_stopping` those sections' fields, `metric` the registry metric (the
+    spec's default when None; its direction derived as the spec does)."""
+    from jobs.fields import (
+        EarlyStoppingSpec,
+        EvalGenerationSpec,
+        RegistrySpec,
+        TrainingSpec,
+        metric_direction,
+        spec_default,
+    )
     from workers.prefix import PrefixTuningConfig
     from workers.trainer import TaskConfig
 
     if eval_generation is not None:
         training["eval_generation"] = EvalGenerationSpec(**eval_generation)
+    if early_stopping is not None:
+        training["early_stopping"] = EarlyStoppingSpec(**early_stopping)
+    metric = metric or spec_default(RegistrySpec, "metric")
     return TaskConfig(
         task_id=task_id or name,
         name=name,
@@ -199,4 +212,6 @@ def tiny_task(
             encoder_hidden_size=projection_hidden_size,
         ),
         training=TrainingSpec(**training),
+        metric=metric,
+        direction=metric_direction(metric),
     )

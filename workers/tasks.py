@@ -23,10 +23,12 @@ class TaskConfig:
 
     No defaults and no rules of its own: `training` is the spec's section as validated (jobs/fields.py holds
     its defaults and ranges), `prefix` is the PEFT-compatible config the prefix is built from (its
-    model-dependent fields are filled from the base model when the task joins).
+    model-dependent fields are filled from the base model when the task joins), `metric` and `direction`
+    are the spec's registry.metric and registry.direction (which evaluation is the best).
 
         TaskConfig(task_id="j-1", name="qa", out_dir="s3://b/j-1", data=DataSettings(...),
-                   prefix=PrefixTuningConfig(num_virtual_tokens=10), training=TrainingSpec(steps=60))
+                   prefix=PrefixTuningConfig(num_virtual_tokens=10), training=TrainingSpec(steps=60),
+                   metric="eval_loss", direction="minimize")
     """
 
     task_id: str
@@ -39,6 +41,10 @@ class TaskConfig:
     data: DataSettings
     prefix: PrefixTuningConfig
     training: TrainingSpec
+    metric: str
+    """The validation metric that picks the best prefix and drives early stopping (registry.metric)."""
+    direction: str
+    """'minimize' or 'maximize' (registry.direction)."""
 
     def __post_init__(self) -> None:
         t = self.training
