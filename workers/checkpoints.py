@@ -3,9 +3,10 @@
     save_checkpoint(task, scratch_dir)                       # rank 0: stage locally, upload (JobStorage)
     restore_checkpoint(task, model.config, scratch_dir)      # newest usable checkpoint, else step 0
 
-A checkpoint holds the prefix (`workers.formats.save_prefix`), the optimizer, schedule and RNG state, and
-`state.json` (step, example-stream position, history). `task` is the trainer's task slot
-(`workers.trainer._Task`): its config, encoder, optimizer, scheduler, generator, stream, step, history.
+A checkpoint holds the prefix (`workers.formats.save_prefix`), the optimizer, schedule and RNG state, the
+best prefix so far (`workers.selection.BestPrefix`), and `state.json` (step, example-stream position,
+history, the best's step, value and evaluations since). `task` is the trainer's task slot
+(`workers.trainer._Task`): its config, encoder, optimizer, scheduler, generator, stream, step, history, best.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def save_checkpoint(task: Any, scratch_dir: str | None) -> None:
                 "optimizer": task.optimizer.state_dict(),
                 "scheduler": task.scheduler.state_dict(),
                 "generator": task.generator.get_state(),
+                "best": task.best.state,
             },
         )
         (tmp / "state.json").write_text(
@@ -41,6 +43,7 @@ def save_checkpoint(task: Any, scratch_dir: str | None) -> None:
                     "step": task.step,
                     "stream": task.stream.state_dict(),
                     "history": task.history,
+                    "best": task.best.to_json(),
                     "total_steps": task.total_steps,
                     "task_id": task.config.task_id,
                 }
@@ -72,6 +75,7 @@ def restore_checkpoint(task: Any, model_config: Any, scratch_dir: str | None) ->
             task.stream.load_state_dict(state["stream"])
             task.step = state["step"]
             task.history = state["history"]
+            task.best.load(state.get("best"), tree.get("best"))
             return
     if names:
         log.warning("task %s: no usable checkpoint in %s; starting at step 0", task.config.task_id, storage)

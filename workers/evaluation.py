@@ -1,7 +1,8 @@
 """Validation of several tasks at once: loss and perplexity in mixed-task micro-batches, generation metrics.
 
-    due = due_evaluations(tasks)             # after a step: which tasks, which rows (None: all)
+    due = due_evaluations(tasks)             # after a step: which tasks, which rows (their fixed samples)
     scores = evaluate_tasks(prefixed, tok, pad_id, [slots[t] for t in due], due, batch_size=16, coll=None)
+    [best, last] = score_prefixes(prefixed, tok, pad_id, [(p1, slot, None), (p2, slot, None)], 16, None)
 
     rows = eval_subset(len(data.validation), max_rows=256, seed=0)    # a periodic evaluation's rows
     [scores] = validation_scores(prefixed, pad_id, [(prefix, data.validation, rows)], batch_size=16)
@@ -101,17 +102,16 @@ def generation_scores(
     return out
 
 
-def due_evaluations(tasks: list[Any]) -> dict[str, list[int] | None]:
-    """The tasks (the trainer's slots, `workers.trainer._Task`) to evaluate after a step, with their rows:
-    every row at the end of a task's budget (its final metrics), its fixed sample `eval_rows` every
-    eval_every steps."""
-    due: dict[str, list[int] | None] = {}
-    for task in tasks:
-        if task.step >= task.total_steps:
-            due[task.config.task_id] = None
-        elif task.step % task.config.training.eval_every == 0:
-            due[task.config.task_id] = task.eval_rows
-    return due
+def due_evaluations(tasks: list[Any]) -> dict[str, list[int]]:
+    """The tasks (the trainer's slots, `workers.trainer._Task`) to evaluate after a step, with their rows: the
+    fixed sample `eval_rows` every eval_every steps and at the end of a task's budget. These evaluations
+    pick its best prefix (always the same rows, so they compare); every row is scored once, at its end, for
+    the best and the last prefix (`score_prefixes`)."""
+    return {
+        task.config.task_id: task.eval_rows
+        for task in tasks
+        if task.step >= task.total_steps or task.step % task.config.training.eval_every == 0
+    }
 
 
 @torch.no_grad()
@@ -124,31 +124,45 @@ def evaluate_tasks(
     batch_size: int,
     coll: Collectives | None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate `tasks` (the trainer's slots) together on their `due` rows (task id -> row indices, None:
-    all): validation loss and perplexity, and generation metrics where asked for. Each task's scores also
-    become its `last_eval`. Returns task id -> scores."""
-    if not tasks:
-        return {}
+    """Evaluate `tasks` (the trainer's slots) with their current prefixes on their `due` rows (task id -> row
+    indices, None: all). Returns task id -> scores (`score_prefixes`)."""
     prefixes = [task.encoder.prompt_embeddings().detach() for task in tasks]
-    chosen = [due[t.config.task_id] for t in tasks]
-    chosen = [range(len(t.data.validation)) if rows is None else rows for t, rows in zip(tasks, chosen)]
+    entries = [(prefix, task, due[task.config.task_id]) for prefix, task in zip(prefixes, tasks)]
+    scores = score_prefixes(prefixed, tokenizer, pad_id, entries, batch_size, coll)
+    return {task.config.task_id: result for task, result in zip(tasks, scores)}
+
+
+@torch.no_grad()
+def score_prefixes(
+    prefixed: Any,
+    tokenizer: Any,
+    pad_id: int,
+    entries: list[tuple[torch.Tensor, Any, list[int] | None]],
+    batch_size: int,
+    coll: Collectives | None,
+) -> list[dict[str, float]]:
+    """Scores of each (encoded prefix [P, 2L*H*D], task slot, row indices or None for all) together:
+    validation loss and perplexity on those rows, and generation metrics where the task asks for them. A task
+    may come more than once (its best and its last prefix)."""
+    if not entries:
+        return []
+    chosen = [range(len(task.data.validation)) if rows is None else rows for _, task, rows in entries]
     scores = validation_scores(
         prefixed,
         pad_id,
-        [(prefix, task.data.validation, rows) for prefix, task, rows in zip(prefixes, tasks, chosen)],
+        [(prefix, task.data.validation, rows) for (prefix, task, _), rows in zip(entries, chosen)],
         batch_size=batch_size,
         coll=coll,
     )
-    generating = [j for j, task in enumerate(tasks) if task.config.training.eval_generation.enabled]
+    generating = [j for j, (_, task, _) in enumerate(entries) if task.config.training.eval_generation.enabled]
     if generating:
-        asked = [(j, tasks[j].config.training.eval_generation) for j in generating]
+        asked = [
+            (entries[j][0], entries[j][1].data.validation, entries[j][1].config.training.eval_generation)
+            for j in generating
+        ]
         generated = generation_scores(
-            prefixed,
-            tokenizer,
-            [(prefixes[j], tasks[j].data.validation, g.samples, g.max_new_tokens) for j, g in asked],
+            prefixed, tokenizer, [(prefix, validation, g.samples, g.max_new_tokens) for prefix, validation, g in asked]
         )
         for j, metrics in zip(generating, generated):
             scores[j].update(metrics)
-    for task, result in zip(tasks, scores):
-        task.last_eval = result
-    return {task.config.task_id: result for task, result in zip(tasks, scores)}
+    return scores

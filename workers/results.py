@@ -1,10 +1,12 @@
 """A finished job's folder in storage: its file names, how it is written, and how every reader reads it.
 
     <job folder>/                  a local path or a URI (`workers/storage.py`), the same on every attempt
-        adapter/                   PEFT prefix-tuning adapter (adapter_config.json, adapter_model.safetensors)
-        prefix/                    prefixd's own prefix folder (prefix_config.json, prefix_encoder.safetensors)
+        adapter/                   PEFT prefix-tuning adapter of the best evaluation's prefix (the registered one)
+        prefix/                    prefixd's own folder of that prefix (prefix_config.json, prefix_encoder.safetensors)
+        final/adapter, final/prefix   the same for the last step's prefix
         history.jsonl              one JSON record per step (step, time, loss, ..., eval metrics at eval steps)
-        metrics.json               the final evaluation, {name: number}
+        metrics.json               the best prefix on every validation row, {name: number}, with best_step,
+                                   best_<metric> and final_<name> (the last prefix on every row)
         data_report.txt            what the data reader kept and dropped
         result.json                written last, by the worker group: the folder is complete
 
@@ -38,7 +40,8 @@ HISTORY = "history.jsonl"
 METRICS = "metrics.json"
 DATA_REPORT = "data_report.txt"
 RESULT_FILE = "result.json"
-TRAINER_OUTPUTS = (ADAPTER, PREFIX, HISTORY, METRICS, DATA_REPORT)
+FINAL = "final"  # the last step's adapter/ and prefix/, when the registered ones are the best evaluation's
+TRAINER_OUTPUTS = (ADAPTER, PREFIX, FINAL, HISTORY, METRICS, DATA_REPORT)
 """What the trainer uploads; result.json follows."""
 REQUIRED = (
     f"{ADAPTER}/adapter_config.json",

@@ -12,11 +12,16 @@ One step, top to bottom (`MultiTaskTrainer.step`):
   4. per task, right after the last micro-batch that holds one of its rows: gradient clipping, its own
      AdamW step and learning-rate schedule, and its gradient freed (so a step never holds every task's
      gradient at once: with 64 tasks on SmolLM2 that would be 64 x 1.4 MB for nothing);
-  5. per task, at its cadence: validation loss / perplexity (and generation metrics on request) on a
-     fixed seeded sample of at most `eval_max_rows` validation rows, on every row at the end of its
-     budget (`workers/evaluation.py`; the rows of all tasks due at a step share micro-batches, as in
-     training), a checkpoint (`workers/checkpoints.py`), and at the end the exported prefix; its slot
-     is then freed.
+  5. per task, every eval_every steps and at the end of its budget: validation loss / perplexity (and
+     generation metrics on request) on a fixed seeded sample of at most `eval_max_rows` validation rows
+     (`workers/evaluation.py`; the rows of all tasks due at a step share micro-batches, as in training);
+     each evaluation is compared with the task's best so far by its registry metric
+     (`workers/selection.py`), and with `training.early_stopping` a task that has not improved for
+     `patience` evaluations ends there; a checkpoint at its cadence (`workers/checkpoints.py`);
+  6. at a task's end: its best prefix and its last one are scored on every validation row, and both are
+     exported, the best as the result (the registered prefix) and the last under final/; its slot is freed.
+"The best evaluation" is thus decided on the fixed sample (the same rows every time, so evaluations
+compare), and the result's metrics are the best prefix's on every validation row (comparable across jobs).
 A micro-batch that runs out of memory (on any rank) fails no one yet: every task not yet updated runs
 its rows again alone, and only a task whose own rows still run out of memory fails (`StepReport.failed`).
 Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
@@ -45,10 +50,11 @@ from workers.batches import ExampleStream, micro_batch_groups, mixed_forward, ra
 from workers.checkpoints import restore_checkpoint, save_checkpoint
 from workers.data import DataSettings, TaskData, load_task_data
 from workers.devices import Collectives, out_of_memory, peak_memory_bytes
-from workers.evaluation import due_evaluations, eval_subset, evaluate_tasks
+from workers.evaluation import due_evaluations, eval_subset, evaluate_tasks, score_prefixes
 from workers.formats import save_peft_adapter, save_prefix
 from workers.inject import PrefixedModel
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
+from workers.selection import BestPrefix
 from workers.storage import JobStorage, temporary_dir
 from workers.tasks import StepReport, TaskConfig, TaskProgress, lr_schedule
 
@@ -63,13 +69,18 @@ class TaskResult:
     name: str
     steps: int
     adapter_dir: str
-    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of the best prefix; the last
+    step's prefix is beside it, in final/adapter and final/prefix."""
     prefix_dir: str
-    """prefixd prefix folder (the whole encoder, projection included)."""
+    """prefixd prefix folder (the whole encoder, projection included) of the best prefix."""
     metrics: dict[str, float]
-    """Final evaluation: eval_loss, eval_perplexity, and generation metrics when asked for."""
+    """The best prefix on every validation row: eval_loss, eval_perplexity, and generation metrics when asked
+    for; best_step and best_<metric> (the registry metric in the evaluation that chose it, on the fixed
+    sample); final_<name> for each of the last step's prefix on every validation row."""
     history_file: str
     """JSON lines of per-step metrics."""
+    stopped_early: bool = False
+    """Early stopping ended the task before its budget (`steps` says where)."""
 
 
 @dataclass
@@ -85,9 +96,10 @@ class _Task:
     generator: torch.Generator
     eval_rows: list[int]
     """The validation rows of its periodic evaluations (`workers.evaluation.eval_subset`)."""
+    best: BestPrefix
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    last_eval: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
 
 
 class MultiTaskTrainer:
@@ -184,6 +196,7 @@ class MultiTaskTrainer:
             total,
             generator,
             eval_rows=eval_subset(len(data.validation), t.eval_max_rows, t.seed),
+            best=BestPrefix.of(config),
         )
         restore_checkpoint(task, self.model.config, self.scratch_dir)
         self.tasks[config.task_id] = task
@@ -249,13 +262,15 @@ class MultiTaskTrainer:
                 "time": time.time(),
             }
         evaluations = self._evaluate(due_evaluations([task for _, task in stepped]))
+        ending = self._ending([task for _, task in stepped], evaluations)
+        outcomes = self._outcomes(ending)
         progress, finished, warnings = {}, [], {}
         for j, task in stepped:
             task_id = task.config.task_id
             evaluation = evaluations.get(task_id)
             task.history.append(records[j] | (evaluation or {}))
-            if task.step >= task.total_steps:
-                finished.append(self._finish(task))
+            if task_id in outcomes:
+                finished.append(self._finish(task, *outcomes[task_id]))
             elif task.step % task.config.training.checkpoint_every == 0:
                 try:
                     self._checkpoint(task)
@@ -383,14 +398,42 @@ class MultiTaskTrainer:
         tasks = [self.tasks[task_id] for task_id in due]
         return evaluate_tasks(self.prefixed, self.tokenizer, self.pad_id, tasks, due, batch_size, self.coll)
 
+    def _ending(self, tasks: list[_Task], evaluations: dict[str, dict[str, float]]) -> list[_Task]:
+        """Each evaluation goes to its task's best; returns the tasks that end at this step: their budget is
+        spent, or early stopping says stop (their budget then ends here, so progress shows where)."""
+        for task in tasks:
+            scores = evaluations.get(task.config.task_id)
+            stop = scores is not None and task.best.observe(task.step, scores, task.encoder)
+            if stop and task.step < task.total_steps:
+                task.stopped_early, task.total_steps = True, task.step
+                log.info("task %s: stopped early at step %d: %s", task.config.task_id, task.step, task.best)
+        return [task for task in tasks if task.step >= task.total_steps]
+
+    def _outcomes(self, tasks: list[_Task]) -> dict[str, tuple[PrefixEncoder, dict[str, float]]]:
+        """Each ending task's best encoder and result metrics (`BestPrefix.result_metrics`): the best and the
+        last prefix of every ending task are scored on every validation row together (once when the same)."""
+        bests = [task.best.encoder(task.encoder, task.step) for task in tasks]
+        entries = []
+        for task, best in zip(tasks, bests):
+            encoders = [task.encoder] if best is task.encoder else [task.encoder, best]  # the last, then the best
+            entries += [(encoder.prompt_embeddings().detach(), task, None) for encoder in encoders]
+        scores = iter(score_prefixes(self.prefixed, self.tokenizer, self.pad_id, entries, 16, self.coll))
+        outcomes = {}
+        for task, best in zip(tasks, bests):
+            final = next(scores)
+            chosen = final if best is task.encoder else next(scores)
+            outcomes[task.config.task_id] = (best, task.best.result_metrics(task.step, chosen, final))
+        return outcomes
+
     def _checkpoint(self, task: _Task) -> None:
         """Rank 0 writes the task's checkpoint (`workers/checkpoints.py`)."""
         if self.rank == 0:
             save_checkpoint(task, self.scratch_dir)
 
-    def _finish(self, task: _Task) -> TaskResult:
+    def _finish(self, task: _Task, best: PrefixEncoder, metrics: dict[str, float]) -> TaskResult:
         """The task's results, staged locally by rank 0 and uploaded to its folder; checkpoints removed.
-        The job's result.json, which marks the folder complete, is the orchestrator's to write after this."""
+        The job's result.json, which marks the folder complete, is the orchestrator's to write after this.
+        `best` is the result's prefix (`_outcomes`), the task's own encoder the last step's, written to final/."""
         del self.tasks[task.config.task_id]
         out = JobStorage.open(task.config.out_dir)
         result = TaskResult(
@@ -399,14 +442,17 @@ class MultiTaskTrainer:
             steps=task.step,
             adapter_dir=out.child(results.ADAPTER).uri,
             prefix_dir=out.child(results.PREFIX).uri,
-            metrics=dict(task.last_eval),
+            metrics=metrics,
             history_file=out.child(results.HISTORY).uri,
+            stopped_early=task.stopped_early,
         )
         if self.rank == 0:
             with temporary_dir(self.scratch_dir, f"result-{task.config.task_id}-") as tmp:
                 tmp = Path(tmp)
-                save_peft_adapter(tmp / results.ADAPTER, task.encoder, task.prefix_config)
-                save_prefix(tmp / results.PREFIX, task.encoder, task.prefix_config)
+                save_peft_adapter(tmp / results.ADAPTER, best, task.prefix_config)
+                save_prefix(tmp / results.PREFIX, best, task.prefix_config)
+                save_peft_adapter(tmp / results.FINAL / results.ADAPTER, task.encoder, task.prefix_config)
+                save_prefix(tmp / results.FINAL / results.PREFIX, task.encoder, task.prefix_config)
                 results.write_outputs(
                     out, tmp, history=task.history, metrics=result.metrics, report=str(task.data.report)
                 )
