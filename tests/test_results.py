@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.tiny import char_tokenizer, tiny_model, write_task
+from tests.tiny import char_tokenizer, tiny_model, tiny_task, write_task
 from workers.data import DataSettings
 from workers.results import (
     RESULT_FILE,
@@ -18,7 +18,7 @@ from workers.results import (
     load_result,
     write_result,
 )
-from workers.trainer import MultiTaskTrainer, TaskConfig
+from workers.trainer import MultiTaskTrainer
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
     rows = write_task(root / "rev.jsonl", "reverse")
     data = DataSettings(train=rows, input_column="input", target_column="target", max_length=40)
-    config = TaskConfig(
-        task_id="j-1", name="rev", data=data, out_dir=str(root / "j-1"), num_virtual_tokens=4, steps=3, eval_every=3
-    )
+    config = tiny_task("rev", data, root / "j-1", prefix_length=4, task_id="j-1", steps=3, eval_every=3)
     trainer = MultiTaskTrainer(tiny_model("llama"), char_tokenizer(), micro_batch_size=4)
     trainer.add_task(config)
     [result] = [r for _ in range(3) for r in trainer.step().finished]
