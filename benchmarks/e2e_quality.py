@@ -209,6 +209,8 @@ def e2e_config(seed: int, steps: int, files: dict[str, Path], out_dir: Path):
             target_column="text",
             max_length=MAX_LENGTH,
         ),
+        metric="eval_loss",
+        direction="minimize",
         prefix=PrefixTuningConfig(
             num_virtual_tokens=PREFIX_LEN, prefix_projection=True, encoder_hidden_size=PROJECTION_HIDDEN
         ),
@@ -242,6 +244,8 @@ def cotenant_config(name: str, seed: int, steps: int, paths: tuple[Path, Path], 
         data=DataSettings(
             train=str(paths[0]), validation=str(paths[1]), template=template, target_column="target", max_length=64
         ),
+        metric="eval_loss",
+        direction="minimize",
         prefix=PrefixTuningConfig(
             num_virtual_tokens=prefix_len, prefix_projection=True, encoder_hidden_size=PROJECTION_HIDDEN
         ),

@@ -135,6 +135,8 @@ def task_config(path: str, index: int, seq_len: int, out_dir: Path):
         name=f"task{index}",
         out_dir=str(out_dir / f"task{index}"),
         data=DataSettings(train=path, input_column="input", target_column="target", max_length=seq_len),
+        metric="eval_loss",
+        direction="minimize",
         prefix=PrefixTuningConfig(num_virtual_tokens=PREFIX_LEN),
         training=TrainingSpec(
             learning_rate=LEARNING_RATE,

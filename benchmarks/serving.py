@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     import httpx
 
-    from orchestrator import registry
+    from orchestrator import generation
     from orchestrator.serving import start_serving
     from orchestrator.serving_models import ModelCatalog, ServingSettings
     from orchestrator.tenants import parse_entries
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return send
 
-        pyfuncs = {name: registry.load_pyfunc(uri, name) for name in names[:8]}
+        pyfuncs = {name: generation.load_pyfunc(uri, name) for name in names[:8]}
 
         answers: dict[tuple[str, str], tuple[str, int]] = {}  # the served text and token count of each job
 

@@ -57,6 +57,8 @@ def rank_main(args) -> None:
                 data=DataSettings(
                     train=str(work / "data.jsonl"), input_column="input", target_column="target", max_length=64
                 ),
+                metric="eval_loss",
+                direction="minimize",
                 prefix=PrefixTuningConfig(num_virtual_tokens=10),
                 training=TrainingSpec(
                     steps=args.steps + 1, examples_per_step=4, eval_every=10**6, checkpoint_every=10**6, seed=i

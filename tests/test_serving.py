@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from jobs.spec import parse_spec
-from orchestrator import registry
+from orchestrator import generation, registry
 from orchestrator.api import start_api
 from orchestrator.config import OrchestratorConfig, default_tracking_uri
 from orchestrator.plan import base_model_ref, task_config
@@ -90,7 +90,7 @@ def registered(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(registered):
     """`prefixd generate`'s greedy answers, {(task, prompt): text}, all 16 tasks in its one mixed batch."""
-    out = registry.generate(registered["uri"], TASKS, PROMPTS, max_new_tokens=MAX_TOKENS)
+    out = generation.generate(registered["uri"], TASKS, PROMPTS, max_new_tokens=MAX_TOKENS)
     texts = {(r["task"], p): text for r in out for p, text in zip(PROMPTS, r["outputs"])}
     assert all(texts[(t, p)] for t in SHOWN for p in PROMPTS)  # answers to compare, not empty ones
     return texts
