@@ -80,6 +80,13 @@ class LocalRegistry:
         with _local_errors():
             return generate(self.tracking_uri, tasks, prompts, **options)
 
+    def generate_pairs(self, pairs_file: str, **options: Any) -> list[dict[str, Any]]:
+        """orchestrator.pairs.generate_pairs's results: each prompt of the file with its own task's prefix."""
+        from orchestrator.pairs import generate_pairs, read_pairs
+
+        with _local_errors():
+            return generate_pairs(self.tracking_uri, read_pairs(pairs_file), **options)
+
 
 @contextmanager
 def _local_errors() -> Iterator[None]:
@@ -152,15 +159,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    results = LocalRegistry.from_args(args).generate(
-        args.tasks,
-        args.prompts,
+    options = dict(
         alias=args.alias,
         version=args.version,
         max_new_tokens=args.max_new_tokens,
         with_base=args.with_base,
         device=args.device,
     )
+    if args.pairs:
+        if args.tasks or args.prompts:
+            raise BadInput("--pairs takes the tasks and prompts from its file: give no --task or PROMPT")
+        results = LocalRegistry.from_args(args).generate_pairs(args.pairs, **options)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            _print_pairs(results)
+        return 0
+    if not args.tasks or not args.prompts:
+        raise BadInput("give at least one --task and one PROMPT (or --pairs FILE)")
+    results = LocalRegistry.from_args(args).generate(args.tasks, args.prompts, **options)
     if args.json:
         print(json.dumps([{**r, "prompts": args.prompts} for r in results], indent=2))
         return 0
@@ -219,7 +236,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         action="append",
-        required=True,
+        default=[],
         dest="tasks",
         metavar="TASK",
         help="task (or registered model) whose prefix to use; repeat for several, all in one batch",
@@ -233,7 +250,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="where to generate: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N",
     )
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="each prompt is run with every task")
+    p.add_argument(
+        "--pairs",
+        metavar="FILE",
+        help="instead of --task and PROMPTs: JSON lines {task, prompt, expected}, each prompt with its own "
+        "task's prefix, all in one batch, outputs marked right or wrong",
+    )
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="each prompt is run with every task")
     _add_uri_argument(p)
 
 
@@ -289,6 +312,35 @@ def print_models(models: list[dict], *, filtered: bool) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def _print_pairs(results: Sequence[dict[str, Any]]) -> None:
+    """Per task (first-seen order): a header counting the scored rows that are right, then one line per prompt:
+    prompt | expected: ... | prefix: ... [right] | bare: ... [wrong], columns aligned."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r)
+    for task, rows in by_task.items():
+        head = f"== {task} ({rows[0]['name']} v{rows[0]['version']})"
+        scored = [r for r in rows if r["expected"] is not None]
+        if scored:
+            head += f": with its prefix {sum(r['right'] for r in scored)}/{len(scored)} right"
+            if "base_output" in rows[0]:
+                head += f", bare base model {sum(r['base_right'] for r in scored)}/{len(scored)}"
+        print(head)
+        columns = [[_one_line(r["prompt"]) for r in rows]]
+        if scored:
+            columns.append([f"expected: {_one_line(r['expected'] or '')}" for r in rows])
+        columns.append([f"prefix: {_one_line(r['output'])}{_mark(r['right'])}" for r in rows])
+        if "base_output" in rows[0]:
+            columns.append([f"bare: {_one_line(r['base_output'])}{_mark(r['base_right'])}" for r in rows])
+        widths = [max(len(c) for c in col) for col in columns[:-1]]
+        for cells in zip(*columns):
+            print("  " + " | ".join([c.ljust(w) for c, w in zip(cells, widths)] + [cells[-1]]))
+
+
+def _mark(right: bool | None) -> str:
+    return "" if right is None else ("  [right]" if right else "  [wrong]")
 
 
 def _one_line(text: str) -> str:
