@@ -37,15 +37,10 @@ demo: $(STAMP)
 	$(PREFIXD) run
 	$(PREFIXD) status
 	$(PREFIXD) models
-	for task in capitals number-words reverse-words uppercase; do $(PREFIXD) lookup $$task || exit 1; done
-	@echo; echo "== each task with its own prompts, and without a prefix for comparison"
-	$(PREFIXD) generate --with-base --task capitals "The capital of Peru is" "The capital of Kenya is"
-	$(PREFIXD) generate --with-base --task number-words "42 in words:" "17 in words:"
-	$(PREFIXD) generate --with-base --task uppercase $$'Uppercase: window\nAnswer:' $$'Uppercase: garden\nAnswer:'
-	$(PREFIXD) generate --with-base --task reverse-words $$'Reverse the list: apple, river, stone\nReversed:'
-	@echo; echo "== all four prefixes in one mixed batch"
-	$(PREFIXD) generate --with-base --task capitals --task number-words --task uppercase --task reverse-words \
-		"The capital of Chile is" "63 in words:"
+	$(PREFIXD) lookup capitals
+	@echo; echo "== held-out prompts (in no task's data), each with its own task's prefix, all in one mixed batch;"
+	@echo "   then the same prompts on the bare base model. [right]: exactly the expected answer"
+	$(PREFIXD) generate --pairs jobs/examples/heldout.jsonl --with-base --max-new-tokens 12
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefix_overhead.py

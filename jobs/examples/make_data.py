@@ -2,9 +2,14 @@
 
     python jobs/examples/make_data.py
 
-Four small tasks with one right answer each, a few hundred rows or fewer, sized so that a 60-step prefix
-trains on a 2-core CPU in about a minute. Targets start with a space: the prompt and target are joined
-as is (workers/data.py), and " Paris" is how the word follows "is" in running text.
+Four small tasks with one right answer each, a few hundred rows or fewer, sized so that the four train
+together on a 2-core CPU in a few minutes. Targets start with a space: the prompt and target are joined
+as is (workers/data.py), and " Lima" is how the word follows "is" in running text.
+
+Each task keeps a few prompts out of all its data (HELDOUT): `heldout.jsonl` holds them as
+{"task", "prompt", "expected"} rows for `prefixd generate --pairs` (what `make demo` shows), so the demo
+answers prompts that no training or validation row holds. TEMPLATES are the specs' `data.template`s
+(tests/test_examples.py keeps them equal).
 """
 
 from __future__ import annotations
@@ -149,8 +154,23 @@ def number_words(n: int) -> str:
     return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
 
 
+# Each task's prompt (the spec's data.template) and its held-out inputs, never written to its data files.
+TEMPLATES = {
+    "capitals": "The capital of {country} is",
+    "number-words": "{number} in words:",
+    "uppercase": "Uppercase: {word}\nAnswer:",
+    "reverse-words": "{words} ->",
+}
+HELDOUT = {
+    "capitals": ("Peru", "Kenya", "Japan", "Canada"),
+    "number-words": ("17", "42", "63", "85"),
+    "uppercase": ("window", "garden", "rocket", "tiger"),
+    "reverse-words": ("pencil, feather, lantern", "tomato, puzzle, otter", "glacier, eagle, yarn"),
+}
+
+
 def uppercase_rows() -> list[dict]:
-    return [{"prompt": f"Uppercase: {w}\nAnswer:", "target": f" {w.upper()}"} for w in WORDS]
+    return [{"word": w, "upper": f" {w.upper()}"} for w in WORDS]
 
 
 def reverse_rows(n: int, seed: int) -> list[dict]:
@@ -170,17 +190,53 @@ def number_rows() -> list[dict]:
     return [{"number": str(n), "words": f" {number_words(n)}"} for n in range(1, 100)]
 
 
+# task -> (the column its template reads, the target column, every row of the task in a fixed order)
+def task_rows() -> dict[str, tuple[str, str, list[dict]]]:
+    return {
+        "capitals": ("country", "capital", capital_rows()),
+        "number-words": ("number", "words", number_rows()),
+        "uppercase": ("word", "upper", uppercase_rows()),
+        "reverse-words": (
+            "words",
+            "reversed",
+            reverse_rows(340, seed=1) + [reversed_row(w) for w in HELDOUT["reverse-words"]],
+        ),
+    }
+
+
+def reversed_row(words: str) -> dict:
+    return {"words": words, "reversed": " " + ", ".join(reversed(words.split(", ")))}
+
+
+def split_heldout(task: str) -> tuple[list[dict], list[dict]]:
+    """(the task's rows for training and validation, its held-out {task, prompt, expected} rows)."""
+    column, target, rows = task_rows()[task]
+    held = HELDOUT[task]
+    by_input = {r[column]: r for r in rows}
+    missing = [x for x in held if x not in by_input]
+    if missing:
+        raise ValueError(f"HELDOUT[{task!r}]: {missing} are not among the task's inputs")
+    heldout = [
+        {"task": task, "prompt": TEMPLATES[task].format(**by_input[x]), "expected": by_input[x][target].strip()}
+        for x in held
+    ]
+    return [r for r in rows if r[column] not in held], heldout
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def main(out_dir: Path = HERE) -> None:
-    """Write every example's data file into out_dir."""
-    write_jsonl(out_dir / "uppercase.jsonl", uppercase_rows())
-    write_jsonl(out_dir / "reverse_words.train.jsonl", reverse_rows(300, seed=1))
-    write_jsonl(out_dir / "reverse_words.valid.jsonl", reverse_rows(40, seed=2))
-    write_jsonl(out_dir / "capitals.jsonl", capital_rows())
-    write_jsonl(out_dir / "number_words.jsonl", number_rows())
+    """Write every example's data file, and the held-out prompts, into out_dir."""
+    data = {task: split_heldout(task) for task in TEMPLATES}
+    write_jsonl(out_dir / "capitals.jsonl", data["capitals"][0])
+    write_jsonl(out_dir / "number_words.jsonl", data["number-words"][0])
+    write_jsonl(out_dir / "uppercase.jsonl", data["uppercase"][0])
+    reverse = data["reverse-words"][0]
+    write_jsonl(out_dir / "reverse_words.train.jsonl", reverse[:300])
+    write_jsonl(out_dir / "reverse_words.valid.jsonl", reverse[300:340])
+    write_jsonl(out_dir / "heldout.jsonl", [row for _, heldout in data.values() for row in heldout])
 
 
 if __name__ == "__main__":
