@@ -33,7 +33,7 @@ PREFIXD = $(BIN)/prefixd --home $(DEMO_HOME)
 demo: $(STAMP)
 	rm -rf $(DEMO_HOME)
 	$(PREFIXD) submit jobs/examples/capitals.yaml jobs/examples/number_words.yaml \
-		jobs/examples/reverse_words.yaml jobs/examples/uppercase.yaml
+		jobs/examples/reverse_words.yaml jobs/examples/past_tense.yaml
 	$(PREFIXD) run
 	$(PREFIXD) status
 	$(PREFIXD) models

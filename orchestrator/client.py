@@ -3,7 +3,7 @@
     client = ApiClient("http://trainer:8000", token=os.environ["PREFIXD_TOKEN"])
     job_id = client.submit(Path("spec.yaml").read_text())   # YAML text, or a dict (sent as JSON)
     client.status(job_id).state                             # an orchestrator.store.Job, as the store gives it
-    client.lookup("uppercase")                              # the champion, as orchestrator.registry.lookup
+    client.lookup("past-tense")                             # the champion, as orchestrator.registry.lookup
 
     meta = client.upload(Path("train.jsonl"))               # streamed; {'id': 'file-...', 'name', 'size', ...}
     client.submit({... "data": {"train": meta["id"], ...}})  # a spec may name an uploaded file by its id

@@ -23,7 +23,7 @@ from orchestrator.commands.common import CommandError, config_from_args
 from orchestrator.store import JobStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
-UPPERCASE, REVERSE = str(EXAMPLES / "uppercase.yaml"), str(EXAMPLES / "reverse_words.yaml")
+PAST_TENSE, REVERSE = str(EXAMPLES / "past_tense.yaml"), str(EXAMPLES / "reverse_words.yaml")
 
 
 @pytest.fixture
@@ -76,14 +76,14 @@ def test_command_table_matches_the_parser():
 
 
 def test_validate(home, capsys, bad_spec):
-    code, out, err = run(capsys, "--home", str(home), "validate", UPPERCASE, REVERSE)
+    code, out, err = run(capsys, "--home", str(home), "validate", PAST_TENSE, REVERSE)
     assert code == 0 and err == ""
     assert out.splitlines() == [
-        f"{UPPERCASE}: ok (uppercase, base builtin:smollm2-135m:float32)",
+        f"{PAST_TENSE}: ok (past-tense, base builtin:smollm2-135m:float32)",
         f"{REVERSE}: ok (reverse-words, base builtin:smollm2-135m:float32)",
     ]
 
-    code, out, err = run(capsys, "validate", UPPERCASE, bad_spec)
+    code, out, err = run(capsys, "validate", PAST_TENSE, bad_spec)
     assert code == 1
     for problem in (
         "name:",
@@ -94,24 +94,24 @@ def test_validate(home, capsys, bad_spec):
         assert problem in err, (problem, err)
     assert "Traceback" not in err
 
-    code, out, _ = run(capsys, "validate", "--json", UPPERCASE, bad_spec)
+    code, out, _ = run(capsys, "validate", "--json", PAST_TENSE, bad_spec)
     rows = json.loads(out)
     assert code == 1 and [r["valid"] for r in rows] == [True, False]
-    assert len(rows[1]["problems"]) >= 4 and rows[0]["name"] == "uppercase"
+    assert len(rows[1]["problems"]) >= 4 and rows[0]["name"] == "past-tense"
     assert not home.exists()  # validating touches no state
 
 
 def test_submit_status_cancel_logs(home, capsys):
-    code, out, err = run(capsys, "--home", str(home), "submit", UPPERCASE, REVERSE)
+    code, out, err = run(capsys, "--home", str(home), "submit", PAST_TENSE, REVERSE)
     assert code == 0, err
     lines = [line.split("\t") for line in out.splitlines()]
-    assert [(name, path) for _, name, path in lines] == [("uppercase", UPPERCASE), ("reverse-words", REVERSE)]
-    upper, reverse = [job_id for job_id, _, _ in lines]
+    assert [(name, path) for _, name, path in lines] == [("past-tense", PAST_TENSE), ("reverse-words", REVERSE)]
+    past, reverse = [job_id for job_id, _, _ in lines]
 
     code, out, _ = run(capsys, "--home", str(home), "status", "--json")
     jobs = json.loads(out)
     assert code == 0 and [(j["id"], j["task"], j["state"]) for j in jobs] == [
-        (upper, "uppercase", "queued"),
+        (past, "past-tense", "queued"),
         (reverse, "reverse-words", "queued"),
     ]
     assert jobs[1]["priority"] == 10 and jobs[0]["spec"]["training"]["steps"] == 60
@@ -122,25 +122,25 @@ def test_submit_status_cancel_logs(home, capsys):
 
     code, out, _ = run(capsys, "--home", str(home), "status")
     assert code == 0 and out.splitlines()[0].split() == ["ID", "NAME", "STATE", "STEP", "LOSS", "ATTEMPTS", "UPDATED"]
-    assert upper in out and "queued" in out
+    assert past in out and "queued" in out
 
-    code, out, _ = run(capsys, "--home", str(home), "status", upper)
-    assert code == 0 and "state:" in out and "uppercase" in out
+    code, out, _ = run(capsys, "--home", str(home), "status", past)
+    assert code == 0 and "state:" in out and "past-tense" in out
 
-    code, out, _ = run(capsys, "--home", str(home), "cancel", upper)
-    assert code == 0 and out.strip() == f"{upper}: cancelled"
-    code, out, _ = run(capsys, "--home", str(home), "status", upper, "--json")
+    code, out, _ = run(capsys, "--home", str(home), "cancel", past)
+    assert code == 0 and out.strip() == f"{past}: cancelled"
+    code, out, _ = run(capsys, "--home", str(home), "status", past, "--json")
     assert json.loads(out)["state"] == "cancelled"
     code, out, _ = run(capsys, "--home", str(home), "list", "--state", "queued", "--json")
     assert [j["id"] for j in json.loads(out)] == [reverse]
 
-    code, out, _ = run(capsys, "--home", str(home), "logs", upper)
-    assert code == 0 and "submitted: task uppercase" in out and out.rstrip().endswith("cancelled")
-    code, out, _ = run(capsys, "--home", str(home), "logs", upper, "--json")
+    code, out, _ = run(capsys, "--home", str(home), "logs", past)
+    assert code == 0 and "submitted: task past-tense" in out and out.rstrip().endswith("cancelled")
+    code, out, _ = run(capsys, "--home", str(home), "logs", past, "--json")
     assert [e["message"] for e in json.loads(out)][-1] == "cancelled"
 
-    code, out, err = run(capsys, "--home", str(home), "submit", "--json", UPPERCASE)
-    assert code == 0 and [j["name"] for j in json.loads(out)] == ["uppercase"]
+    code, out, err = run(capsys, "--home", str(home), "submit", "--json", PAST_TENSE)
+    assert code == 0 and [j["name"] for j in json.loads(out)] == ["past-tense"]
 
 
 def test_user_errors_are_one_line_without_traceback(home, capsys):
@@ -149,7 +149,7 @@ def test_user_errors_are_one_line_without_traceback(home, capsys):
         assert code == 1 and out == ""
         assert err.startswith(f"prefixd {argv[0]}: error: no job with id 'j-nope'") and "Traceback" not in err
 
-    code, out, _ = run(capsys, "--home", str(home), "submit", UPPERCASE)
+    code, out, _ = run(capsys, "--home", str(home), "submit", PAST_TENSE)
     [job_id] = [line.split("\t")[0] for line in out.splitlines()]
     run(capsys, "--home", str(home), "cancel", job_id)
     assert run(capsys, "--home", str(home), "cancel", job_id)[0] == 0  # asking again changes nothing
@@ -169,7 +169,7 @@ def test_user_errors_are_one_line_without_traceback(home, capsys):
 
 
 def test_invalid_submit_stores_nothing(home, capsys, bad_spec):
-    code, out, err = run(capsys, "--home", str(home), "submit", UPPERCASE, bad_spec)
+    code, out, err = run(capsys, "--home", str(home), "submit", PAST_TENSE, bad_spec)
     assert code == 1 and out == ""
     assert "training.steps: must be >= 1" in err and "nothing was submitted" in err
     code, out, _ = run(capsys, "--home", str(home), "status", "--json")
@@ -179,7 +179,7 @@ def test_invalid_submit_stores_nothing(home, capsys, bad_spec):
 def test_home_and_store_url_from_flags_and_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PREFIXD_HOME", str(tmp_path / "env-home"))
     monkeypatch.delenv("PREFIXD_STORE_URL", raising=False)
-    assert run(capsys, "submit", UPPERCASE)[0] == 0
+    assert run(capsys, "submit", PAST_TENSE)[0] == 0
     assert (tmp_path / "env-home" / "jobs.db").is_file()
 
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
@@ -187,7 +187,7 @@ def test_home_and_store_url_from_flags_and_environment(tmp_path, capsys, monkeyp
     code, out, _ = run(capsys, "--store-url", url, "status", "--json")
     assert [j["task"] for j in json.loads(out)] == ["reverse-words"]
     code, out, _ = run(capsys, "status", "--json")
-    assert [j["task"] for j in json.loads(out)] == ["uppercase"]
+    assert [j["task"] for j in json.loads(out)] == ["past-tense"]
 
 
 def test_schema(capsys):
@@ -339,40 +339,40 @@ def test_registry_arguments_parse():
 
 def test_server_submit_status_list_cancel_logs_match_local_output(remote, capsys, tmp_path):
     url, store_url = remote
-    code, out, err = run(capsys, "--server", url, "submit", UPPERCASE, REVERSE)
+    code, out, err = run(capsys, "--server", url, "submit", PAST_TENSE, REVERSE)
     assert code == 0, err
     lines = [line.split("\t") for line in out.splitlines()]
-    assert [(name, path) for _, name, path in lines] == [("uppercase", UPPERCASE), ("reverse-words", REVERSE)]
-    upper, reverse = [job_id for job_id, _, _ in lines]
+    assert [(name, path) for _, name, path in lines] == [("past-tense", PAST_TENSE), ("reverse-words", REVERSE)]
+    past, reverse = [job_id for job_id, _, _ in lines]
     with JobStore(store_url) as store:
-        train = Path(store.get(upper).spec["data"]["train"])  # found beside the spec here: uploaded
+        train = Path(store.get(past).spec["data"]["train"])  # found beside the spec here: uploaded
         assert train.name == "data.jsonl" and train.parent.parent.parent.name == "files"
-        assert train.read_bytes() == (EXAMPLES / "uppercase.jsonl").read_bytes()
+        assert train.read_bytes() == (EXAMPLES / "past_tense.jsonl").read_bytes()
 
     # Every read command prints exactly what it prints on the server's own store.
     for argv in (
         ["status"],
         ["status", "--json"],
-        ["status", upper],
+        ["status", past],
         ["status", reverse, "--json"],
         ["list", "--state", "queued", "--limit", "1", "--json"],
-        ["logs", upper],
-        ["logs", upper, "--json"],
+        ["logs", past],
+        ["logs", past, "--json"],
     ):
         remote_out = run(capsys, "--server", url, *argv)
         assert remote_out == run(capsys, "--store-url", store_url, *argv), argv
         assert remote_out[0] == 0 and remote_out[1], argv
 
-    code, out, _ = run(capsys, "cancel", upper, "--server", url)  # the flag after the command works too
-    assert code == 0 and out.strip() == f"{upper}: cancelled"
-    code, out, _ = run(capsys, "--server", url, "status", upper, "--json")
+    code, out, _ = run(capsys, "cancel", past, "--server", url)  # the flag after the command works too
+    assert code == 0 and out.strip() == f"{past}: cancelled"
+    code, out, _ = run(capsys, "--server", url, "status", past, "--json")
     assert json.loads(out)["state"] == "cancelled"
-    code, out, _ = run(capsys, "--server", url, "logs", upper)
+    code, out, _ = run(capsys, "--server", url, "logs", past)
     assert out.rstrip().endswith("cancelled")
 
-    code, out, _ = run(capsys, "--server", url, "submit", "--json", "--max-attempts", "5", UPPERCASE)
+    code, out, _ = run(capsys, "--server", url, "submit", "--json", "--max-attempts", "5", PAST_TENSE)
     [row] = json.loads(out)
-    assert code == 0 and (row["name"], row["spec"], row["priority"]) == ("uppercase", UPPERCASE, 0)
+    assert code == 0 and (row["name"], row["spec"], row["priority"]) == ("past-tense", PAST_TENSE, 0)
     assert row["base_key"] == "builtin:smollm2-135m:float32"
     with JobStore(store_url) as store:
         assert store.get(row["id"]).max_attempts == 5
@@ -405,7 +405,7 @@ def test_server_refusals_are_one_clear_message(remote, capsys, bad_spec, monkeyp
     url, store_url = remote
     with JobStore(store_url) as store:
         before = len(store.list())
-    code, out, err = run(capsys, "--server", url, "submit", UPPERCASE, bad_spec, "/nonexistent/spec.yaml")
+    code, out, err = run(capsys, "--server", url, "submit", PAST_TENSE, bad_spec, "/nonexistent/spec.yaml")
     assert code == 1 and out == ""
     for line in (
         f"{bad_spec}: 4 problems in the job spec",
@@ -448,11 +448,11 @@ def test_server_from_the_environment_and_local_only_commands(remote, capsys, hom
     assert code == 0 and json.loads(out)  # the server's jobs, not the (empty) local home's
     assert not home.exists()
 
-    code, out, _ = run(capsys, "validate", UPPERCASE)  # validate and schema stay local
-    assert code == 0 and out.startswith(f"{UPPERCASE}: ok")
+    code, out, _ = run(capsys, "validate", PAST_TENSE)  # validate and schema stay local
+    assert code == 0 and out.startswith(f"{PAST_TENSE}: ok")
     assert run(capsys, "schema")[0] == 0
 
-    for argv in (["run"], ["serve"], ["generate", "--task", "uppercase", "hi"]):
+    for argv in (["run"], ["serve"], ["generate", "--task", "past-tense", "hi"]):
         code, out, err = run(capsys, *argv)
         assert (code, out) == (2, "")
         assert (
@@ -470,13 +470,13 @@ def test_server_registry_commands(remote, capsys):
     assert (code, out) == (0, "no registered prefixd models\n")
     code, out, _ = run(capsys, "--server", url, "models", "--json", "--tag", "example=true")
     assert code == 0 and json.loads(out) == []
-    code, out, err = run(capsys, "--server", url, "lookup", "uppercase")
+    code, out, err = run(capsys, "--server", url, "lookup", "past-tense")
     assert (code, out) == (2, "") and err.startswith("prefixd lookup: error: no registered model for task")
-    code, _, err = run(capsys, "--server", url, "lookup", "uppercase", "--download", "x")
+    code, _, err = run(capsys, "--server", url, "lookup", "past-tense", "--download", "x")
     assert code == 1 and "--download and --mlflow-uri work only without --server" in err
     code, _, err = run(capsys, "--server", url, "models", "--tag", "nokey")
     assert code == 2 and "expected KEY=VALUE" in err
-    code, _, err = run(capsys, "--server", url, "lookup", "uppercase", "--version", "0")
+    code, _, err = run(capsys, "--server", url, "lookup", "past-tense", "--version", "0")
     assert code == 2 and "expected an integer >= 1" in err
 
 

@@ -139,6 +139,32 @@ CAPITALS = {
     "Fiji": "Suva",
 }
 
+# verb/simple past; only verbs with one accepted past form (no dreamt/dreamed, no travelled/traveled)
+PAST_TENSE = dict(
+    pair.split("/")
+    for pair in """
+walk/walked jump/jumped play/played talk/talked cook/cooked clean/cleaned open/opened close/closed
+dance/danced laugh/laughed paint/painted call/called help/helped watch/watched wash/washed kick/kicked
+push/pushed pull/pulled climb/climbed visit/visited wait/waited start/started finish/finished listen/listened
+smile/smiled move/moved live/lived love/loved like/liked want/wanted need/needed ask/asked answer/answered
+stop/stopped plan/planned drop/dropped carry/carried cry/cried try/tried study/studied hurry/hurried
+marry/married enjoy/enjoyed stay/stayed pray/prayed fix/fixed mix/mixed rain/rained point/pointed
+count/counted fill/filled turn/turned borrow/borrowed follow/followed allow/allowed agree/agreed
+arrive/arrived bake/baked believe/believed change/changed decide/decided hope/hoped use/used touch/touched
+work/worked look/looked shout/shouted jog/jogged hug/hugged nod/nodded admit/admitted prefer/preferred go/went
+see/saw eat/ate drink/drank run/ran swim/swam sing/sang ring/rang begin/began write/wrote ride/rode
+drive/drove speak/spoke break/broke choose/chose freeze/froze steal/stole take/took shake/shook give/gave
+forgive/forgave come/came become/became know/knew grow/grew throw/threw blow/blew fly/flew draw/drew fall/fell
+hold/held tell/told sell/sold feel/felt keep/kept sleep/slept sweep/swept leave/left meet/met feed/fed
+lead/led bring/brought buy/bought think/thought fight/fought seek/sought catch/caught teach/taught find/found
+stand/stood understand/understood sit/sat win/won forget/forgot make/made say/said pay/paid hear/heard
+send/sent spend/spent build/built lend/lent bend/bent lose/lost shoot/shot bite/bit hide/hid slide/slid
+strike/struck stick/stuck swing/swung dig/dug spin/spun wear/wore tear/tore swear/swore rise/rose cut/cut
+put/put hit/hit let/let set/set shut/shut hurt/hurt cost/cost spread/spread burst/burst mean/meant deal/dealt
+creep/crept weep/wept flee/fled
+""".split()
+)
+
 ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen".split()
@@ -158,19 +184,19 @@ def number_words(n: int) -> str:
 TEMPLATES = {
     "capitals": "The capital of {country} is",
     "number-words": "{number} in words:",
-    "uppercase": "Uppercase: {word}\nAnswer:",
-    "reverse-words": "{words} ->",
+    "past-tense": "Past tense: {verb}\nAnswer:",
+    "reverse-words": "Reverse the list: {words}\nReversed:",
 }
 HELDOUT = {
     "capitals": ("Peru", "Kenya", "Japan", "Canada"),
     "number-words": ("17", "42", "63", "85"),
-    "uppercase": ("window", "garden", "rocket", "tiger"),
+    "past-tense": ("swim", "catch", "write", "jump"),
     "reverse-words": ("pencil, feather, lantern", "tomato, puzzle, otter", "glacier, eagle, yarn"),
 }
 
 
-def uppercase_rows() -> list[dict]:
-    return [{"word": w, "upper": f" {w.upper()}"} for w in WORDS]
+def past_tense_rows() -> list[dict]:
+    return [{"verb": v, "past": f" {past}"} for v, past in PAST_TENSE.items()]
 
 
 def reverse_rows(n: int, seed: int) -> list[dict]:
@@ -195,7 +221,7 @@ def task_rows() -> dict[str, tuple[str, str, list[dict]]]:
     return {
         "capitals": ("country", "capital", capital_rows()),
         "number-words": ("number", "words", number_rows()),
-        "uppercase": ("word", "upper", uppercase_rows()),
+        "past-tense": ("verb", "past", past_tense_rows()),
         "reverse-words": (
             "words",
             "reversed",
@@ -232,7 +258,7 @@ def main(out_dir: Path = HERE) -> None:
     data = {task: split_heldout(task) for task in TEMPLATES}
     write_jsonl(out_dir / "capitals.jsonl", data["capitals"][0])
     write_jsonl(out_dir / "number_words.jsonl", data["number-words"][0])
-    write_jsonl(out_dir / "uppercase.jsonl", data["uppercase"][0])
+    write_jsonl(out_dir / "past_tense.jsonl", data["past-tense"][0])
     reverse = data["reverse-words"][0]
     write_jsonl(out_dir / "reverse_words.train.jsonl", reverse[:300])
     write_jsonl(out_dir / "reverse_words.valid.jsonl", reverse[300:340])
