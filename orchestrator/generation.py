@@ -1,8 +1,8 @@
 """Text from several tasks' registered prefixes over one base model, all rows in one mixed-prefix batch.
 
-    generate(uri, ["uppercase", "reverse"], ["hello world"], max_new_tokens=8)
-    # [{'task': 'uppercase', 'name': 'prefixd-uppercase', 'version': '3', 'outputs': ['HELLO WORLD']}, ...]
-    model = load_pyfunc(uri, "uppercase")          # the champion as an MLflow pyfunc model
+    generate(uri, ["past-tense", "reverse-words"], ["Past tense: walk\nAnswer:"], max_new_tokens=8)
+    # [{'task': 'past-tense', 'name': 'prefixd-past-tense', 'version': '3', 'outputs': ['walked']}, ...]
+    model = load_pyfunc(uri, "past-tense")          # the champion as an MLflow pyfunc model
 
 Each task's version is resolved as `orchestrator.registry.lookup` does (default: the champion); the tasks'
 prefixes must share one base model, which must be on this machine. Bad input raises RegistryError.

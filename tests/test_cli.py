@@ -217,7 +217,7 @@ def test_job_commands_and_help_import_neither_mlflow_nor_torch(home):
 def test_output_cut_short_by_its_reader_ends_quietly(home, capsys):
     """`prefixd status | head -1`: the reader goes away, the command ends without a traceback (exit 141)."""
     for _ in range(3):
-        assert run(capsys, "--home", str(home), "submit", UPPERCASE, REVERSE)[0] == 0
+        assert run(capsys, "--home", str(home), "submit", PAST_TENSE, REVERSE)[0] == 0
     command = [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "status"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     child.stdout.close()  # before the child has started: its first write finds no reader

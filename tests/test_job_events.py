@@ -15,7 +15,7 @@ import pytest
 from orchestrator import logs
 from orchestrator.client import ApiClient
 from orchestrator.store import JobStore, Quota
-from tests.test_cli import TOKEN, UPPERCASE, api, home, remote, run  # noqa: F401 - fixtures
+from tests.test_cli import PAST_TENSE, TOKEN, api, home, remote, run  # noqa: F401 - fixtures
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXPECTED = [  # what `drive` makes of a job, after its submission
@@ -33,7 +33,7 @@ def quick_polls(monkeypatch):
 
 
 def submit(capsys, *where) -> str:
-    code, out, err = run(capsys, *where, "submit", UPPERCASE)
+    code, out, err = run(capsys, *where, "submit", PAST_TENSE)
     assert code == 0, err
     return out.split("\t")[0]
 
@@ -75,7 +75,7 @@ def test_logs_follow_locally_until_the_job_ends(home, capsys):
     code, out = follow(capsys, f"sqlite:///{home / 'jobs.db'}", job_id, *where)
     assert code == 0
     printed = levels_and_messages(out)
-    assert printed[0][1].startswith("submitted: task uppercase") and printed[1:] == EXPECTED
+    assert printed[0][1].startswith("submitted: task past-tense") and printed[1:] == EXPECTED
     # Without -f: the same events, once.
     code, again, _ = run(capsys, *where, "logs", job_id)
     assert code == 0 and again == out

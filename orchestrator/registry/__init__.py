@@ -3,7 +3,7 @@
     run_id = log_job(uri, job, spec, result_dir)               # tracking only          (tracking.py)
     name, version = register_job(uri, job, spec, result_dir)   # run + model + version  (registration.py)
     registered = register_pending(store, uri)                  # the orchestrator's loop, with backoff
-    lookup(uri, "uppercase")                                   # the champion's version (lookup.py)
+    lookup(uri, "past-tense")                                   # the champion's version (lookup.py)
 
 Modules: client.py (tag names, RegistryError, the tracking URI, the MLflow client, outages), tracking.py
 (one run per job), registration.py (versions, ownership, the champion, the loop), lookup.py (lookups,

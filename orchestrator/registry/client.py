@@ -1,7 +1,7 @@
 """The registry's MLflow access: tag names, errors, the tracking URI, one client per call, outages.
 
     with mlflow_client("sqlite:///home/mlflow/mlflow.db") as client:   # an MlflowClient, globals restored after
-        client.get_registered_model("prefixd-uppercase")
+        client.get_registered_model("prefixd-past-tense")
 
 The tracking URI is --mlflow-uri, else $MLFLOW_TRACKING_URI, else `default_tracking_uri(home)`. Tags under
 prefixd.* are ours (specs refuse them at the entry). An error that means MLflow could not be reached

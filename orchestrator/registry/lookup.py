@@ -1,9 +1,9 @@
 """Lookups: a task's registered version, the registered models, and a version's adapter files.
 
-    lookup(uri, "uppercase")                           # the champion, as a dict
-    lookup(uri, "uppercase", alias="latest")           # or version=3
+    lookup(uri, "past-tense")                           # the champion, as a dict
+    lookup(uri, "past-tense", alias="latest")           # or version=3
     search_models(uri, base="builtin:smollm2-135m", tags={"team": "nlp"})
-    download(uri, "uppercase", dst="adapter/")         # PEFT adapter files + base_model.json
+    download(uri, "past-tense", dst="adapter/")         # PEFT adapter files + base_model.json
 
 Names. A lookup takes a registered-model name or a task name: an existing registered model of exactly
 that name; else the one registered model tagged prefixd.task=<task> (a spec may set its own
