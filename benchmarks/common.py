@@ -255,3 +255,22 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def tiny_spec(work: Path, steps: int) -> Path:
+    """A job spec file for a tiny model and task written under `work` (the test suite's tiny Llama and its
+    'reverse' task): what the smoke runs of sweep.py and estimate.py train."""
+    import json
+
+    from tests.tiny import save_tiny_base, write_task
+
+    save_tiny_base(work / "tiny")
+    write_task(work / "rev.jsonl", "reverse")
+    spec = {
+        "name": "rev",
+        "base_model": {"path": str(work / "tiny")},
+        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
+        "training": {"steps": steps, "examples_per_step": 4, "eval_every": steps, "checkpoint_every": steps},
+    }
+    (work / "rev.yaml").write_text(json.dumps(spec))
+    return work / "rev.yaml"

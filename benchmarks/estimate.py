@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, format_table, peak_rss_bytes, set_threads  # noqa: E402
+from common import ROOT, format_table, peak_rss_bytes, set_threads, tiny_spec  # noqa: E402
 
 EXAMPLES = ["capitals", "number_words", "reverse_words", "uppercase"]
 
@@ -52,22 +52,6 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def quick_spec(work: Path) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from tests.tiny import save_tiny_base, write_task
-
-    save_tiny_base(work / "tiny")
-    write_task(work / "rev.jsonl", "reverse")
-    spec = {
-        "name": "rev",
-        "base_model": {"path": str(work / "tiny")},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-        "training": {"steps": 8, "examples_per_step": 4, "eval_every": 8, "checkpoint_every": 8},
-    }
-    (work / "rev.yaml").write_text(json.dumps(spec))
-    return work / "rev.yaml"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -86,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows, out = [], []
     with tempfile.TemporaryDirectory(prefix="prefixd-estimate-") as tmp:
         work = Path(tmp)
-        paths = [quick_spec(work)] * 2 if args.quick else [ROOT / "jobs" / "examples" / f"{n}.yaml" for n in EXAMPLES]
+        paths = (
+            [tiny_spec(work, steps=8)] * 2
+            if args.quick
+            else [ROOT / "jobs" / "examples" / f"{n}.yaml" for n in EXAMPLES]
+        )
         throughput = Throughput.default()
         for path in paths:
             spec = load_spec(path)

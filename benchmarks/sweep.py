@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, format_table, set_threads  # noqa: E402
+from common import ROOT, format_table, set_threads, tiny_spec  # noqa: E402
 
 GRID = {
     "training.learning_rate": [0.003, 0.01, 0.02, 0.03, 0.05, 0.1],
@@ -43,23 +42,6 @@ def load_variants(spec_path: Path, steps: int | None, grid: dict, work: Path):
     document["sweep"] = {"method": "grid", "parameters": grid}
     (work / "sweep.yaml").write_text(yaml.safe_dump(document))
     return parse_specs(document, base_dir=spec_path.resolve().parent, source=str(spec_path))
-
-
-def quick_spec(work: Path) -> Path:
-    """A tiny model folder and task, for the smoke test."""
-    sys.path.insert(0, str(ROOT))
-    from tests.tiny import save_tiny_base, write_task
-
-    save_tiny_base(work / "tiny")
-    write_task(work / "rev.jsonl", "reverse")
-    spec = {
-        "name": "rev",
-        "base_model": {"path": str(work / "tiny")},
-        "data": {"train": "rev.jsonl", "input_column": "input", "target_column": "target", "max_length": 40},
-        "training": {"steps": 6, "examples_per_step": 4, "eval_every": 6, "checkpoint_every": 6},
-    }
-    (work / "rev.yaml").write_text(json.dumps(spec))
-    return work / "rev.yaml"
 
 
 def train(model, tokenizer, configs: list, work: Path, joint: bool) -> tuple[float, dict[str, dict]]:
@@ -98,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="prefixd-sweep-") as tmp:
         work = Path(tmp)
-        spec_path = quick_spec(work) if args.quick else args.spec
+        spec_path = tiny_spec(work, steps=6) if args.quick else args.spec
         grid = {"training.learning_rate": [0.01, 0.03], "prefix.num_virtual_tokens": [4, 8]} if args.quick else GRID
         variants = load_variants(spec_path, args.steps, grid, work)
         spec0 = variants[0][1]

@@ -108,6 +108,12 @@ def prefix_trained_alone(job, tmp_path: Path) -> torch.Tensor:
     return prefix_of(results[0].prefix_dir)
 
 
+def run_command(home: Path) -> list[str]:
+    """`prefixd run` as a subprocess's argv: its own local Ray of 2 CPUs, quick polls and heartbeats."""
+    flags = ["--num-cpus", "2", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "3"]
+    return [sys.executable, "-m", "orchestrator.cli", "--home", str(home), "run", *flags]
+
+
 def events(store: JobStore, job_id: str) -> list[str]:
     return [message for _, _, message in store.logs(job_id)]
 
@@ -291,22 +297,7 @@ def test_killed_run_resumes_every_job_exactly_once(tiny_base, tmp_path):
         write_spec(tmp_path / "specs", "long-b", "next", tiny_base, steps=60),
     ]
     short, long_a, long_b = submit(home, *specs)
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "--home",
-        str(home),
-        "run",
-        "--num-cpus",
-        "2",
-        "--poll",
-        "0.2",
-        "--heartbeat",
-        "0.5",
-        "--stale-after",
-        "3",
-    ]
+    command = run_command(home)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
     store = JobStore(f"sqlite:///{home / 'jobs.db'}")
 
@@ -374,22 +365,7 @@ def test_sigterm_hands_jobs_back_without_an_attempt_and_they_resume_exactly(tiny
         write_spec(tmp_path / "specs", "term-a", "double", tiny_base, steps=30, checkpoint_every=50),
         write_spec(tmp_path / "specs", "term-b", "next", tiny_base, steps=30, checkpoint_every=50),
     )
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "--home",
-        str(home),
-        "run",
-        "--num-cpus",
-        "2",
-        "--poll",
-        "0.2",
-        "--heartbeat",
-        "0.5",
-        "--stale-after",
-        "3",
-    ]
+    command = run_command(home)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFIXD_STORE_URL")}
     store = JobStore(f"sqlite:///{home / 'jobs.db'}")
     with open(tmp_path / "run1.log", "w") as log:
