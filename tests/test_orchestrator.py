@@ -602,6 +602,35 @@ def spec_key(spec: dict) -> str:
     return JobSpec.from_dict(spec).base_model.base_key
 
 
+def test_a_sweep_trains_as_co_tenants_and_its_best_variant_becomes_champion(served):
+    """A 6-variant sweep: 6 jobs of one group training at once, 6 runs and registered versions of one model,
+    and the champion is the variant with the best registry metric (eval_loss, lowest)."""
+    from orchestrator import registry
+
+    path = write_spec(served.specs, "sweep6", "reverse", served.base, steps=12, eval_every=6, checkpoint_every=12)
+    doc = json.loads(path.read_text())
+    grid = {"training.learning_rate": [0.003, 0.01, 0.05], "prefix.num_virtual_tokens": [3, 6]}
+    path.write_text(json.dumps(doc | {"sweep": {"parameters": grid}}))
+    ids = submit(served.home, path)
+    assert len(ids) == 6 and len({served.store.get(i).sweep_id for i in ids}) == 1
+    jobs = [served.wait_state(i, {"succeeded", "failed"}, timeout=240) for i in ids]
+    assert [j.state for j in jobs] == ["succeeded"] * 6, [j.error for j in jobs]
+    assert len({j.owner for j in jobs}) == 1  # one group trained them all
+    assert max(j.started_at for j in jobs) < min(j.finished_at for j in jobs)  # all at once, as co-tenants
+    jobs = wait_for(
+        lambda: all(served.store.get(i).registered for i in ids) and [served.store.get(i) for i in ids],
+        120,
+        "the sweep's six registrations",
+    )
+    assert {j.registry_model for j in jobs} == {"prefixd-sweep6"} and len({j.registry_version for j in jobs}) == 6
+    eval_loss = {j.id: json.loads((Path(j.result_dir) / "metrics.json").read_text())["eval_loss"] for j in jobs}
+    best = min(jobs, key=lambda j: eval_loss[j.id])
+    champion = registry.lookup(served.config.tracking_uri, "sweep6")
+    assert (champion["version"], champion["job_id"]) == (best.registry_version, best.id)
+    runs = {registry.lookup(served.config.tracking_uri, "sweep6", version=j.registry_version)["run_id"] for j in jobs}
+    assert len(runs) == 6
+
+
 def test_killed_worker_comes_back_and_resumes_to_the_same_result(served, tmp_path):
     victim = served.submit("kill-a", "next", steps=60, checkpoint_every=5, eval_every=20)
     other = served.submit("kill-b", "reverse", steps=60, checkpoint_every=5, eval_every=20)
