@@ -317,3 +317,13 @@ def test_serving_quick(tmp_path):
     report = json.loads(out_file.read_text())
     assert set(report["variants"]) == {"served-1", "served-8", "served-16", "one-at-a-time", "pyfunc-8"}
     assert all(v["tokens_per_s"] > 0 and v["p95_s"] >= v["p50_s"] > 0 for v in report["variants"].values())
+
+
+def test_eval_share_quick(tmp_path):
+    """Two evaluation bounds over the same jobs: each setting's evaluation time is reported as a share."""
+    out_file = tmp_path / "eval_share.json"
+    out = run_script("eval_share.py", "--quick", "--max-rows", "16", "100000", "--json", str(out_file))
+    report = json.loads(out_file.read_text())
+    assert [r["eval_max_rows"] for r in report["results"]] == [16, 100000] and report["validation_rows"] == 200
+    assert all(r["wall_s"] >= r["train_s"] > 0 for r in report["results"]), report
+    assert re.search(r"^16\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+%$", out, re.M), out
