@@ -1,37 +1,24 @@
-"""Compiled decoder layers for training: Llama, Mistral and Qwen2, each layer one `torch.compile` graph.
+"""Compiled decoder layers for training forwards: Llama, Mistral and Qwen2, all layers one `torch.compile` graph.
 
-Why: with a frozen base and 4-row micro-batches, about a quarter of a training step on a CPU is not
-matrix products but the elementwise work around them (RMSNorm, RoPE, SiLU x up, residual adds, their
-backwards), attention over a few dozen keys, and the autograd bookkeeping of ~40 small ops per layer.
-Compiled, each layer's forward and backward become a few fused loops around the same matrix products
-(Inductor generates them; on CPU they are C++/OpenMP kernels built with the machine's compiler, on GPU
-Triton kernels). Attention is two batched matmuls over grouped queries with the mask and softmax fused
-between them (`_attention`; the model's boolean mask is handed over as an additive float one,
-`additive_mask`), and the loss's cross-entropy is compiled too, with its backward written out
-(`TokenCrossEntropy`). See `benchmarks/multitask.py --compare-eager` for what it buys.
+`decoder_layer` is `LlamaDecoderLayer.forward` with prefixd's read-only prefix cache, written as a pure
+function of the layer's weights (`layer_weights`), the prefix keys and values [B, H_kv, P, D], the rotary
+cos/sin [B, T, D] and the model's 4D mask over [P + T], so every layer shares one compiled graph. Attention
+is `_attention` (grouped queries, additive mask: `additive_mask`); the loss is `TokenCrossEntropy`.
 
-How: `CompiledLayers.installed(cache)` swaps each decoder layer's `forward` for a call to one
-compiled function, `decoder_layer`, for the duration of one `PrefixedModel` training forward, then puts
-the layers back. The function is pure: it takes the layer's weights, the prefix's keys and values, the
-rotary cos/sin and the attention mask as arguments, so all layers share one compiled graph (a compiled
-`LlamaDecoderLayer.forward` would be traced once per layer index and stop at dynamo's recompile limit).
-The first layer stays eager: its input needs no gradient, and compiling it too would double the graphs.
-Dynamo compiles a graph for the first shape, then one with dynamic batch and length after the first change
-(and one for single-row batches); Inductor caches the compiled kernels on disk, so the next process
-with the same model and shapes starts in seconds.
-The model's own forward still runs around it (embeddings, rotary tables, the masks, the final norm, the
-LM head), so masks (sliding windows included) and positions are the model's.
+    compiled = CompiledLayers(model, arch.decoder_layers(model))  # raises UnsupportedLayers, naming why
+    with compiled.installed(cache):                                # cache: `inject.training_cache(...)`
+        out = model(input_ids, attention_mask=mask, cache=cache)   # layers 2..L run compiled
 
-What it computes is `LlamaDecoderLayer.forward` with prefixd's read-only prefix cache: the same math,
-in the same dtype conventions (RMSNorm in fp32, cast back before the weight); results match the eager
-path to float rounding (~1e-6 relative in fp32), not bitwise.
+Invariants: results equal the eager layers' to float rounding (~1e-6 relative in fp32, not bitwise;
+RMSNorm in fp32, cast back before the weight). The model's own forward runs around the layers
+(embeddings, rotary tables, masks including sliding windows, final norm, LM head), so masks and positions
+are the model's. The first layer (frozen input, no gradient) and any call without a mask, rotary tables or
+an initialised prefix run the layer's own forward. Outside `installed`, and for evaluation and generation,
+the layers are untouched.
 
-Where it does not apply (`unsupported_reason` says why, and the trainer keeps the eager path):
-other architectures; models whose parameters ZeRO-3 partitions (their weights exist only inside
-DeepSpeed's per-module hooks, which this path would bypass); activation checkpointing; attention
-implementations other than "sdpa" and "eager"; biases or activations the function does not know.
-Evaluation and generation (no autograd) always use the eager path: only the training forward is
-compiled, so one process compiles one graph family.
+Not applicable (`unsupported_reason`; the trainer stays eager): other architectures, ZeRO-3-partitioned
+parameters, activation checkpointing, attention implementations other than "sdpa" and "eager", other
+activations, no C/C++ compiler for Inductor.
 """
 
 from __future__ import annotations
@@ -94,8 +81,8 @@ def _grouped_attention(
     q: [B, H, T, D]; k, v: [B, H_kv, S, D]; mask: [B or 1, 1 or H, T, S], bool (True = attend) or additive
     float. Two batched matmuls over [B, H_kv, groups * T, D] queries, so the keys and values are never
     repeated per query head, and the scale, mask and softmax fuse into the compiled graph around them.
-    On a CPU this is faster than `scaled_dot_product_attention` at prefix-tuning sizes (tens of keys; its
-    flash kernel's backward is slow there and zero-fills its gradient buffers). The softmax runs in fp32,
+    At prefix-tuning sizes (tens of keys) it replaces `scaled_dot_product_attention`, whose CPU flash
+    kernel's backward zero-fills its gradient buffers (timings: benchmarks/README.md). The softmax runs in fp32,
     as the eager attention's does; masked scores are set to the dtype's lowest finite value, not -inf, so
     a row with nothing to attend to (none exists with a prefix: every row sees its prefix) would average
     its values instead of producing NaN.
@@ -157,9 +144,8 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Why: in the compiled layer's softmax, a boolean mask is read as one byte per score and widened into a
     vector mask for a blend, and its backward needs it again; an added float mask is one load and an add,
-    with nothing to keep for backward. On a CPU one SmolLM2 layer's compiled attention for a 4-row micro-batch
-    takes ~0.75x the time, forward + backward (`benchmarks/compiled_kernels.py`). Same probabilities: exp of
-    the lowest value minus the row's maximum is 0, as for a filled one."""
+    with nothing to keep for backward (timings: `benchmarks/compiled_kernels.py` in benchmarks/README.md).
+    Same probabilities: exp of the lowest value minus the row's maximum is 0, as for a filled one."""
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -178,9 +164,8 @@ class TokenCrossEntropy(torch.autograd.Function):
     `F.cross_entropy` keeps them), the targets and the [K] logsumexps. Backward: softmax = exp(logits - lse)
     times the incoming gradient, minus it at each row's target: one pass over the [K, vocab] logits.
     Why not the compiled `F.cross_entropy`: the gradient Inductor derives from it (log-softmax backward
-    through nll_loss) spends a separate pass summing a one-hot over the whole vocabulary per row; on a CPU
-    this one takes ~0.7x the time, forward + backward (SmolLM2's vocabulary, 128 target tokens:
-    `benchmarks/compiled_kernels.py`).
+    through nll_loss) spends a separate pass summing a one-hot over the whole vocabulary per row (timings:
+    `benchmarks/compiled_kernels.py` in benchmarks/README.md).
     The values are the same up to float rounding (the log-softmax subtracts in the other order)."""
 
     @staticmethod
