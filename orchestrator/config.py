@@ -232,9 +232,9 @@ class OrchestratorConfig:
     micro_batch_size: int = 16
     """Rows per forward pass inside a group's step (memory knob; the result does not depend on it)."""
     compile_layers: bool = False
-    """Run the decoder layers of training forwards compiled (`workers/fused.py`: Llama, Mistral, Qwen2):
-    1.05x-1.23x the tokens/s of eager layers on a CPU in `benchmarks/multitask.py --compare-eager`, once
-    compiled (tens of seconds per group start). Needs the base model whole on each rank (zero_stage 0 or 2;
+    """Run the decoder layers of training forwards compiled (`workers/fused.py`: Llama, Mistral, Qwen2;
+    the speed-up against eager layers, column a/a0: benchmarks/README.md), paying the compilation at each
+    group start. Needs the base model whole on each rank (zero_stage 0 or 2;
     `check` refuses it with stage 3); other architectures train eagerly, and the job log says why."""
     poll_s: float = 1.0
     """Seconds between scheduler passes, and between an idle group's looks at the queue."""

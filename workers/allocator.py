@@ -1,17 +1,14 @@
 """Keep the memory a training step frees inside the process, for the next micro-batch to reuse.
 
-Why: each micro-batch allocates and frees the same large buffers (activations of ~0.1-2 MB per layer,
-the [K, vocab] logits of ~25 MB on SmolLM2). glibc's malloc hands blocks above its mmap threshold
-straight back to the kernel and trims the heap's free top beyond its trim threshold, so every micro-batch
-faults the same memory back in, page by page, zero-filled by the kernel: on a CPU worker ~45 MB of page
-faults per 4-row micro-batch, 1-2% of the step in system time. Raising both thresholds makes freed blocks
-stay in the heap, where the next micro-batch finds them.
+    retain_freed_memory()   # True on glibc: later frees stay in the heap; False (nothing changed) elsewhere
 
-What it costs: the process's resident memory stays at its high-water mark instead of shrinking between
-steps. The peak is the same (it is the peak that must fit), and a training worker lives at its peak anyway.
-
-Only glibc has these knobs (`mallopt`); elsewhere (musl, macOS) nothing changes. The setting is process-wide
-and can be set at any time: it governs later allocations and frees.
+Each micro-batch allocates and frees the same large buffers (per-layer activations, the [K, vocab] target
+logits). glibc's malloc returns blocks above its mmap threshold to the kernel and trims the heap's free
+top beyond its trim threshold, so each micro-batch would page-fault that memory back in, zero-filled.
+Raising both thresholds (`mallopt`) keeps freed blocks in the heap (the page faults saved:
+benchmarks/README.md). Cost: resident memory stays at its high-water mark between steps; the peak, which
+is what must fit, is unchanged. Process-wide, settable at any time (it governs later allocations and
+frees); only glibc has these knobs, so musl and macOS are left as they are.
 """
 
 from __future__ import annotations

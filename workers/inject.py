@@ -264,11 +264,10 @@ class PrefixedModel:
         input_ids, attention_mask: [B, T], right-padded (causal LM: prompt+target; seq2seq: encoder input);
         labels: causal LM [B, T] aligned with input_ids, -100 where not a target (shifted here);
                 seq2seq [B, T_dec], the decoder targets, -100 on padding.
-        logits: "all", or "targets" (causal LM with labels; training): the LM head runs only at target
-                positions. Same losses and gradients; on SmolLM2 (the 49,152-word head is a fifth of the
-                FLOPs per position) with half of each row a target this halves the vocabulary projection,
-                its log-softmax and the logits' memory: ~10% of the step. Seq2seq models always compute all
-                decoder positions, which are all targets but padding.
+        logits: "all", or "targets" (causal LM with labels; training): the LM head, its log-softmax and the
+                logits' memory cover target positions only, with the same losses and gradients (what it
+                saves: benchmarks/README.md). Seq2seq models always compute all decoder positions, which
+                are all targets but padding.
         """
         if logits not in ("all", "targets"):
             raise ValueError(f"logits={logits!r}; accepted: 'all', 'targets'")

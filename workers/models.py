@@ -4,9 +4,8 @@
   weights (`pytorch_model.bin`) are refused, and no code from the folder is run (`trust_remote_code`
   stays off unless the operator allows it).
 - Built-in models ship inside a Python package (see `jobs/builtin_models.py`). The first use converts
-  the package's GGUF file into a plain fp32 safetensors folder under the model cache (about 25 s for
-  SmolLM2-135M); later loads read that folder (under 3 s). Conversion holds a file lock, so concurrent
-  processes convert once.
+  the package's GGUF file into a plain fp32 safetensors folder under the model cache; later loads read
+  that folder. Conversion holds a file lock, so concurrent processes convert once.
 - Hub ids (with a revision) load through `from_pretrained`, for machines that can reach the hub. Nothing
   in prefixd's tests downloads; set HF_HUB_OFFLINE=1 to make an attempt fail fast.
 """
