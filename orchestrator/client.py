@@ -9,20 +9,16 @@
     client.submit({... "data": {"train": meta["id"], ...}})  # a spec may name an uploaded file by its id
 
 Paths in a submitted spec are read by the server, relative to ITS data root (`prefixd serve --api
---data-root DIR`; default $PREFIXD_DATA_ROOT, else <server home>/data), never relative to the spec file
-on this machine. Data files on this machine are uploaded first (`upload`; `prefixd --server URL submit`
-does it for the files a spec names); base-model folders must already be on the server.
-
-The token names a tenant on the server: list, status, cancel, logs and events see that tenant's jobs only (an
-admin token's: everyone's), and another tenant's job answers 404 as a missing one does.
-
-Its registry calls (`lookup`, `search_models`) are those of orchestrator.commands.registry.Registry, so
-`prefixd lookup` and `prefixd models` run the same code against a server as against the local registry.
+--data-root DIR`; default $PREFIXD_DATA_ROOT, else <server home>/data), never to the spec file here: local
+data files are uploaded first (`upload`; `prefixd --server URL submit` does it for the files a spec names);
+base-model folders must already be on the server. The token names a tenant: list, status, cancel, logs and
+events see its jobs only (an admin's: everyone's); another tenant's job answers 404 as a missing one does.
+`lookup` and `search_models` are orchestrator.commands.registry.Registry's, so `prefixd lookup` and
+`prefixd models` run the same code against a server as locally.
 
 Every refusal raises ApiError with the HTTP status (None when the server cannot be reached) and the
-server's detail; a refused spec (422) also carries every problem as (field path, message) pairs, and
-prints one per line; a quota refusal is 429, its detail naming the limit. Each call is one request;
-nothing is held open between calls.
+server's detail; a refused spec (422) also carries every problem as (field path, message) pairs, printed
+one per line; a quota refusal is 429, its detail naming the limit. Each call is one request.
 """
 
 from __future__ import annotations

@@ -10,15 +10,12 @@ What a logged version holds (its `artifacts/` folder; no base-model weights, not
     base_model.json   where the frozen base model comes from: BaseModelRef fields (kind, location,
                       revision, dtype) and the sha256 of its safetensors weights when known
 
-`load_context` loads that base model on this machine through `workers.models.load_base_model` (a local
-folder must exist at the recorded path; a built-in model needs its package; a hub model needs the hub)
-and refuses weights whose sha256 differs from the recorded one. `predict` decodes greedily through
-`workers.generate.generate_texts`, the same path as `prefixd generate` and evaluation, so all three give
-the same text.
-
-The model is logged "from code" (MLflow's models-from-code): its python_model is the three lines of
-PYFUNC_ENTRY, which import this class; nothing is pickled. Loading needs prefixd importable (pip install
-prefixd, or the repository on PYTHONPATH).
+`load_context` loads that base model through `workers.models.load_base_model` (a local folder must exist at
+the recorded path; a built-in model needs its package; a hub model the hub) and refuses weights whose sha256
+differs from the recorded one. `predict` decodes greedily through `workers.generate.generate_texts`, as
+`prefixd generate` and evaluation do, so all three give the same text. The model is logged from code
+(PYFUNC_ENTRY imports this class; nothing is pickled), so loading needs prefixd importable (installed,
+or the repository on PYTHONPATH).
 """
 
 from __future__ import annotations

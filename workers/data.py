@@ -3,31 +3,23 @@
     data = load_task_data(DataSettings(train="qa.jsonl", template="Q: {q}\\nA:", target_column="a"), tok)
     data.train[0]["input_ids"], data.report.validation_rows
 
-Reading files is `workers/reading.py`, tokenizing rows `workers/tokenizing.py`, and batching rows
-(example order, padding) `workers/batches.py`.
+Files (JSON lines, CSV, Parquet, a `save_to_disk` folder, or a storage URI copied into the cache first) are
+read by `workers/reading.py` into `datasets`' memory-mapped cache and tokenized by `workers/tokenizing.py`
+in batched `map` calls, so a file may be larger than memory. Unused rows are counted in `TaskData.report`;
+an unreadable row raises `DataError` naming the file, row and column.
 
-Files are read with `datasets` (JSON lines, CSV, Parquet, or a folder saved with `save_to_disk`) into its
-memory-mapped Arrow cache and tokenized with batched `map` calls, so a file larger than memory works and
-no Python list of all rows is ever built. Every row that is not used is counted, with example row
-numbers, in `TaskData.report`; every row that cannot be read raises `DataError` naming the file, the row
-and the column. A file or folder named by a storage URI (s3://bucket/data/train.jsonl; `workers/storage.py`)
-is copied into the cache first and read from there.
+Columns of `TaskData.train` / `.validation` (token-id lists unless said otherwise):
+- causal LM: `input_ids` = prompt + target + [eos]; `labels` = [-100] * len(prompt) + target + [eos];
+  `prompt_ids` = prompt (generation starts there; it begins with BOS only when the tokenizer adds one).
+- seq2seq: `input_ids` = `prompt_ids` = encoder tokens with the tokenizer's special tokens;
+  `labels` = target + [eos] (no BOS: the model prepends its decoder start token).
+- both: `target_text` (str, the reference as read) and `row` (int, 1-based: the data line of a JSON-lines
+  file, the record after a CSV header).
 
-Columns of `TaskData.train` and `TaskData.validation` (lists of token ids unless said otherwise):
-
-- causal LM:  `input_ids` = prompt + target + [eos];  `labels` = [-100] * len(prompt) + target + [eos];
-              `prompt_ids` = prompt (what generation starts from); the prompt begins with the BOS token
-              only when the tokenizer itself adds one (`tokenizer("x")` starts with `bos_token_id`).
-- seq2seq:    `input_ids` = `prompt_ids` = the encoder tokens, with the tokenizer's own special tokens;
-              `labels` = target + [eos] (no BOS: the model prepends its decoder start token itself).
-- both:       `target_text` (str, the reference as read) and `row` (int, the row's 1-based number in its
-              file: the data line of a JSON-lines file, the record after a CSV's header).
-
-The prompt is the input column's text, or the template filled in, used exactly as is: no separator is
-added between prompt and target, so a template should end with the one it wants ("Q: {q}\\nA:"), and the
-target starts with a space only when the data's target does. Prompt and target are tokenized apart, so
-the label boundary is exact and the training prompt equals the generation prompt. (A tokenizer that adds
-a space before every text, as SentencePiece models with `add_prefix_space` do, adds one to the target.)
+The prompt is the input column or the filled template, exactly as is: no separator is added, so a template
+ends with its own ("Q: {q}\\nA:"), and the target starts with a space only when the data's does. Prompt and
+target are tokenized apart, so the label boundary is exact and the training prompt equals the generation
+prompt (a tokenizer with `add_prefix_space` adds a space to the target too). Batching: `workers/batches.py`.
 """
 
 from __future__ import annotations

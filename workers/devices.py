@@ -11,9 +11,8 @@ GPU as device 0 and hides the others). `Placement.detect` turns that into:
   set explicitly rather than left to whatever OMP_NUM_THREADS the process inherited.
 
 Every collective of the trainer and of the rank protocol goes through `Collectives`, which puts the tensor on
-the group's collective device (the rank's device: NCCL cannot reduce a CPU tensor) and hands the result
-back where the tensor came from. Nothing else in `workers/` or `orchestrator/` calls `torch.distributed`'s
-collectives (a test intercepts them on a two-rank group and fails on any that bypass this class).
+the group's collective device (the rank's device) and hands the result back where the tensor came from;
+nothing else in `workers/` or `orchestrator/` calls `torch.distributed`'s collectives.
 
     place = Placement.detect(cpus=4)           # Placement(device=cpu, threads=4) on a CPU host
     place.apply()                              # torch.set_num_threads(4); torch.cuda.set_device on a GPU

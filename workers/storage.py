@@ -10,19 +10,15 @@ through pyarrow.fs (the layer Ray Train's storage_path uses).
     uri = storage.put_stream("uploads/qa.csv", request_body, max_bytes=2**30)  # an upload handler's call
     local = fetch("s3://bucket/data/train.jsonl", cache_dir="/var/cache/prefixd")  # a data file, cached
 
-URIs (`ACCEPTED`, parsed and reached in `workers/storage_uri.py`): a local path (or file:///path), which
-may be a shared filesystem, or s3://bucket[/prefix] with optional query options region, endpoint_override
-(host:port or http(s)://host:port) and scheme (http | https). Without endpoint_override the standard
-AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL variables name the endpoint. Credentials come from the AWS chain
-(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, an instance role), never from the
-URI: URIs are stored in the job store and shown in logs. Errors are `StorageError`s that name the setting (`storage`,
-`data.train`, ...), the URI and what would be accepted, never a secret.
+URIs (`ACCEPTED`; parsed in `workers/storage_uri.py`): a local or shared-filesystem path (or file:///path),
+or s3://bucket[/prefix] with optional query options region, endpoint_override (host:port or
+http(s)://host:port; else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and scheme (http | https). Credentials
+come from the AWS chain (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, an instance
+role), never from the URI (URIs are stored and logged). Errors are `StorageError`s naming the setting
+(`storage`, `data.train`, ...), the URI and what is accepted, never a secret.
 
-Checkpoints. S3 has no rename, so a checkpoint is written under a unique name, `checkpoints/step-<step>-<token>/`,
-and is complete once its manifest `COMPLETE` (every file's size and sha256) exists; the manifest is written
-last. The previous complete checkpoint stays until the new one is complete, and is kept as a fallback
-(`complete_checkpoints` lists both). On a local filesystem every file and folder is fsync'ed before the
-manifest, and the manifest itself is written to a temporary name, fsync'ed and renamed.
+A checkpoint is `checkpoints/step-<step>-<token>/` and counts once its manifest `COMPLETE` (each file's
+size and sha256), written last, exists; the previous complete one is kept as a fallback.
 """
 
 from __future__ import annotations

@@ -1,37 +1,27 @@
 """Many task prefixes trained at once over one frozen base model, in mixed-task batches.
 
-One step, top to bottom (`MultiTaskTrainer.step`):
+    trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=16)
+    trainer.add_task(TaskConfig(task_id="j-1", name="qa", ...))   # resumes from out_dir's newest checkpoint
+    report = trainer.step()            # StepReport: progress per task, finished TaskResults, failed tasks
+
+One step (`MultiTaskTrainer.step`; the reasoning is in docs/design.md, "The multi-task trainer"):
   1. every active task contributes its next `examples_per_step` rows (its own resumable order);
   2. the rows are sorted by length and cut into micro-batches of at most `micro_batch_size` rows;
-  3. each micro-batch runs one forward with every row's own prefix; its loss is
-        sum over tasks j of (target-token loss of j's rows in this micro-batch) / (j's target tokens in
-        the whole step),
-     so the accumulated gradient is that of  sum_j mean-loss_j : task j's gradient depends only on its
-     own rows and equals what it gets training alone (co-tenant independence); the LM head runs at
-     target positions only (`PrefixedModel.forward(logits="targets")`);
-  4. per task, right after the last micro-batch that holds one of its rows: gradient clipping, its own
-     AdamW step and learning-rate schedule, and its gradient freed (so a step never holds every task's
-     gradient at once: with 64 tasks on SmolLM2 that would be 64 x 1.4 MB for nothing);
-  5. per task, every eval_every steps and at the end of its budget: validation loss / perplexity (and
-     generation metrics on request) on a fixed seeded sample of at most `eval_max_rows` validation rows
-     (`workers/evaluation.py`; the rows of all tasks due at a step share micro-batches, as in training);
-     each evaluation is compared with the task's best so far by its registry metric
-     (`workers/selection.py`), and with `training.early_stopping` a task that has not improved for
-     `patience` evaluations ends there; a checkpoint at its cadence (`workers/checkpoints.py`);
-  6. at a task's end: its best prefix and its last one are scored on every validation row, and both are
-     exported, the best as the result (the registered prefix) and the last under final/; its slot is freed.
-"The best evaluation" is thus decided on the fixed sample (the same rows every time, so evaluations
-compare), and the result's metrics are the best prefix's on every validation row (comparable across jobs).
-A micro-batch that runs out of memory (on any rank) fails no one yet: every task not yet updated runs
-its rows again alone, and only a task whose own rows still run out of memory fails (`StepReport.failed`).
-Tasks join (`add_task`) and leave (`remove_task`) between steps; nothing shared is rebuilt. The base
-model exists once; a task costs its prefix encoder and optimizer state.
-
-Data-parallel groups (`collectives` given, e.g. a ZeRO-3 group): every rank draws the same rows and takes
-its share of each micro-batch; losses, token counts and prefix gradients are summed across ranks (through
-`workers.devices.Collectives`, on the group's collective device), so every rank applies the same update and
-the result equals one process's (up to float summation order). The prefixes, their optimizer state and
-every micro-batch live on `device` (the rank's GPU, or the CPU).
+  3. each micro-batch runs one forward, every row with its own prefix, the LM head at target positions
+     only; its loss is sum_j (loss of j's target tokens in it) / (j's target tokens in the step), so task
+     j's gradient equals what it gets training alone;
+  4. right after the last micro-batch holding a task's rows: its clipping, AdamW and schedule step, and
+     its gradient freed;
+  5. every `eval_every` steps, a fixed seeded sample of `eval_max_rows` validation rows per due task
+     (`workers/evaluation.py`), the best prefix tracked (`workers/selection.py`), early stopping, and
+     checkpoints at their cadence (`workers/checkpoints.py`);
+  6. at a task's end: its best and last prefixes scored on every validation row and exported (best as
+     the result, last under final/), and its slot freed.
+A micro-batch out of memory is rerun task by task; only a task whose own rows still do not fit fails
+(`StepReport.failed`). Tasks join (`add_task`) and leave (`remove_task`) between steps, each costing only
+its prefix encoder and optimizer state. With `collectives` (one rank of a group) every rank takes its share
+of each micro-batch and losses, token counts and prefix gradients are summed across ranks, so every rank
+applies one process's update (up to summation order).
 """
 
 from __future__ import annotations
@@ -121,7 +111,7 @@ class MultiTaskTrainer:
     ):
         """compile_layers: run the decoder layers of training forwards as one `torch.compile`d graph
         (`workers/fused.py`; Llama, Mistral, Qwen2 without ZeRO-3 partitioning or checkpointing). The first
-        steps pay the compilation (tens of seconds on a CPU core); the results equal the eager path's to
+        steps pay the compilation (docs/design.md, "Compiled layers"); the results equal the eager path's to
         float rounding. Where it cannot apply, the eager path is kept and `compile_note` says why.
         retain_freed_memory: keep the memory each micro-batch frees in the process for the next one
         (`workers/allocator.py`: glibc's malloc thresholds, process-wide) instead of faulting it back in
