@@ -10,18 +10,17 @@ One step (`MultiTaskTrainer.step`; the reasoning is in docs/design.md, "The mult
   3. each micro-batch runs one forward, every row with its own prefix, the LM head at target positions
      only; its loss is sum_j (loss of j's target tokens in it) / (j's target tokens in the step), so task
      j's gradient equals what it gets training alone;
-  4. right after the last micro-batch holding a task's rows: its clipping, AdamW and schedule step, and
-     its gradient freed;
+  4. right after the last micro-batch holding a task's rows: its clipping, AdamW and schedule step;
   5. every `eval_every` steps, a fixed seeded sample of `eval_max_rows` validation rows per due task
      (`workers/evaluation.py`), the best prefix tracked (`workers/selection.py`), early stopping, and
      checkpoints at their cadence (`workers/checkpoints.py`);
   6. at a task's end: its best and last prefixes scored on every validation row and exported (best as
      the result, last under final/), and its slot freed.
 A micro-batch out of memory is rerun task by task; only a task whose own rows still do not fit fails
-(`StepReport.failed`). Tasks join (`add_task`) and leave (`remove_task`) between steps, each costing only
-its prefix encoder and optimizer state. With `collectives` (one rank of a group) every rank takes its share
-of each micro-batch and losses, token counts and prefix gradients are summed across ranks, so every rank
-applies one process's update (up to summation order).
+(`StepReport.failed`). A task's gradient is freed after its update. Tasks join (`add_task`) and leave
+(`remove_task`) between steps, each costing only its prefix encoder and optimizer state. With `collectives`
+(one rank of a group) every rank takes its share of each micro-batch and losses, token counts and prefix
+gradients are summed across ranks, so every rank applies one process's update (up to summation order).
 """
 
 from __future__ import annotations
