@@ -407,9 +407,9 @@ class ServingHandle:
 
 def start_serving(catalog: ModelCatalog, callers, *, host: str = "127.0.0.1", port: int = 8001) -> ServingHandle:
     """Serve create_serving_app on host:port (0: a free port) in a thread; returns once it listens."""
-    from orchestrator.api import _listen_socket, serve_in_thread
+    from orchestrator.api_server import listen_socket, serve_in_thread
 
-    sock = _listen_socket(host, port)
+    sock = listen_socket(host, port)
     server, thread = serve_in_thread(create_serving_app(catalog, callers), sock, f"serve-models on {host}:{port}")
     shown = f"[{host}]" if ":" in host else host
     return ServingHandle(f"http://{shown}:{sock.getsockname()[1]}", server, thread, catalog)

@@ -65,7 +65,7 @@ def serving_catalog(config):
 
 
 def cmd_serve_models(args: argparse.Namespace) -> int:
-    from orchestrator.api import ApiStartError
+    from orchestrator.api_server import ApiStartError
     from orchestrator.registry import tracking_uri_from_args
     from orchestrator.serving import start_serving
     from orchestrator.serving_models import ModelCatalog

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
 import sys, time
 from pathlib import Path
-from orchestrator.api import start_api
+from orchestrator.api_server import start_api
 from orchestrator.config import OrchestratorConfig
 home = Path(sys.argv[1])
 api = start_api(OrchestratorConfig.from_env(home=home, store_url=f"sqlite:///{home / 'jobs.db'}"), port=0)

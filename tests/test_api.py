@@ -8,7 +8,7 @@ import httpx
 import pytest
 import yaml
 
-from orchestrator.api import ApiStartError, start_api
+from orchestrator.api_server import ApiStartError, start_api
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.config import OrchestratorConfig, default_tracking_uri
 from orchestrator.store import Job, JobStore

@@ -237,7 +237,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
-# ---- --server: the same commands through a real HTTP API (orchestrator.api.start_api on 127.0.0.1) ---------
+# ---- --server: the same commands through a real HTTP API (orchestrator.api_server.start_api on 127.0.0.1) ---------
 
 TOKEN = "cli-test-token-41d2"
 
@@ -246,7 +246,7 @@ TOKEN = "cli-test-token-41d2"
 def api(tmp_path_factory):
     """A started API over a fresh home; its data root is jobs/examples, so the example specs' relative paths
     mean the same files on the server as here."""
-    from orchestrator.api import start_api
+    from orchestrator.api_server import start_api
     from orchestrator.config import OrchestratorConfig, default_tracking_uri
 
     home = tmp_path_factory.mktemp("server-home")

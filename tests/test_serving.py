@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from jobs.spec import parse_spec
 from orchestrator import generation, registry
-from orchestrator.api import start_api
+from orchestrator.api_server import start_api
 from orchestrator.config import OrchestratorConfig, default_tracking_uri
 from orchestrator.plan import base_model_ref, task_config
 from orchestrator.serving import start_serving

@@ -167,7 +167,7 @@ def test_over_limit_chunked_upload_413_in_bounded_memory(server):
 def test_server_submit_uploads_client_side_data_and_trains(tmp_path, monkeypatch, capsys):
     """The spec's data file exists only next to the spec on the client; `prefixd --server URL submit`
     uploads it, the stored spec names the upload, and the orchestrator trains the job to success."""
-    from orchestrator.api import start_api
+    from orchestrator.api_server import start_api
     from orchestrator.cli import main
     from orchestrator.config import OrchestratorConfig
     from orchestrator.scheduler import Orchestrator

@@ -121,17 +121,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start_api(config: OrchestratorConfig, args: argparse.Namespace):
-    """The HTTP API (orchestrator.api, imported only when asked for), with the model-serving routes mounted
-    under /openai when --serve-models is given."""
-    from orchestrator import api
+    """The HTTP API (orchestrator.api_server, imported only when asked for), with the model-serving routes
+    mounted under /openai when --serve-models is given."""
+    from orchestrator import api_server
     from orchestrator.serving_cli import serving_catalog
 
     serving = serving_catalog(config) if getattr(args, "serve_models", False) else None
     try:
-        return api.start_api(
+        return api_server.start_api(
             config, host=args.host, port=args.port, data_root=getattr(args, "data_root", None), serving=serving
         )
-    except api.ApiStartError as e:
+    except api_server.ApiStartError as e:
         raise CommandError(str(e)) from None
 
 
