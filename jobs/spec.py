@@ -5,7 +5,7 @@
 Every field, with its default and accepted values, is in `jobs/examples/reference.yaml`; `prefixd schema`
 prints the JSON Schema (jobs/schema.json, written with `python -m jobs.spec > jobs/schema.json`), which
 `parse_spec` backs with what a schema cannot check (files, columns, context, the operator's bounds).
-The field table is jobs/fields.py; reading is jobs/reader.py, checking jobs/validate.py, bounds jobs/bounds.py.
+The field table is jobs/fields.py; reading is jobs/reader.py, checking jobs/validate.py (files: jobs/validate_data.py), bounds jobs/bounds.py.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def parse_spec(
     """Validate an already-parsed spec (e.g. a request body read by `parse_document`) as a JobSpec.
 
     `base_dir` anchors relative paths; `source` names the spec in errors. With `data_root` (a server),
-    every path must exist inside it, checked before any file is opened (jobs/validate.py). `bounds`: the
+    every path must exist inside it, checked before any file is opened (jobs/validate_data.py). `bounds`: the
     operator's upper bounds (default: the field table's). Checks that the data files hold the named
     columns and that the prefix fits the model. `files` (a server): resolves an uploaded file's id
     ('file-<hex>') named in data.train / data.validation to its storage path, None when unknown. Raises SpecError.

@@ -5,35 +5,23 @@
 
 Returns the fields' values (defaults filled in, paths absolute) for `JobSpec`, or raises SpecError.
 
-With a `data_root` (the HTTP API) every path is resolved, links followed, and checked to lie inside it
-before any file is opened; a path outside it, a link out of it, and a path that does not exist all get
-one and the same answer, and no message quotes a file's bytes (no column lists, no parser output) or an
-absolute path: a user learns nothing about the server's other files, not even whether they exist.
-Without one (`prefixd validate`, `prefixd submit` on this machine) messages are as helpful as they can be.
-
-With `files` (the HTTP API), data.train / data.validation may name an uploaded file by id ('file-' and 32
-hex digits, FILE_ID_PATTERN): `files(id)` gives its storage path or URI (the data-root rule does not apply:
-the server put it there), or None for an id the caller has no upload of, refused naming the field.
+Paths, uploaded file ids, the base model's folder and the data files are checked in jobs/validate_data.py:
+with a `data_root` (the HTTP API) no path leaves it and no message tells anything about the server's files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
-import string
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs.bounds import SpecBounds
-from jobs.builtin_models import BUILTIN_MODELS
-from jobs.datafiles import DataFileError, data_exists, read_column_names
 from jobs.fields import (
-    CONTEXT_KEYS,
     GENERATION_METRICS,
     NAME_PATTERN,
     REGISTERED_NAME_PREFIX,
@@ -44,25 +32,12 @@ from jobs.fields import (
     metric_direction,
 )
 from jobs.problems import Problem, SpecError
-from workers.storage import is_remote
+from jobs.validate_data import check_base_model, check_data, check_path
 
 _KEY_HINTS = {
     "trust_remote_code": "trust_remote_code is an operator setting, not part of a job spec "
     "(a spec never chooses to run code from a model repository)",
 }
-OUTSIDE_DATA_ROOT = (
-    "no file or folder of that name under the server's data root (paths are relative to it; "
-    "'..', absolute paths elsewhere and links out of it are not followed)"
-)
-STORAGE_URI_ON_SERVER = (
-    "a storage URI is not accepted in a spec sent to the server (it would read it with its "
-    "own credentials); name a file under its data root"
-)
-FILE_ID_PATTERN = r"^file-[0-9a-f]{32}$"
-UNKNOWN_FILE = (
-    "no uploaded file with that id (unknown, deleted, or not yours); upload one with POST /v1/files "
-    "(`prefixd --server URL submit` uploads a spec's local files) or name a path under the data root"
-)
 _INVALID = object()
 
 
@@ -94,8 +69,8 @@ def check_document(
     c = _check_section(JobSpec, obj, "", ctx, problems)
     if c is not None:
         raw = obj
-        context = _check_base_model(c.get("base_model"), raw.get("base_model"), ctx, problems)
-        _check_data(c.get("data"), raw.get("data"), ctx, problems)
+        context = check_base_model(c.get("base_model"), raw.get("base_model"), ctx.data_root, problems)
+        check_data(c.get("data"), raw.get("data"), ctx.data_root, problems)
         _check_context(c, context, problems)
         _check_training(c.get("training"), problems)
         _check_early_stopping(c, problems)
@@ -258,37 +233,8 @@ def _check_value(rule: _Rule, value: Any, path: str, ctx: _Context, problems: li
     if rule.pattern and not re.fullmatch(rule.pattern, value):
         return bad(f"{value!r} does not match {rule.pattern} ({rule.pattern_help})")
     if kind == "path":
-        if ctx.files is not None and path.startswith("data.") and re.fullmatch(r"file-[^./\\]*", value):
-            if not re.fullmatch(FILE_ID_PATTERN, value):  # no suffix or folder: meant as an id, not a path
-                return bad(
-                    f"{value[:64]!r} is not a file id ('file-' and 32 lowercase hex digits, as POST /v1/files answers)"
-                )
-            found = ctx.files(value)
-            if found is None:
-                return bad(f"{value!r}: {UNKNOWN_FILE}")
-            return found if is_remote(found) else Path(found)
-        if is_remote(value):  # a storage URI (s3://...): data files only, read through workers/storage.py
-            if not path.startswith("data."):
-                return bad("a local folder is expected here, not a URI")
-            return bad(STORAGE_URI_ON_SERVER) if ctx.data_root else value
-        return _check_path(value, ctx, bad)
+        return check_path(value, path, base_dir=ctx.base_dir, data_root=ctx.data_root, files=ctx.files, bad=bad)
     return value
-
-
-def _check_path(value: str, ctx: _Context, bad) -> Any:
-    """The path made absolute (links followed); with a data root, refused unless it exists inside it.
-    Nothing is opened here."""
-    if any(ord(ch) < 32 for ch in value):
-        return bad("a path may not hold control characters")
-    try:
-        resolved = (ctx.base_dir / value).resolve()
-    except (OSError, ValueError, RuntimeError):  # a loop of links, a name too long
-        return bad(OUTSIDE_DATA_ROOT if ctx.data_root else f"cannot resolve the path {value!r}")
-    if ctx.data_root is None:
-        return resolved
-    if ctx.data_root not in resolved.parents or not resolved.exists():
-        return bad(OUTSIDE_DATA_ROOT)
-    return resolved
 
 
 def _check_tags(rule: _Rule, value: Any, path: str, problems: list[Problem]) -> Any:
@@ -320,122 +266,6 @@ def _check_tags(rule: _Rule, value: Any, path: str, problems: list[Problem]) -> 
             problems.append(Problem(p, f"tag value is {len(v)} characters long; at most {rule.max_length}"))
             ok = False
     return dict(value) if ok else _INVALID
-
-
-def _shown(folder: Path, given: str, ctx: _Context) -> str:
-    """How a path appears in messages: as given, plus the absolute path only when not on a server."""
-    return f"{given!r}" if ctx.data_root else f"{given!r} (looked for {folder})"
-
-
-def _check_base_model(bm: dict | None, raw: Any, ctx: _Context, problems: list[Problem]) -> tuple[int, str] | None:
-    """Check a local model folder; return the model's context (tokens, where it came from) when known."""
-    if not bm or sum(bm.get(k) is not None for k in ("builtin", "path", "hub")) != 1:
-        return None
-    if bm.get("builtin") is not None:
-        return BUILTIN_MODELS[bm["builtin"]].context_length, f"built-in model {bm['builtin']!r}"
-    folder: Path | None = bm.get("path")
-    if folder is None:
-        return None  # hub: checked by the worker that downloads it
-    given = raw["path"]
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such folder"
-        problems.append(Problem("base_model.path", f"{what} {_shown(folder, given, ctx)}"))
-        return None
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        problems.append(
-            Problem(
-                "base_model.path", f"folder {given!r} has no config.json (expected a model saved with save_pretrained)"
-            )
-        )
-        return None
-    shown = f"{given}/config.json" if ctx.data_root else str(config_path)
-    try:
-        with open(config_path, "rb") as fh:
-            config = json.loads(fh.read(1 << 20).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        why = "" if ctx.data_root else f" ({e})"
-        problems.append(Problem("base_model.path", f"{shown}: not a readable JSON file{why}"))
-        return None
-    if not isinstance(config, dict):
-        problems.append(Problem("base_model.path", f"{shown}: not a JSON object"))
-        return None
-    for key in CONTEXT_KEYS:
-        n = config.get(key)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return n, f"{key} in {given}/config.json"
-    return None  # e.g. T5: relative positions, no fixed limit
-
-
-def _check_data(d: dict | None, raw: Any, ctx: _Context, problems: list[Problem]) -> None:
-    if d is None:
-        return
-    columns: dict[str, list[str]] = {}
-    for key in ("train", "validation"):
-        p: Path | None = d.get(key)
-        if p is None:
-            continue
-        if not data_exists(p):
-            problems.append(Problem(f"data.{key}", f"no such file {_shown(p, raw[key], ctx)}"))
-        elif "format" in d:
-            try:
-                columns[key] = read_column_names(p, d["format"])
-            except DataFileError as e:
-                # On a server, the reason only: never the file's bytes or the server's own path.
-                text = f"{raw[key]!r}: {e.reason}" if ctx.data_root else str(e)
-                problems.append(Problem(f"data.{key}", text))
-
-    named: list[tuple[str, str]] = []  # (field path, column)
-    if d.get("input_column") is not None:
-        named.append(("data.input_column", d["input_column"]))
-    if d.get("template") is not None:
-        names = _template_fields(d["template"], problems)
-        named += [("data.template", n) for n in names]
-        if d.get("target_column") in names:
-            problems.append(
-                Problem(
-                    "data.template",
-                    f"names the target column {d['target_column']!r}: the prompt would contain the answer",
-                )
-            )
-    if d.get("target_column") is not None:
-        if d["target_column"] == d.get("input_column"):
-            problems.append(Problem("data.target_column", "must differ from data.input_column"))
-        named.append(("data.target_column", d["target_column"]))
-    for path, column in named:
-        for key, cols in columns.items():
-            if column not in cols:
-                listed = "" if ctx.data_root else f" (its columns: {', '.join(cols)})"
-                problems.append(Problem(path, f"column {column!r} is not in data.{key} {raw[key]!r}{listed}"))
-
-
-def _template_fields(template: str, problems: list[Problem]) -> list[str]:
-    """The column names a template reads; only plain {column} placeholders are accepted (no attribute or
-    index access, no conversions or format specs: the template is data, never code)."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        problems.append(Problem("data.template", f"{e} (write a literal brace as '{{{{' or '}}}}')"))
-        return []
-    names: list[str] = []
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name == "" or name.isdigit() or "." in name or "[" in name or spec or conversion:
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            problems.append(
-                Problem("data.template", f"placeholder {shown} must be a plain column name, like {{question}}")
-            )
-        elif name not in names:
-            names.append(name)
-    if not names and not any(p.path == "data.template" for p in problems):
-        problems.append(
-            Problem(
-                "data.template",
-                "has no {column} placeholder; for a prompt that is a column as is, use data.input_column",
-            )
-        )
-    return names
 
 
 def _check_context(c: dict, context: tuple[int, str] | None, problems: list[Problem]) -> None:

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from jobs.datafiles import _SUFFIXES
-from jobs.validate import FILE_ID_PATTERN
+from jobs.validate_data import FILE_ID_PATTERN
 from workers.storage import JobStorage
 
 MAX_UPLOAD_BYTES = 1 << 30

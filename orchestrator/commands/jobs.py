@@ -21,7 +21,7 @@ from typing import Any
 from jobs.bounds import SpecBounds
 from jobs.spec import Problem, SpecError, load_specs, parse_document, spec_json_schema
 from jobs.sweep import job_entries
-from jobs.validate import FILE_ID_PATTERN
+from jobs.validate_data import FILE_ID_PATTERN
 from orchestrator.client import ApiClient, ApiError
 from orchestrator.commands.common import (
     CommandError,
