@@ -192,6 +192,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         global registry
         from orchestrator import registry  # MLflow takes seconds to import: once, at start, only when used
 
+        try:  # MLflow's first call on a store sets its database up (seconds): here, not in the first request
+            registry.model_owner(settings.tracking_uri, "prefixd-start-up-check")
+        except Exception:  # noqa: BLE001 - MLflow unreachable now: submissions do not wait on it (see below)
+            pass
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
         return {"ok": True}
