@@ -186,6 +186,14 @@ def default_tracking_uri(home: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
+def mlflow_fail_fast() -> None:
+    """Make MLflow's HTTP client give up on an unreachable server after one retry and 30 s (its default
+    retries for minutes): the registrar and the live runs retry on their own schedule. Values already set
+    in the environment stay."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
     """How one orchestrator runs. Build it with `from_env` (fills home, store URL and model cache from the
@@ -261,7 +269,11 @@ class OrchestratorConfig:
     """MLflow tracking URI that finished jobs are logged and registered to; None: the embedded default,
     a sqlite store under <home>/mlflow (MLFLOW_TRACKING_URI overrides)."""
     register: bool = True
-    """Log and register finished jobs in MLflow (retried with backoff while MLflow is unreachable)."""
+    """Track jobs in MLflow (a run per job, live while it trains) and register the finished ones (retried
+    with backoff while MLflow is unreachable)."""
+    tracking_every_s: float = 5.0
+    """Seconds between a worker group's batched writes of its jobs' live metrics to MLflow (one log_batch
+    per job per interval)."""
     spec_bounds: dict[str, float] = field(default_factory=dict)
     """Upper bounds on job-spec numbers that differ from the defaults, e.g. {"training.steps": 20000}
     (jobs/bounds.py); PREFIXD_SPEC_BOUNDS names a YAML or JSON file of them."""
@@ -310,7 +322,7 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 problems.append(f"{name}: must be an int >= 1, got {value!r}")
-        for name in ("idle_timeout_s", "drain_timeout_s", "heartbeat_s", "stale_after_s", "poll_s"):
+        for name in ("idle_timeout_s", "drain_timeout_s", "heartbeat_s", "stale_after_s", "poll_s", "tracking_every_s"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 problems.append(f"{name}: must be a number > 0, got {value!r}")

@@ -11,6 +11,10 @@ steps. Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
       -> finished tasks: result.json, finish 'succeeded'
     repeat; stop when the scheduler asks and nothing is active.
 
+Each job's MLflow run opens when it starts training and follows its steps (`orchestrator/live_runs.py`, on
+a thread of its own): it ends FAILED or KILLED with the job, and a succeeded job's run is completed by the
+registrar.
+
 A heartbeat thread keeps the held jobs' heartbeats fresh every `heartbeat_s`, even through a long step,
 and notes jobs the store took back (requeued as stale); those are dropped at the next step boundary.
 The scheduler calls `status()` (a ping; also reports idleness and the model-load count) and `stop()`
@@ -40,6 +44,7 @@ from typing import Any
 
 import ray
 
+from orchestrator.live_runs import CHECKPOINT_TAG, LiveRuns
 from orchestrator.store import InvalidTransition, JobStore, UnknownJob
 from workers.results import completed_result, finite, job_folder, write_result
 
@@ -76,6 +81,10 @@ class GroupSettings:
     """CPUs each rank reserved: its torch threads on a CPU host."""
     spec_bounds: dict[str, float] = field(default_factory=dict)
     """The operator's bounds on spec numbers (jobs/bounds.py); a claimed job over them fails alone."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI of the jobs' live runs (`orchestrator/live_runs.py`); None: no live runs."""
+    tracking_every_s: float = 5.0
+    """Seconds between the live runs' batched writes."""
 
     def ranks(self):
         """What every rank needs (`workers.ranks.RankSettings`); each rank's device is decided there."""
@@ -133,6 +142,7 @@ class WorkerGroup:
         self._store = None  # the rendezvous store rank 0 hosts, alive as long as the group
         self.last_step: dict[str, float] = {}  # tokens/s, tasks and peak memory of the latest step
         self.placed: dict[str, Any] = {}  # rank 0's device and torch threads, once the ranks have met
+        self.live = LiveRuns(None, on_run=_nothing, warn=_nothing)  # the jobs' MLflow runs, made in `run`
 
     # ---- calls from the scheduler (run concurrently with `run`) -----------------------------------
 
@@ -197,6 +207,12 @@ class WorkerGroup:
         for rank, follower in enumerate(followers, start=1):
             follower.run.remote(self.s, rank, rendezvous)
         self.store = PatientStore(JobStore(self.s.store_url), self.s.store_patience_s)
+        self.live = LiveRuns(
+            self.s.tracking_uri,
+            on_run=self.store.set_run_id,
+            warn=lambda job_id, text: self.store.log(job_id, text, "warning"),
+            every_s=self.s.tracking_every_s,
+        )
         beat = threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True)
         beat.start()
         last_claim = -math.inf
@@ -249,6 +265,7 @@ class WorkerGroup:
             self.channel.send(("stop",))
         finally:
             self._done.set()
+            self.live.close()
             beat.join(timeout=self.s.heartbeat_s + 5)
             self.store.close()
         self.state = "stopped"
@@ -280,6 +297,7 @@ class WorkerGroup:
             error = "its spec is over the bounds in force: " + "; ".join(over)
             self.store.log(job.id, f"worker group {self.s.owner}: {error}", "error")
             self._finish(job.id, "failed", error=error)
+            self.live.end(job.id, "FAILED", error, run_id=job.run_id)  # a run an earlier attempt opened
             return
         try:
             spec = JobSpec.from_dict(job.spec)
@@ -303,10 +321,12 @@ class WorkerGroup:
             note = self.trainer.trainer.compile_note
             layers = "; compiled layers" if note is None else f"; eager layers, not compiled: {note}"
         self.store.log(job.id, f"{where} in worker group {self.s.owner} (pid {os.getpid()}){layers}")
+        self.live.open(job, spec)
         if self._progress(job.id, progress):  # cancelled while it was being set up
             self.trainer.remove_task(job.id)
             self.store.log(job.id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
             self._finish(job.id, "cancelled")
+            self.live.end(job.id, "KILLED")
 
     def _load_model(self, ref) -> None:
         with self._lock:
@@ -332,6 +352,7 @@ class WorkerGroup:
         for job_id, error in report.failed.items():  # its own failure: this job alone ends, for good
             self.store.log(job_id, f"failed in worker group {self.s.owner}, which trains on: {error}", "error")
             self._finish(job_id, "failed", error=error)
+            self.live.end(job_id, "FAILED", error)
         finished = {r.task_id: r for r in report.finished}
         for job_id, progress in report.progress.items():
             cancel = self._progress(job_id, progress)
@@ -348,10 +369,27 @@ class WorkerGroup:
                     f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
                 )
                 self._finish(job_id, "succeeded", result_dir=job_dir)
+                self.live.finish(job_id)  # the registrar completes its run
             elif cancel:
                 self.trainer.remove_task(job_id)
                 self.store.log(job_id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
                 self._finish(job_id, "cancelled")
+                self.live.end(job_id, "KILLED")
+            else:
+                self._track(job_id, progress, checkpointed=job_id not in report.warnings)
+
+    def _track(self, job_id: str, progress, *, checkpointed: bool) -> None:
+        """The step's history record (the trainer's own, so the live run's series are history.jsonl's)
+        to the job's live run, and the step of a checkpoint written now."""
+        if not self.live.enabled:
+            return
+        task = self.trainer.trainer.tasks.get(job_id)
+        if task is None or not task.history or task.history[-1].get("step") != progress.step:
+            return
+        tags = {}
+        if checkpointed and progress.step % task.config.training.checkpoint_every == 0:
+            tags[CHECKPOINT_TAG] = str(progress.step)
+        self.live.record(job_id, task.history[-1], tags)
 
     def _progress(self, job_id: str, progress) -> bool | None:
         """Store a task's progress; True if a cancel was asked, None if the job is no longer ours."""
@@ -384,6 +422,7 @@ class WorkerGroup:
     def _forget(self, job_id: str, message: str) -> None:
         if self.trainer and job_id in self.trainer.active:
             self.trainer.remove_task(job_id)
+        self.live.leave(job_id)
         with self._lock:
             self._held.pop(job_id, None)
         try:
@@ -402,6 +441,7 @@ class WorkerGroup:
     def _release(self, job_id: str, error: str) -> None:
         if self.trainer and job_id in self.trainer.active:
             self.trainer.remove_task(job_id)
+        self.live.leave(job_id)  # queued again, or out of attempts: the registrar ends its run
         try:
             self.store.log(job_id, f"worker group {self.s.owner}: {error}", "error")
             self.store.release(job_id, error)
@@ -419,6 +459,7 @@ class WorkerGroup:
             if self.trainer and job_id in self.trainer.active:
                 where = f"checkpointed at step {self.trainer.checkpoint(job_id)}"
                 self.trainer.remove_task(job_id)
+            self.live.leave(job_id)
             try:
                 self.store.hand_back(job_id, f"worker group {self.s.owner} stopped gracefully ({where})")
             except (InvalidTransition, UnknownJob):
@@ -452,6 +493,10 @@ class WorkerGroup:
 
 
 class _ModelLoadFailed(RuntimeError):
+    pass
+
+
+def _nothing(*_args) -> None:
     pass
 
 

@@ -12,8 +12,9 @@ One scheduling pass (`Orchestrator.tick`), every `poll_s`:
                          per-base limit), within max_groups; a reservation holds nothing until every
                          bundle fits, and meanwhile the base's queued jobs say what they wait for
                          ("waiting for 8 GPUs"); once reserved, the group's actors start in it
-    register             succeeded jobs are logged and registered in MLflow (orchestrator/registry/),
-                         retried with backoff while MLflow is unreachable
+    register             succeeded jobs' runs are completed and registered in MLflow (orchestrator/registry/),
+                         retried with backoff while MLflow is unreachable; runs of jobs that failed or were
+                         cancelled without their group ending them (it died) are ended FAILED or KILLED
 
 A group's shape (ranks, ZeRO stage, GPUs/CPUs/custom resources per rank, placement strategy, replicas) comes
 from the operator's per-base table (`OrchestratorConfig.shape_for`); its ranks hold one copy of the base
@@ -44,7 +45,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from orchestrator.config import GroupShape, OrchestratorConfig
+from orchestrator.config import GroupShape, OrchestratorConfig, mlflow_fail_fast
 from orchestrator.group import GroupSettings, start_group
 from orchestrator.placement import Reservation, describe, release
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
@@ -54,6 +55,7 @@ REGISTRATION_EVERY_S = 2.0
 REGISTRAR_LEASE = "registrar"
 REGISTRAR_LEASE_S = 120.0  # longer than one job's registration takes (renewed before each); a crashed
 # registrar's lease runs out after this
+CLOSE_RUNS_EVERY_S = 30.0  # how often the registrar looks for runs of failed/cancelled jobs to end
 RESERVATION_GRACE_S = 2.0  # a reservation pending longer than this is reported as waiting (with its shortfall)
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
@@ -152,9 +154,9 @@ class Orchestrator:
         self._ended_jobs: dict[str, Job] = {}  # final rows of jobs seen this run (they do not change)
         self._log_handler = _file_handler(config.logs_dir / "orchestrator.log")
         self._next_registration = 0.0
-        # An unreachable MLflow should fail fast: register_pending retries with its own backoff.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self._next_run_closing = 0.0
+        self._runs_ended: set[str] = set()  # failed/cancelled jobs whose MLflow run is known ended
+        mlflow_fail_fast()  # register_pending retries with its own backoff
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -263,14 +265,20 @@ class Orchestrator:
         self._register_finished()
 
     def _register_finished(self, *, now: bool = False) -> None:
-        """Log and register succeeded jobs in MLflow. Of the orchestrators sharing the store, only the holder
-        of its "registrar" lease does (taken for this pass, renewed before each job, given back after), so
-        each job is registered once. While MLflow is unreachable a job stays succeeded-but-unregistered and
-        is retried with backoff."""
+        """Log and register succeeded jobs in MLflow, and end the runs their groups left open of jobs that
+        failed or were cancelled (`registry.close_ended_runs`, every CLOSE_RUNS_EVERY_S). Of the
+        orchestrators sharing the store, only the holder of its "registrar" lease does (taken for this pass,
+        renewed before each job, given back after), so each job is registered once. While MLflow is
+        unreachable a job stays succeeded-but-unregistered and is retried with backoff."""
         if not self.config.register or (not now and time.monotonic() < self._next_registration):
             return
         self._next_registration = time.monotonic() + REGISTRATION_EVERY_S
-        if not self.store.pending_registrations():
+        ended = []  # failed and cancelled jobs whose run may be open still
+        if now or time.monotonic() >= self._next_run_closing:
+            self._next_run_closing = time.monotonic() + CLOSE_RUNS_EVERY_S
+            ended = [j for s in ("failed", "cancelled") for j in self.store.list(state=s) if j.run_id]
+            ended = [j for j in ended if j.id not in self._runs_ended]
+        if not ended and not self.store.pending_registrations():
             return
 
         def keep_lease() -> bool:
@@ -281,6 +289,11 @@ class Orchestrator:
         try:
             from orchestrator import registry  # MLflow: imported only once there is something to register
 
+            try:
+                for job_id in registry.close_ended_runs(ended, self.config.tracking_uri, self._runs_ended):
+                    log.info("job %s: its MLflow run ended as the job did", job_id)
+            except Exception as e:  # noqa: BLE001 - MLflow unreachable: the next look tries again
+                log.warning("could not end the MLflow runs of ended jobs: %s", _first_line(e))
             for job_id in registry.register_pending(self.store, self.config.tracking_uri, keep_lease=keep_lease):
                 job = self.store.get(job_id)
                 log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)
@@ -379,6 +392,8 @@ class Orchestrator:
                 compile_layers=cfg.compile_layers,
                 cpus_per_rank=r.bundles[0]["CPU"],
                 spec_bounds=dict(cfg.spec_bounds),
+                tracking_uri=cfg.tracking_uri if cfg.register else None,
+                tracking_every_s=cfg.tracking_every_s,
             )
             actor, run_ref, followers = start_group(settings, r.placement_group, bundles=r.bundles)
             self.groups[owner] = _Group(

@@ -452,11 +452,12 @@ def _kill_session(process: subprocess.Popen) -> None:
 
 
 class Served:
-    def __init__(self, home: Path, base: Path, specs: Path):
+    """One orchestrator serving in a thread, with one group slot; `settings` add to (or replace) its config."""
+
+    def __init__(self, home: Path, base: Path, specs: Path, **settings):
         self.home, self.base, self.specs = home, base, specs
-        self.config = OrchestratorConfig.from_env(
-            home=home, cpus_per_group=1, max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=5, idle_timeout_s=600
-        )
+        fast = dict(cpus_per_group=1, max_groups=1, poll_s=0.2, heartbeat_s=0.5, stale_after_s=5, idle_timeout_s=600)
+        self.config = OrchestratorConfig.from_env(home=home, **(fast | settings))
         self.orchestrator = Orchestrator(self.config)
         self.store = JobStore(self.config.store_url)
         self.stop = threading.Event()
@@ -474,16 +475,19 @@ class Served:
     def wait_step(self, job_id, step, timeout=120):
         return wait_for(lambda: (self.store.get(job_id).step or 0) >= step, timeout, f"job {job_id} at step {step}")
 
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        self.orchestrator.close()
+        self.store.close()
+
 
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     s = Served(root / "home", tiny_base, root / "specs")
     yield s
-    s.stop.set()
-    s.thread.join(60)
-    s.orchestrator.close()
-    s.store.close()
+    s.close()
 
 
 def test_job_joins_a_training_group_without_reloading(served):

@@ -6,8 +6,8 @@
 The tracking URI is --mlflow-uri, else $MLFLOW_TRACKING_URI, else `default_tracking_uri(home)`. Tags under
 prefixd.* are ours (specs refuse them at the entry). An error that means MLflow could not be reached
 (`is_unreachable`) is retried later with `exponential_backoff`; MLflow's HTTP client itself retries for
-minutes by default, so an orchestrator should set MLFLOW_HTTP_REQUEST_MAX_RETRIES (e.g. 0-2) and
-MLFLOW_HTTP_REQUEST_TIMEOUT and let this backoff work.
+minutes by default, so an orchestrator and its worker groups set MLFLOW_HTTP_REQUEST_MAX_RETRIES and
+MLFLOW_HTTP_REQUEST_TIMEOUT low (`orchestrator.config.mlflow_fail_fast`) and let this backoff work.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TASK_TAG = "prefixd.task"
 BASE_TAG = "prefixd.base_model"
 SHA_TAG = "prefixd.base_model_sha256"
 MODEL_ID_TAG = "prefixd.model_id"
+ERROR_TAG = "prefixd.error"  # on the run of a failed job: why it failed
 METRIC_TAG = "prefixd.metric."
 REASON_TAG = "prefixd.champion_reason"
 DECISION_TAG = "prefixd.champion_decision"  # "promote" | "keep": written before the alias moves

@@ -2,6 +2,7 @@
 
     name, version = register_job(uri, job, spec, result_dir)   # run + pyfunc model + version + aliases
     registered = register_pending(store, uri)                  # every due job, with backoff
+    ended = close_ended_runs(store.list(state="failed"), uri, handled)   # runs left open by dead groups
 
 Registry. Registered model `spec.registry.model_name` (default 'prefixd-<task>'), one version per job,
 created with `create_model_version(source="models:/<logged model id>")` so that
@@ -39,6 +40,7 @@ lost). As a last guard, two versions found for one job after a create are reduce
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,6 +72,7 @@ from orchestrator.registry.client import (
 )
 from orchestrator.registry.tracking import (
     check_experiment,
+    end_run,
     experiment_name,
     load_job_result,
     log_job,
@@ -77,6 +80,8 @@ from orchestrator.registry.tracking import (
     own_tags,
 )
 from workers.models import BaseModelRef
+
+log = logging.getLogger("prefixd.registry")
 
 
 def _job_version(client, name: str, job_id: str):
@@ -134,9 +139,14 @@ def _ensure_registered_model(client, name: str, spec: JobSpec, job) -> None:
 
 
 def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> tuple[str, str]:
-    """Log the job (if not yet) and register it as a new version of spec.registry.model_name;
+    """Complete the job's run (if not yet) and register it as a new version of spec.registry.model_name;
     returns (model name, version as a string). Idempotent: a job's existing version is returned.
     RegistryError if the spec says registry.register: false."""
+    return _register(tracking_uri, job, spec, result_dir)[:2]
+
+
+def _register(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> tuple[str, str, str]:
+    """`register_job`, and the id of the version's run."""
     if not spec.registry.register:
         raise RegistryError(f"job {job.id}: its spec says registry.register: false (log it with log_job)")
     name = spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name
@@ -160,7 +170,7 @@ def register_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) 
             )
             mv = _one_version_per_job(client, name, job.id, str(mv.version))
         _decide_champion(client, name, mv, spec)
-        return name, str(mv.version)
+        return name, str(mv.version), mv.run_id
 
 
 def _one_version_per_job(client, name: str, job_id: str, created: str):
@@ -280,9 +290,10 @@ def register_pending(
         try:
             spec = JobSpec.from_dict(job.spec)
             if spec.registry.register:
-                model, version = register_job(tracking_uri, job, spec, job.result_dir)
+                model, version, run_id = _register(tracking_uri, job, spec, job.result_dir)
             else:
-                model, version = f"runs:/{log_job(tracking_uri, job, spec, job.result_dir)}", "-"
+                run_id = log_job(tracking_uri, job, spec, job.result_dir)
+                model, version = f"runs:/{run_id}", "-"
         except Exception as e:  # the loop must go on; the error is kept on the job
             unreachable = is_unreachable(e)
             error = f"{'MLflow unreachable: ' if unreachable else ''}{type(e).__name__}: {e}"[:2000]
@@ -291,6 +302,39 @@ def register_pending(
             if unreachable:
                 break
             continue
+        if job.run_id != run_id:  # opened here: MLflow was out of reach while the job trained
+            store.set_run_id(job.id, run_id)
         store.mark_registered(job.id, model, version)
         done.append(job.id)
     return done
+
+
+def close_ended_runs(jobs, tracking_uri: str, handled: set[str]) -> list[str]:
+    """End the runs still RUNNING of `jobs` (store rows) that failed (FAILED, with the job's error) or were
+    cancelled (KILLED): those whose worker group could not, because it died and the job then ran out of
+    attempts, or the job was cancelled while queued again after an attempt had trained. Returns the ids of
+    the jobs whose run was ended now.
+
+    Idempotent: a run already ended is left as is; jobs without a run, in another state, or in `handled`
+    (the caller's memory, updated here) are skipped. Raises when MLflow is unreachable (the next call tries
+    again); a run that cannot be ended for another reason is logged and left.
+    """
+    jobs = [j for j in jobs if j.run_id and j.state in ("failed", "cancelled") and j.id not in handled]
+    ended: list[str] = []
+    if not jobs:
+        return ended
+    with mlflow_client(tracking_uri) as client:
+        for job in jobs:
+            try:
+                run = client.get_run(job.run_id)
+                if run.info.status in ("RUNNING", "SCHEDULED"):
+                    failed = job.state == "failed"
+                    end_run(client, job.run_id, "FAILED" if failed else "KILLED", job.error if failed else None)
+                    ended.append(job.id)
+            except Exception as e:
+                if is_unreachable(e):
+                    raise
+                if not not_found(e):
+                    log.warning("job %s: could not end its MLflow run %s: %s", job.id, job.run_id, e)
+            handled.add(job.id)
+    return ended

@@ -1,18 +1,24 @@
-"""Tracking: one MLflow run per finished job.
+"""Tracking: one MLflow run per job, opened when it starts training and completed when it succeeds.
 
-    run_id = log_job(uri, job, spec, result_dir)
+    run = open_job_run(client, uri, job_id, spec, tenant)    # the job's run, created or reused
+    run_id = log_job(uri, job, spec, result_dir)              # a succeeded job: its run completed, FINISHED
+    end_run(client, run_id, "FAILED", error)                  # a failed (or KILLED: cancelled) job's run
 
 The run lives in the experiment `spec.registry.experiment`, else `prefixd/<base model>` (the spec's base_key
-with characters outside [A-Za-z0-9._:@-] made '_'). Params: the flattened spec. Metrics: every numeric field
-of history.jsonl at its step (loss, learning_rate, tokens, tokens_per_s, task_tokens_per_s, epoch, and the
-eval metrics at eval steps), timestamped by the record's `time`, then metrics.json (the final evaluation) at
-the last step, in `log_batch` calls. Tags: prefixd.job_id, prefixd.task, prefixd.base_model
+with characters outside [A-Za-z0-9._:@-] made '_'), and is found again by its tag prefixd.job_id: a job has
+one run, whoever opens it first (its worker group while it trains: `orchestrator.live_runs`; else the
+registrar). Params: the flattened spec. Tags: prefixd.job_id, prefixd.task, prefixd.base_model
 ('kind:location@revision:dtype'), prefixd.base_model_sha256 (sha256 of the local safetensors weights, when
-the folder is on this machine; a built-in model counts only once it is converted), prefixd.model_id, and the
-spec's own tags. Artifacts: adapter/, prefix/, spec.json, metrics.json, history.jsonl, data_report.txt,
-result.json, plus the logged pyfunc model (`orchestrator.pyfunc_model`). The run is marked FINISHED last, so
-a FINISHED run is complete: a retry reuses it; an unfinished run of the job (a crash mid-log) is deleted and
-logged again.
+the folder is on this machine, added by the registrar; a built-in model counts only once it is converted),
+prefixd.model_id, and the spec's own tags; a failed run gets prefixd.error.
+
+`log_job` completes the run: metrics, every numeric field of history.jsonl at its step (loss,
+learning_rate, tokens, tokens_per_s, task_tokens_per_s, epoch, and the eval metrics at eval steps),
+timestamped by the record's `time`, then metrics.json (the final evaluation) at the last step, in
+`log_batch` calls, each (metric, step) the run has already (streamed while it trained) left out. Artifacts:
+adapter/, prefix/, spec.json, metrics.json, history.jsonl, data_report.txt, result.json, plus the logged
+pyfunc model (`orchestrator.pyfunc_model`). The run is marked FINISHED last, so a FINISHED run is complete:
+a retry returns it; an unfinished one (a live run, or a crash mid-log) is completed.
 
 Ownership. The default experiments (names under 'prefixd/', one per base model) are shared by every tenant.
 Any other experiment belongs to the tenant whose job created it (experiment tag prefixd.owner): a job of
@@ -36,6 +42,7 @@ from orchestrator.plan import base_model_ref
 from orchestrator.pyfunc_model import ADAPTER, BASE_MODEL, BASE_MODEL_FILE, PREFIX, base_model_record, describe_base
 from orchestrator.registry.client import (
     BASE_TAG,
+    ERROR_TAG,
     JOB_TAG,
     LOCAL_TENANT,
     MODEL_ID_TAG,
@@ -169,6 +176,15 @@ def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None)
     return tags
 
 
+def record_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one history.jsonl record: its finite numbers but `step` and `time`."""
+    return {
+        key: number
+        for key, value in record.items()
+        if key not in _HISTORY_SKIP and (number := finite(value)) is not None
+    }
+
+
 def _metrics_from(result: ResultFolder) -> list[Any]:
     """History metrics at their steps, then the final metrics at the last step (replacing the
     history's value of the same key there)."""
@@ -182,16 +198,73 @@ def _metrics_from(result: ResultFolder) -> list[Any]:
         ms = int(record["time"] * 1000) if finite(record.get("time")) is not None else now_ms
         if step >= last_step:
             last_step, last_ms = step, ms
-        for key, value in record.items():
-            if key not in _HISTORY_SKIP and (number := finite(value)) is not None:
-                points[(key, step)] = Metric(key=key, value=number, timestamp=ms, step=step)
+        for key, number in record_metrics(record).items():
+            points[(key, step)] = Metric(key=key, value=number, timestamp=ms, step=step)
     for key, value in result.metrics.items():
         points[(key, last_step)] = Metric(key=key, value=value, timestamp=last_ms, step=last_step)
     return list(points.values())
 
 
+def logged_steps(client, run, key: str) -> set[int]:
+    """The steps at which `run` has metric `key` (none when it has no such metric)."""
+    if key not in run.data.metrics:
+        return set()
+    return {m.step for m in client.get_metric_history(run.info.run_id, key)}
+
+
+def _new_points(client, run, points: list[Any]) -> list[Any]:
+    """`points` less those whose (key, step) the run has already: streamed while the job trained, or logged
+    by an earlier try."""
+    have = {(key, step) for key in {p.key for p in points} for step in logged_steps(client, run, key)}
+    return [p for p in points if (p.key, p.step) not in have]
+
+
+def open_job_run(client, uri: str, job_id: str, spec: JobSpec, tenant: str, sha256: str | None = None):
+    """The job's one run in its experiment, with its tags and params (see the module docstring).
+
+    A FINISHED run holding the logged model is returned as is. Else the job's oldest run (the live run of
+    its worker group, or one a crashed registration left) is reused, RUNNING again if it was ended, and a
+    newer duplicate is deleted; else a run is created. Only what the run lacks is written. RegistryError
+    when the experiment belongs to another tenant.
+    """
+    from mlflow.entities import Param, RunTag
+
+    experiment_id = _experiment_id(client, experiment_name(spec), uri, tenant, job_id)
+    runs = _find_run(client, experiment_id, job_id)  # newest first
+    for run in runs:
+        if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
+            return run
+    tags = _run_tags(job_id, spec, base_model_ref(spec), sha256)
+    if not runs:
+        run = client.create_run(experiment_id, tags=tags, run_name=f"{spec.name}-{job_id}")
+    else:
+        run = runs[-1]
+        for duplicate in runs[:-1]:  # two openers raced: one run per job
+            client.delete_run(duplicate.info.run_id)
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+    run_id = run.info.run_id
+    missing = [RunTag(k, v) for k, v in tags.items() if run.data.tags.get(k) != v]
+    if missing:
+        client.log_batch(run_id, tags=missing)
+    params = [Param(k, v) for k, v in spec.flat_params().items() if k not in run.data.params]
+    for lo in range(0, len(params), 100):  # MLflow: at most 100 params per batch
+        client.log_batch(run_id, params=params[lo : lo + 100])
+    return run
+
+
+def end_run(client, run_id: str, status: str, error: str | None = None) -> None:
+    """End a run FAILED or KILLED; an error goes into tag prefixd.error and the run's description."""
+    from mlflow.entities import RunTag
+
+    if error:
+        text = error[:5000]
+        client.log_batch(run_id, tags=[RunTag(ERROR_TAG, text), RunTag("mlflow.note.content", f"{status}: {text}")])
+    client.set_terminated(run_id, status)
+
+
 def log_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> str:
-    """Log a finished job as one MLflow run (see the module docstring); returns its run id.
+    """Complete a succeeded job's run (see the module docstring); returns its run id.
 
     Idempotent: a FINISHED run tagged with the job's id is returned as is.
     """
@@ -202,26 +275,22 @@ def log_job(tracking_uri: str, job, spec: JobSpec, result_dir: str | Path) -> st
 
 
 def log_job_run(client, uri: str, job_id: str, spec: JobSpec, ref: BaseModelRef, result: ResultFolder, tenant: str):
-    """The job's FINISHED run in its experiment, logged now unless an earlier attempt finished it."""
+    """The job's FINISHED run in its experiment: its run (`open_job_run`) completed now, unless an earlier
+    attempt did."""
     import mlflow
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
     from orchestrator.pyfunc_model import PYFUNC_ENTRY, signature
 
-    experiment_id = _experiment_id(client, experiment_name(spec), uri, tenant, job_id)
-    for run in _find_run(client, experiment_id, job_id):
-        if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
-            return run
-        client.delete_run(run.info.run_id)  # a half-logged earlier attempt: start over
-
-    sha256 = base_model_sha256(ref)
-    run = client.create_run(experiment_id, tags=_run_tags(job_id, spec, ref, sha256), run_name=f"{spec.name}-{job_id}")
+    run = open_job_run(client, uri, job_id, spec, tenant)
+    if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
+        return run
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in spec.flat_params().items()]
-    for lo in range(0, len(params), 100):  # MLflow: at most 100 params per batch
-        client.log_batch(run_id, params=params[lo : lo + 100])
-    metrics = _metrics_from(result)
-    for lo in range(0, len(metrics), 1000):  # and at most 1000 metrics
+    sha256 = base_model_sha256(ref)
+    if sha256:
+        client.set_tag(run_id, SHA_TAG, sha256)
+    metrics = _new_points(client, run, _metrics_from(result))
+    for lo in range(0, len(metrics), 1000):  # MLflow: at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[lo : lo + 1000])
     client.log_artifacts(run_id, str(result.adapter), ADAPTER)
     client.log_artifacts(run_id, str(result.prefix), PREFIX)

@@ -1,0 +1,268 @@
+"""Live MLflow runs: a worker group's jobs tracked while they train.
+
+    live = LiveRuns(uri, on_run=store.set_run_id, warn=lambda job_id, text: store.log(job_id, text, "warning"))
+    live.open(job, spec)                             # the job's run is created, or reused on a later attempt
+    live.record(job_id, {"step": 3, "loss": 1.2, "learning_rate": 0.02, ...}, {"prefixd.checkpoint_step": "3"})
+    live.end(job_id, "FAILED", "loss is not finite")  # or "KILLED" (cancelled); `leave` keeps the run RUNNING
+    live.close()                                     # what is pending is written; the thread stops
+
+The run is the job's one run (`orchestrator.registry.tracking.open_job_run`: same experiment, tags, params
+and ownership rules as the registrar's), and its id goes to the store (`on_run`). A step's metrics are its
+history.jsonl record (loss, learning_rate, tokens, tokens_per_s, ..., evaluations at their step), so the
+series are the ones the registrar completes from history.jsonl when the job succeeds (`finish` leaves the
+rest to it: it logs every step the run lacks). System metrics of the group's process go with each job's
+points at its latest step: system/cpu_percent, system/rss_mib, and system/gpu_memory_allocated_mib and
+system/gpu_memory_reserved_mib on CUDA.
+
+Every MLflow call happens on one background thread, once per `every_s` (one log_batch per job then), so
+co-tenants do not flood the tracking server and the training loop only appends to buffers: an MLflow error
+never reaches it. An error becomes a warning event of the job (at most one per `warn_every_s`), and the next
+round tries again; meanwhile records wait (at most `max_records` per job, the oldest dropped first). A reused
+run gets only the steps after the last one it has (a resumed attempt trains some steps again). MLflow is
+imported on that thread, never by the training loop; with `uri` None every call does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("prefixd.live_runs")
+ENDED = ("FAILED", "KILLED")
+CHECKPOINT_TAG = "prefixd.checkpoint_step"  # on a training job's run: the step of its latest checkpoint
+
+
+@dataclass
+class _Job:
+    job: Any  # orchestrator.store.Job (its id, tenant and run id); None for a run only to be ended
+    spec: Any  # jobs.spec.JobSpec
+    run_id: str | None = None
+    last_step: int = -1
+    """Steps up to this one are in the run."""
+    step: int = 0
+    """The latest step recorded."""
+    system_step: int = -1
+    """The step at which the system metrics were last written."""
+    records: list[Mapping[str, Any]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    end: tuple[str, str | None] | None = None
+    leaving: bool = False
+    warned_at: float = -math.inf
+
+
+class LiveRuns:
+    """The live runs of one worker group's jobs (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        uri: str | None,
+        *,
+        on_run: Callable[[str, str], None],
+        warn: Callable[[str, str], None],
+        every_s: float = 5.0,
+        warn_every_s: float = 300.0,
+        max_records: int = 10_000,
+    ):
+        self.uri, self.every_s, self.warn_every_s, self.max_records = uri, every_s, warn_every_s, max_records
+        self._on_run, self._warn = on_run, warn
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._client = None
+        self._process = None  # psutil.Process, for the system metrics
+
+    @property
+    def enabled(self) -> bool:
+        return self.uri is not None
+
+    # ---- calls from the training loop: they only touch buffers -------------------------------------
+
+    def open(self, job, spec) -> None:
+        """Track `job` (a store row: id, tenant, run_id) trained from `spec` (a JobSpec)."""
+        self._track(job.id, _Job(job=job, spec=spec))
+
+    def record(self, job_id: str, record: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+        """One step's history record (step, time, metrics) and any tags, for the next write."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is None or entry.end is not None:
+                return
+            entry.step = max(entry.step, int(record["step"]))
+            entry.records.append(dict(record))
+            del entry.records[: -self.max_records]
+            entry.tags.update(tags or {})
+
+    def end(self, job_id: str, status: str, error: str | None = None, *, run_id: str | None = None) -> None:
+        """End the job's run `status` (FAILED or KILLED) once what is pending is written. A job not
+        tracked here whose earlier attempt opened run `run_id` gets that run ended."""
+        assert status in ENDED, status
+        with self._lock:
+            entry = self._jobs.get(job_id)
+        if entry is None:
+            if run_id is None:
+                return
+            entry = self._track(job_id, _Job(job=None, spec=None, run_id=run_id))
+        if entry is not None:
+            entry.end = (status, error)
+            self._wake.set()
+
+    def finish(self, job_id: str) -> None:
+        """The job succeeded: stop tracking it; the registrar completes its run from its result folder (every
+        step the run lacks, the final metrics, the model) and marks it FINISHED."""
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def leave(self, job_id: str) -> None:
+        """Stop tracking the job once what is pending is written; its run stays RUNNING (the job is queued
+        again, or its end is the registrar's to record: `registry.close_ended_runs`)."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is not None:
+                entry.leaving = True
+        self._wake.set()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is pending (within `timeout_s`) and stop the thread. Runs stay as they are."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _track(self, job_id: str, entry: _Job) -> _Job | None:
+        if self.uri is None or self._closing:
+            return None
+        with self._lock:
+            self._jobs[job_id] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="live-runs", daemon=True)
+                self._thread.start()
+        return entry
+
+    # ---- the thread -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        from orchestrator.config import mlflow_fail_fast
+
+        mlflow_fail_fast()  # a down server costs one short timeout per round, not minutes
+        while True:
+            closing = self._closing
+            self._round()
+            if closing:
+                return
+            self._wake.wait(self.every_s)
+            self._wake.clear()
+
+    def _round(self) -> None:
+        """One write per tracked job; a job whose run is ended (or left) is dropped."""
+        from orchestrator.registry.client import is_unreachable
+
+        with self._lock:
+            entries = list(self._jobs.items())
+        system = self._system() if entries else {}
+        for job_id, entry in entries:
+            try:
+                done = self._write(job_id, entry, system)
+            except Exception as e:  # noqa: BLE001 - tracking never fails a job; the next round tries again
+                self._warn_once(job_id, entry, e)
+                # Leaving, or refused for good (not an outage) while ending: the registrar's pass ends it.
+                done = entry.leaving or (entry.end is not None and not is_unreachable(e))
+            if done:
+                with self._lock:
+                    if self._jobs.get(job_id) is entry:
+                        del self._jobs[job_id]
+
+    def _write(self, job_id: str, entry: _Job, system: dict[str, float]) -> bool:
+        """Open the run if needed, write the job's pending records, tags and system metrics in one
+        log_batch, and end the run if asked; True when the job is done with."""
+        from mlflow.entities import Metric, RunTag
+
+        from orchestrator.registry.client import RegistryError, tenant_of
+        from orchestrator.registry.tracking import end_run, logged_steps, open_job_run, record_metrics
+
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        client = self._client
+        if entry.run_id is None and entry.job is not None:  # opened even if the job ended already: it trained
+            try:
+                run = open_job_run(client, self.uri, job_id, entry.spec, tenant_of(entry.job))
+            except RegistryError as e:  # another tenant's experiment: its registration will say so too
+                self._warn_once(job_id, entry, e)
+                return True
+            if entry.job.run_id != run.info.run_id:
+                self._on_run(job_id, run.info.run_id)
+            entry.last_step = max(logged_steps(client, run, "loss"), default=-1)
+            entry.run_id = run.info.run_id
+        if entry.run_id is None:
+            return True  # a job that never trained here: no run to end
+        with self._lock:
+            records, entry.records = entry.records, []
+            tags, entry.tags = entry.tags, {}
+            step, ended = entry.step, entry.end
+        try:
+            metrics = [
+                Metric(key, value, int(r.get("time", time.time()) * 1000), int(r["step"]))
+                for r in records
+                if int(r["step"]) > entry.last_step
+                for key, value in record_metrics(r).items()
+            ]
+            if system and step > entry.system_step:
+                now = int(time.time() * 1000)
+                metrics += [Metric(key, value, now, step) for key, value in system.items()]
+            run_tags = [RunTag(k, v) for k, v in tags.items()]
+            # MLflow takes at most 1000 metrics per batch: one batch per round unless a backlog built up.
+            batches = [metrics[lo : lo + 1000] for lo in range(0, len(metrics), 1000)] or ([[]] if run_tags else [])
+            for i, batch in enumerate(batches):
+                client.log_batch(entry.run_id, metrics=batch, tags=run_tags if i == 0 else [])
+        except BaseException:
+            with self._lock:  # kept for the next round (newer tags win; the oldest records go first)
+                entry.records = (records + entry.records)[-self.max_records :]
+                entry.tags = tags | entry.tags
+            raise
+        entry.last_step = max([entry.last_step, *(int(r["step"]) for r in records)])
+        if system and step > entry.system_step:
+            entry.system_step = step
+        if ended is not None:
+            end_run(client, entry.run_id, *ended)
+            return True
+        return entry.leaving
+
+    def _warn_once(self, job_id: str, entry: _Job, error: BaseException) -> None:
+        log.warning("job %s: live MLflow run: %s: %s", job_id, type(error).__name__, error)
+        now = time.monotonic()
+        if now - entry.warned_at < self.warn_every_s:
+            return
+        entry.warned_at = now
+        text = f"MLflow tracking at {self.uri} failed ({type(error).__name__}: {str(error)[:500]}); training goes on"
+        try:
+            self._warn(job_id, text)
+        except Exception:  # noqa: BLE001 - the store may be down too; the log above has it
+            pass
+
+    def _system(self) -> dict[str, float]:
+        """This process's CPU % (since the last round; may pass 100 with several threads), resident memory,
+        and CUDA memory when torch has initialised CUDA here."""
+        import psutil
+
+        if self._process is None:
+            self._process = psutil.Process()
+            self._process.cpu_percent(None)  # the first reading is always 0: it starts the interval
+            return {}
+        out = {
+            "system/cpu_percent": self._process.cpu_percent(None),
+            "system/rss_mib": self._process.memory_info().rss / 2**20,
+        }
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["system/gpu_memory_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+            out["system/gpu_memory_reserved_mib"] = torch.cuda.memory_reserved() / 2**20
+        return out
