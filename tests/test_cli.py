@@ -19,7 +19,7 @@ from jobs.spec import spec_json_schema
 from orchestrator import cli
 from orchestrator.cli import COMMANDS, build_parser, main
 from orchestrator.commands import serving
-from orchestrator.commands.common import CommandError, config_from_args
+from orchestrator.commands.common import CommandError, clock, config_from_args
 from orchestrator.store import JobStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
@@ -530,3 +530,19 @@ def test_status_tells_why_a_succeeded_job_is_not_registered(home, capsys):
         assert "registered:  not yet: 2 attempt(s) failed (MLflow unreachable: connection refused); next try" in out
         store.mark_registered(job_id, "prefixd-reverse-words", "3")
     assert "registered:  prefixd-reverse-words v3" in run(capsys, "--home", str(home), "status", job_id)[1]
+
+
+def test_status_shows_the_mlflow_run_and_the_estimated_finish(home, capsys):
+    code, out, _ = run(capsys, "--home", str(home), "submit", REVERSE)
+    [job_id] = [line.split("\t")[0] for line in out.splitlines()]
+    out = run(capsys, "--home", str(home), "status", job_id)[1]
+    assert "mlflow run:" not in out and "est. finish:" not in out
+    with JobStore(f"sqlite:///{home / 'jobs.db'}") as store:
+        store.claim("test")
+        store.update_progress(job_id, step=10, total_steps=60, loss=1.0, tokens_per_s=100.0, examples_per_s=4.0)
+        store.set_run_id(job_id, "0123abcd")
+        job = store.get(job_id)
+    assert job.estimated_finish is not None and job.estimated_finish > job.updated_at
+    out = run(capsys, "--home", str(home), "status", job_id)[1]
+    assert "mlflow run:  0123abcd" in out.splitlines()
+    assert f"est. finish: {clock(job.estimated_finish)}" in out.splitlines()

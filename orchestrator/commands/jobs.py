@@ -444,10 +444,12 @@ def _print_job(job: Job) -> None:
         ("submitted", clock(job.created_at)),
         ("started", clock(job.started_at) if job.started_at else None),
         ("finished", clock(job.finished_at) if job.finished_at else None),
+        ("est. finish", clock(job.estimated_finish) if job.estimated_finish else None),
         ("waiting", job.waiting if job.state == "queued" else None),
         ("result", job.result_dir),
         ("error", job.error),
         ("registered", _registration(job)),
+        ("mlflow run", job.run_id),
     ]
     for name, value in fields:
         if value is not None:
