@@ -8,7 +8,7 @@ import pytest
 from pg import start_postgres
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.group import PatientStore
+from orchestrator.patient_store import PatientStore
 from orchestrator.store import InvalidTransition, JobStore
 
 
