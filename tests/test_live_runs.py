@@ -132,9 +132,9 @@ def test_jobs_failing_in_their_group_end_their_runs_failed_with_the_error(live, 
     assert live.store.get(over).run_id == earlier
 
 
-def test_a_succeeded_job_completes_its_live_run_registered_once(live, mlflow_server):
+def test_a_succeeded_job_completes_its_live_run_registered_once(live, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.uri)
-    job_id = live.submit("live-ok", "double", steps=60, eval_every=20, checkpoint_every=20)
+    job_id = live.submit("live-ok", "double", steps=150, eval_every=50, checkpoint_every=50)
     run_id = wait_for(lambda: live.store.get(job_id).run_id, 120, "the job's run id in the store")
     wait_for(lambda: steps_of(client, run_id, "loss"), 60, "loss points streamed while it trains")
     assert live.store.get(job_id).state == "running", "the job ended before its run had a streamed point"
@@ -155,9 +155,28 @@ def test_a_succeeded_job_completes_its_live_run_registered_once(live, mlflow_ser
     for key in run.data.metrics:  # every metric at most once per step, streamed and completed alike
         steps = steps_of(client, run_id, key)
         assert len(steps) == len(set(steps)), (key, steps)
-    assert steps_of(client, run_id, "eval_loss") == [20, 40, 60]
-    assert run.data.tags[CHECKPOINT_TAG] == "40"
+    assert steps_of(client, run_id, "eval_loss") == [50, 100, 150]
+    assert run.data.tags[CHECKPOINT_TAG] == "100"
     assert {"adapter", "prefix", "history.jsonl"} <= {a.path for a in client.list_artifacts(run_id)}
+
+    # A job whose first attempt streamed steps 1-5 before its group died, and which trained them again (other
+    # times, here other values too): the registrar logs each step once, keeping the run's own points.
+    uri = mlflow_server.uri
+    with JobStore(f"sqlite:///{tmp_path / 'jobs.db'}") as store:
+        again = store.submit(job.spec, task="live-ok", base_key=job.base_key)
+        [claimed] = store.claim("g-1")
+        first = LiveRuns(uri, on_run=store.set_run_id, warn=lambda *a: None, every_s=0.1)
+        first.open(claimed, JobSpec.from_dict(job.spec))
+        for h in history[:5]:
+            first.record(again, h | {"time": h["time"] - 100, "loss": h["loss"] + 1})
+        first.close()
+        store.finish(again, "succeeded", result_dir=job.result_dir)
+        assert registry.register_pending(store, uri) == [again]
+        row = store.get(again)
+    [run] = job_runs(client, row.run_id, again)
+    losses = client.get_metric_history(row.run_id, "loss")
+    assert [m.step for m in losses] == [h["step"] for h in history]
+    assert [m.value for m in losses] == [h["loss"] + 1 for h in history[:5]] + [h["loss"] for h in history[5:]]
 
 
 def test_runs_of_jobs_that_ended_without_their_group_are_ended_by_the_registrar(mlflow_server, tiny_base, tmp_path):
