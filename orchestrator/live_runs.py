@@ -151,10 +151,20 @@ class LiveRuns:
     def _loop(self) -> None:
         from orchestrator.config import mlflow_fail_fast
 
+        try:
+            import mlflow  # noqa: F401 - in the cluster's images, not on every machine that trains
+        except ImportError as e:
+            log.warning("no live MLflow runs in this worker group: %s", e)
+            with self._lock:
+                self.uri, self._jobs = None, {}  # every call does nothing from now on
+            return
         mlflow_fail_fast()  # a down server costs one short timeout per round, not minutes
         while True:
             closing = self._closing
-            self._round()
+            try:
+                self._round()
+            except Exception:  # noqa: BLE001 - e.g. the system metrics unreadable: the next round tries again
+                log.exception("live MLflow runs: a round failed")
             if closing:
                 return
             self._wake.wait(self.every_s)

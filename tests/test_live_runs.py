@@ -16,6 +16,7 @@ Run: python -m pytest -q tests/test_live_runs.py
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +257,19 @@ def test_live_writes_wait_out_an_outage_with_one_warning(mlflow_server, tiny_bas
         live.close()
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags["prefixd.error"] == "boom"
+
+
+def test_without_mlflow_a_group_trains_with_no_live_runs(tiny_base, tmp_path, monkeypatch):  # noqa: F811
+    """Where MLflow cannot be imported (a machine that only trains), the live runs turn themselves off."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+    spec = JobSpec.from_dict(spec_dict(tmp_path / "specs", tiny_base, "bare"))
+    with JobStore(f"sqlite:///{tmp_path / 'jobs.db'}") as store:
+        store.submit(spec.to_dict(), task="bare", base_key=spec.base_model.base_key)
+        [job] = store.claim("g-1")
+        live = LiveRuns("http://127.0.0.1:9", on_run=store.set_run_id, warn=lambda *a: None, every_s=0.1)
+        live.open(job, spec)
+        wait_for(lambda: not live.enabled, 10, "the live runs to turn off")
+        live.record(job.id, {"step": 1, "time": time.time(), "loss": 1.0})
+        live.end(job.id, "FAILED", "boom")
+        live.close()
+        assert store.get(job.id).run_id is None
