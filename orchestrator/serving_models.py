@@ -72,7 +72,7 @@ class ServingSettings:
     """Where base models run: auto, cpu, cuda, cuda:N."""
     only_base: str | None = None
     """Serve only prefixes of this base model ('kind:location@revision:dtype'); others answer 400 naming
-    it (a Ray Serve deployment per base model, docker/serve_models.py)."""
+    it (a Ray Serve deployment per base model, docker/serve_models.yaml)."""
 
 
 class ModelNotFound(LookupError):

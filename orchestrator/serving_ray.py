@@ -1,7 +1,7 @@
 """`prefixd serve-models` as a Ray Serve application: one deployment per base model, each with its own replicas,
 each replica the same OpenAI-compatible app (orchestrator/serving.py) over the prefixes of its base.
 
-    serve deploy docker/serve_models.yaml       # on the Ray head (an image built with ray[serve]; docker/README.md)
+    serve deploy docker/serve_models.yaml       # on the Ray head (docker/README.md)
     curl -H "Authorization: Bearer $TOKEN" http://head:8000/smollm2/v1/models
 
 docker/serve_models.yaml lists the base models: for each, the route prefix its clients use as the OpenAI
@@ -15,34 +15,41 @@ every replica batches its own requests continuously.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 
-app = FastAPI(title="prefixd serve-models (Ray Serve)")
+from orchestrator.serving_models import ServingSettings
 
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress()
 class PrefixServer:
-    """One replica: a ModelCatalog limited to one base model, its routes added to this replica's app."""
+    """One replica: a ModelCatalog limited to one base model, served by the standalone app's routes.
+
+    The app is built per replica (`__serve_build_asgi_app__`, called by Ray Serve after `__init__`): an app
+    given to `serve.ingress(app)` is copied when the class is defined, so routes added to it later are lost.
+    """
 
     def __init__(self, base: str, settings: dict[str, Any] | None = None):
-        from orchestrator.api import bearer_authorizer
-        from orchestrator.serving import serving_router
-        from orchestrator.serving_models import ModelCatalog, ServingSettings
+        from orchestrator.serving_models import ModelCatalog
         from orchestrator.tenants import callers_from_env
 
-        callers = callers_from_env()
-        if not callers:
+        self.callers = callers_from_env()
+        if not self.callers:
             raise RuntimeError("no token configured: set PREFIXD_API_TOKENS (or PREFIXD_ADMIN_TOKENS)")
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise RuntimeError("set MLFLOW_TRACKING_URI to the registry the prefixes are registered in")
         self.catalog = ModelCatalog(ServingSettings(tracking_uri=uri, only_base=base, **(settings or {})))
-        app.include_router(serving_router(self.catalog, bearer_authorizer(callers)))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from orchestrator.serving import create_serving_app
+
+        return create_serving_app(self.catalog, self.callers)
 
     def __del__(self):
         catalog = getattr(self, "catalog", None)
@@ -56,9 +63,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     base = args.get("base")
     if not isinstance(base, str) or not base:
         raise ValueError("args.base: the base model's description 'kind:location@revision:dtype' is required")
+    settings = args.get("settings") or {}
+    accepted = {f.name for f in dataclasses.fields(ServingSettings)} - {"tracking_uri", "only_base"}
+    if not isinstance(settings, dict):
+        raise ValueError(f"args.settings: a mapping of serving settings is required, not {settings!r}")
+    if set(settings) - accepted:
+        unknown = ", ".join(sorted(set(settings) - accepted))
+        raise ValueError(f"args.settings: unknown {unknown}; accepted keys: {', '.join(sorted(accepted))}")
     options = {
         "num_replicas": int(args.get("num_replicas", 1)),
         "ray_actor_options": dict(args.get("ray_actor_options", {"num_cpus": 2})),
         "name": args.get("name", "prefixd-serve-models"),
     }
-    return PrefixServer.options(**options).bind(base, args.get("settings") or {})
+    return PrefixServer.options(**options).bind(base, settings)

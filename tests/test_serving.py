@@ -60,31 +60,38 @@ def spec_of(root, name: str, i: int):
     return parse_spec(raw, base_dir=root)
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """16 tasks trained together for 3 steps on one tiny Llama and registered: t15 by tenant alice, the others
-    by the local tenant (the CLI's: shared with every tenant)."""
-    root = tmp_path_factory.mktemp("serving")
+def train_and_register(root: Path, tasks: list[str], owners: dict[str, str] | None = None, home: Path | None = None):
+    """`tasks` (named tNN: kind KINDS[NN % 3], seed NN) trained together for 2 steps on one tiny Llama saved in
+    root/base and registered in the sqlite MLflow store under `home` (default root/home), each by its tenant in
+    `owners` (default: the local tenant, the CLI's: shared with every tenant). Returns {root, uri, specs, store}."""
     save_tiny_base(root / "base")
     specs = {}
-    for i, name in enumerate(TASKS):
+    for name in tasks:
+        i = int(name[1:])
         write_task(root / f"{name}.jsonl", KINDS[i % 3], n=24, seed=i)
         specs[name] = spec_of(root, name, i)
-    model, tokenizer = load_base_model(base_model_ref(specs[TASKS[0]]))
+    model, tokenizer = load_base_model(base_model_ref(specs[tasks[0]]))
     trainer = MultiTaskTrainer(model, tokenizer, micro_batch_size=16)
     for name, spec in specs.items():
         trainer.add_task(task_config(spec, f"train-{name}", root / "out" / name))
     while trainer.active:
         trainer.step()
-    uri = default_tracking_uri(root / "home")
+    uri = default_tracking_uri(home or root / "home")
     store = JobStore(f"sqlite:///{root / 'jobs.db'}")
     for name, spec in specs.items():
-        tenant = "alice" if name == "t15" else None
+        tenant = (owners or {}).get(name)
         job_id = store.submit(spec.to_dict(), task=name, base_key=spec.base_model.base_key, tenant=tenant)
         store.claim("test")
         store.finish(job_id, "succeeded", result_dir=str(root / "out" / name))
-    assert len(registry.register_pending(store, uri)) == len(TASKS)
+    assert len(registry.register_pending(store, uri)) == len(tasks)
     return {"root": root, "uri": uri, "specs": specs, "store": store}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """16 tasks trained together on one tiny Llama and registered: t15 by tenant alice, the others by the
+    local tenant."""
+    return train_and_register(tmp_path_factory.mktemp("serving"), TASKS, {"t15": "alice"})
 
 
 @pytest.fixture(scope="module")
