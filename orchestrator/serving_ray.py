@@ -7,10 +7,10 @@ each replica the same OpenAI-compatible app (orchestrator/serving.py) over the p
 docker/serve_models.yaml lists the base models: for each, the route prefix its clients use as the OpenAI
 base URL (`http://head:8000/<route>/v1`), its number of replicas and the Ray resources of one replica.
 Every replica reads the tokens (PREFIXD_API_TOKENS / PREFIXD_ADMIN_TOKENS, or their _FILE forms) and the
-registry (MLFLOW_TRACKING_URI) from its environment (the Ray node's: the compose file and the KubeRay manifest
-give every node both), as `prefixd serve-models` does, and answers 400 for a
-model of another base model, naming it. Ray Serve balances each deployment's requests over its replicas;
-every replica batches its own requests continuously.
+registry (MLFLOW_TRACKING_URI) from its environment, as `prefixd serve-models` does: the environment `ray start`
+ran in on its node, or the application's `runtime_env.env_vars` (docker/README.md: which nodes have which). It
+answers 400 for a model of another base model, naming it. Ray Serve balances each deployment's requests over
+its replicas; every replica batches its own requests continuously.
 """
 
 from __future__ import annotations
