@@ -1,8 +1,7 @@
 """A worker group: one Ray actor (rank 0, plus followers) per copy of a base model, training every job of that
-model it can hold at once.
+model it can hold at once; it loads the base model on its first job and keeps it while jobs come and go.
 
-The group loads its base model once, on its first job, and keeps it while jobs stream in and out between
-steps. Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
+Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
 
     claim queued jobs of its base_key (up to capacity - active)
       -> add_task each (a job that cannot start is released with its error; the others are untouched)
@@ -11,24 +10,10 @@ steps. Its loop (`WorkerGroup.run`, one long actor call) reads top to bottom:
       -> finished tasks: result.json, finish 'succeeded'
     repeat; stop when the scheduler asks and nothing is active.
 
-Each job's MLflow run opens when it starts training and follows its steps (`orchestrator/live_runs.py`, on
-a thread of its own): it ends FAILED or KILLED with the job, and a succeeded job's run is completed by the
-registrar.
-
-A heartbeat thread keeps the held jobs' heartbeats fresh every `heartbeat_s`, even through a long step,
-and notes jobs the store took back (requeued as stale); those are dropped at the next step boundary.
-The scheduler calls `status()` (a ping; also reports idleness and the model-load count) and `stop()`
-concurrently with `run()`, hence the actor's max_concurrency.
-
-Its ranks are reserved together (a Ray placement group, one bundle per rank, made by the scheduler) and
-start in it at once (`start_group`): rank 0 hosts the rendezvous and starts the followers, which run the
-rank protocol of `workers/ranks.py` (each rank's device and threads: `workers/devices.py`).
-
-A job's folder (`<storage>/jobs/<job_id>/`, a local path or an s3:// URI: `workers/storage.py`) is the same
-on every attempt and on every node: `add_task` resumes the newest complete checkpoint found there, and a
-`result.json` left by an attempt that died between writing its result and recording it makes the next
-attempt record it without training again (`workers/results.py`), so every job completes exactly once.
-A node keeps only caches and staging of its own (under $PREFIXD_NODE_HOME when it sets one).
+A heartbeat thread keeps the held jobs' heartbeats fresh through long steps; each job's MLflow run follows
+it (`orchestrator/live_runs.py`). Ranks start together in their placement group (`start_group`); followers
+run `workers/ranks.py`. A job's folder is the same on every attempt and node (`workers/results.py`), so
+every job completes exactly once: docs/design.md.
 """
 
 from __future__ import annotations
@@ -38,86 +23,17 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
+from orchestrator.group_settings import GroupSettings
 from orchestrator.live_runs import CHECKPOINT_TAG, LiveRuns
 from orchestrator.patient_store import PatientStore
 from orchestrator.store import InvalidTransition, JobStore, UnknownJob
 from workers.results import completed_result, finite, job_folder, write_result
 
-NODE_HOME_ENV = "PREFIXD_NODE_HOME"
 log = logging.getLogger("prefixd.group")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GroupSettings:
-    """Everything a group needs, as plain values (it opens its own store from the URL)."""
-
-    base_key: str
-    owner: str
-    """Name the group claims jobs under (unique per group incarnation)."""
-    store_url: str
-    jobs_dir: str
-    """Where job folders live: the storage URI's jobs/ (a local or shared path, or s3://...)."""
-    data_cache: str
-    """The orchestrator's data cache; a node that sets $PREFIXD_NODE_HOME keeps its own (`local_dirs`)."""
-    model_cache: str
-    capacity: int
-    micro_batch_size: int
-    heartbeat_s: float
-    poll_s: float
-    world: int = 1
-    """Ranks in the group: this actor is rank 0; ranks 1.. are `workers.ranks.GroupFollower` actors."""
-    zero_stage: int = 3
-    zero_offload: bool = False
-    zero_persistence_threshold: int | None = None
-    compile_layers: bool = False
-    store_patience_s: float = 60.0
-    """How long a store call that fails for the database's sake is retried before the group gives up."""
-    cpus_per_rank: float | None = None
-    """CPUs each rank reserved: its torch threads on a CPU host."""
-    spec_bounds: dict[str, float] = field(default_factory=dict)
-    """The operator's bounds on spec numbers (jobs/bounds.py); a claimed job over them fails alone."""
-    tracking_uri: str | None = None
-    """MLflow tracking URI of the jobs' live runs (`orchestrator/live_runs.py`); None: no live runs."""
-    tracking_every_s: float = 5.0
-    """Seconds between the live runs' batched writes."""
-
-    def ranks(self):
-        """What every rank needs (`workers.ranks.RankSettings`); each rank's device is decided there."""
-        from workers.ranks import RankSettings
-        from workers.zero import ZeroSettings
-
-        zero = ZeroSettings(
-            stage=self.zero_stage,
-            offload_params=self.zero_offload,
-            persistence_threshold=self.zero_persistence_threshold,
-        )
-        data_cache, scratch = self.local_dirs()
-        return RankSettings(
-            world=self.world,
-            zero=zero,
-            model_cache=self.model_cache,
-            data_cache=data_cache,
-            micro_batch_size=self.micro_batch_size,
-            compile_layers=self.compile_layers,
-            cpus=self.cpus_per_rank,
-            scratch=scratch,
-        )
-
-    def local_dirs(self) -> tuple[str, str]:
-        """(data cache, scratch for staging checkpoints and results) on the node this runs on: under the
-        node's own $PREFIXD_NODE_HOME when it sets one, else beside the orchestrator's data cache. Nothing
-        in them is job state: that lives in storage."""
-        node_home = os.environ.get(NODE_HOME_ENV)
-        if node_home:
-            cache = Path(node_home).expanduser() / "cache"
-            return str(cache / "data"), str(cache / "scratch")
-        return self.data_cache, str(Path(self.data_cache).parent / "scratch")
 
 
 class WorkerGroup:

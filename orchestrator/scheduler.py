@@ -2,31 +2,19 @@
 
 One scheduling pass (`Orchestrator.tick`), every `poll_s`:
 
-    requeue_stale        running jobs whose heartbeats stopped (a dead orchestrator) go back to the queue
-    watch groups         a group whose actor died -> its jobs released (one attempt counted; out of attempts
-                         they fail with the error); the next pass starts a new group, which resumes them
-                         from their checkpoints. A group idle for idle_timeout_s is asked to stop.
-    start groups         for each base model with queued work, highest priority first: reserve a group's
-                         ranks together (a Ray placement group, one bundle per rank) when the base has no
-                         group, or when its queued jobs exceed what its groups can still take (up to its
-                         per-base limit), within max_groups; a reservation holds nothing until every
-                         bundle fits, and meanwhile the base's queued jobs say what they wait for
-                         ("waiting for 8 GPUs"); once reserved, the group's actors start in it
-    register             succeeded jobs' runs are completed and registered in MLflow (orchestrator/registry/),
-                         retried with backoff while MLflow is unreachable; runs of jobs that failed or were
-                         cancelled without their group ending them (it died) are ended FAILED or KILLED
+    requeue_stale     running jobs whose heartbeats stopped go back to the queue
+    watch groups      a dead group's jobs are released (an attempt counted) and resume in a new group;
+                      a group idle for idle_timeout_s is asked to stop
+    start groups      per base model with queued work, highest priority first: reserve a group's ranks
+                      together (a Ray placement group) within max_groups and the base's own limit; until
+                      it fits, the base's queued jobs say what they wait for
+    register          succeeded jobs' runs completed and registered in MLflow (orchestrator/registry/),
+                      with backoff while it is down; runs of jobs that ended without their group, ended
 
-A group's shape (ranks, ZeRO stage, GPUs/CPUs/custom resources per rank, placement strategy, replicas) comes
-from the operator's per-base table (`OrchestratorConfig.shape_for`); its ranks hold one copy of the base
-model, ZeRO-partitioned or replicated (orchestrator/group.py, workers/ranks.py); one rank is just the
-smallest group.
-
-`run_until_empty` repeats that until no job is queued or running (batch mode: `prefixd run`); `serve`
-repeats it until stopped (`prefixd serve`). Jobs reach the groups only through the store: a group claims
-them itself, so jobs submitted while a group trains join it between steps.
-
-Ray: with `ray_address` None the orchestrator starts a private Ray bound to 127.0.0.1 and shuts it down on
-`close`; inside a process where Ray is already initialised it uses that one and leaves it running.
+`run_until_empty` repeats it until nothing is queued or running (`prefixd run`), `serve` until stopped
+(`prefixd serve`). Groups claim jobs from the store themselves, so new jobs join a training group between
+steps. With `ray_address` None a private loopback Ray is started (orchestrator/local_ray.py). Group shapes
+and gang scheduling: docs/design.md.
 """
 
 from __future__ import annotations
@@ -46,7 +34,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from orchestrator.config import GroupShape, OrchestratorConfig, mlflow_fail_fast
-from orchestrator.group import GroupSettings, start_group
+from orchestrator.group import start_group
+from orchestrator.group_settings import GroupSettings
+from orchestrator.local_ray import start_local_ray
 from orchestrator.placement import Reservation, describe, release
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
 
@@ -57,42 +47,6 @@ REGISTRAR_LEASE_S = 120.0  # longer than one job's registration takes (renewed b
 # registrar's lease runs out after this
 CLOSE_RUNS_EVERY_S = 30.0  # how often the registrar looks for runs of failed/cancelled jobs to end
 RESERVATION_GRACE_S = 2.0  # a reservation pending longer than this is reported as waiting (with its shortfall)
-
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # holds jobs/, orchestrator/, workers/
-
-
-def keep_ray_on_loopback() -> None:
-    """Make Ray processes started from here (a local Ray, or test nodes of `ray.cluster_utils.Cluster`) use
-    127.0.0.1 for every address.
-
-    Ray turns `_node_ip_address="127.0.0.1"` into the machine's external address unless it believes it
-    is on a laptop (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). That variable is read when Ray is imported, so
-    the constant is set as well; child processes (raylet, workers) inherit the variable.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """Start a private single-machine Ray whose every address is 127.0.0.1 (`keep_ray_on_loopback`)."""
-    keep_ray_on_loopback()
-    ray.init(
-        address="local",  # never join a cluster named by RAY_ADDRESS by accident
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=False,  # workers' output would garble the progress view; it is in Ray's log files
-        # Workers import prefixd from the source tree even when it is not installed.
-        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
-    )
-
-
-def _pythonpath() -> str:
-    existing = os.environ.get("PYTHONPATH")
-    return _PROJECT_ROOT + (os.pathsep + existing if existing else "")
 
 
 @dataclass

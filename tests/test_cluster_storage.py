@@ -19,9 +19,9 @@ import ray
 from jobs.spec import JobSpec
 from orchestrator import registry
 from orchestrator.config import OrchestratorConfig
-from orchestrator.group import NODE_HOME_ENV
+from orchestrator.group_settings import NODE_HOME_ENV
+from orchestrator.local_ray import keep_ray_on_loopback
 from orchestrator.plan import base_model_ref, task_config
-from orchestrator.scheduler import keep_ray_on_loopback
 from orchestrator.store import JobStore
 from tests.s3 import s3_server
 from tests.test_orchestrator import events, submit, tiny_base, wait_for  # noqa: F401

@@ -5,7 +5,8 @@ The group's real `_record` on a real sqlite store; the report is built as the tr
 Run: python -m pytest -q tests/test_group_events.py
 """
 
-from orchestrator.group import GroupSettings, WorkerGroup
+from orchestrator.group import WorkerGroup
+from orchestrator.group_settings import GroupSettings
 from orchestrator.patient_store import PatientStore
 from orchestrator.store import JobStore
 from workers.trainer import StepReport, TaskProgress

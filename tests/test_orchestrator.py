@@ -23,9 +23,10 @@ import torch
 from jobs.spec import JobSpec
 from orchestrator.cli import main
 from orchestrator.config import OrchestratorConfig
+from orchestrator.local_ray import start_local_ray
 from orchestrator.plan import base_model_ref, task_config
 from orchestrator.progress import ProgressView
-from orchestrator.scheduler import Orchestrator, start_local_ray
+from orchestrator.scheduler import Orchestrator
 from orchestrator.store import JobStore
 from tests.tiny import save_tiny_base, write_task
 from workers.formats import load_prefix

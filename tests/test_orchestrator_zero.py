@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from orchestrator.config import OrchestratorConfig
-from orchestrator.scheduler import Orchestrator, start_local_ray
+from orchestrator.local_ray import start_local_ray
+from orchestrator.scheduler import Orchestrator
 from orchestrator.store import JobStore
 from tests.test_orchestrator import events, prefix_of, prefix_trained_alone, submit, tiny_base, wait_for, write_spec  # noqa: F401
 

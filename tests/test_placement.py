@@ -17,7 +17,8 @@ import ray
 
 from orchestrator.cli import main
 from orchestrator.config import GroupShape, OrchestratorConfig
-from orchestrator.scheduler import Orchestrator, keep_ray_on_loopback
+from orchestrator.local_ray import keep_ray_on_loopback
+from orchestrator.scheduler import Orchestrator
 from orchestrator.store import JobStore
 from tests.test_orchestrator import events, submit, tiny_base, wait_for, write_spec  # noqa: F401
 

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from orchestrator import generation
-from orchestrator.scheduler import start_local_ray
+from orchestrator.local_ray import start_local_ray
 from orchestrator.serving_ray import build_app
 from tests.ports import free_port
 from tests.test_serving import MAX_TOKENS, PROMPTS, ROOT, train_and_register

@@ -193,7 +193,7 @@ def follow(settings: RankSettings, rank: int, rendezvous: tuple[str, int]) -> di
 class GroupFollower:
     """Ranks 1.. of a group, each the body of one Ray actor (orchestrator/group.py): `follow` until rank 0
     says stop. `settings.ranks()` is called here, on the follower's own node, so its caches and scratch are
-    that node's (orchestrator.group.GroupSettings.local_dirs).
+    that node's (orchestrator.group_settings.GroupSettings.local_dirs).
 
         GroupFollower().run(settings, rank=1, rendezvous=(addr, port))   # returns {'rank': 1, 'steps': n}
     """
