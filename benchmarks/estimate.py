@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import ROOT, format_table, peak_rss_bytes, set_threads, tiny_spec  # noqa: E402
 
-EXAMPLES = ["capitals", "number_words", "reverse_words", "uppercase"]
+EXAMPLES = ["capitals", "number_words", "reverse_words", "past_tense"]
 
 
 def measure(spec_path: Path, work: Path, threads: int) -> dict:
