@@ -279,9 +279,10 @@ class WorkerGroup:
                 result = finished[job_id]
                 job_dir = job_folder(self.s.jobs_dir, job_id)
                 write_result(job_dir, result)
+                early = " (early stopping: its metric stopped improving)" if result.stopped_early else ""
                 self.store.log(
                     job_id,
-                    f"finished at step {progress.step}; the group was at "
+                    f"finished at step {progress.step}{early}; the group was at "
                     f"{report.tokens_per_s:.0f} tokens/s over {len(report.progress)} task(s), "
                     f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
                 )
