@@ -38,14 +38,10 @@ from orchestrator.group import start_group
 from orchestrator.group_settings import GroupSettings
 from orchestrator.local_ray import start_local_ray
 from orchestrator.placement import Reservation, describe, release
+from orchestrator.registrar import Registrar
 from orchestrator.store import FINAL_STATES, InvalidTransition, Job, JobStore
 
 log = logging.getLogger("prefixd.orchestrator")
-REGISTRATION_EVERY_S = 2.0
-REGISTRAR_LEASE = "registrar"
-REGISTRAR_LEASE_S = 120.0  # longer than one job's registration takes (renewed before each); a crashed
-# registrar's lease runs out after this
-CLOSE_RUNS_EVERY_S = 30.0  # how often the registrar looks for runs of failed/cancelled jobs to end
 RESERVATION_GRACE_S = 2.0  # a reservation pending longer than this is reported as waiting (with its shortfall)
 
 
@@ -107,9 +103,7 @@ class Orchestrator:
         self._seen: set[str] = set()
         self._ended_jobs: dict[str, Job] = {}  # final rows of jobs seen this run (they do not change)
         self._log_handler = _file_handler(config.logs_dir / "orchestrator.log")
-        self._next_registration = 0.0
-        self._next_run_closing = 0.0
-        self._runs_ended: set[str] = set()  # failed/cancelled jobs whose MLflow run is known ended
+        self.registrar = Registrar(self.store, self.config.tracking_uri, self.id)
         mlflow_fail_fast()  # register_pending retries with its own backoff
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -219,40 +213,9 @@ class Orchestrator:
         self._register_finished()
 
     def _register_finished(self, *, now: bool = False) -> None:
-        """Log and register succeeded jobs in MLflow, and end the runs their groups left open of jobs that
-        failed or were cancelled (`registry.close_ended_runs`, every CLOSE_RUNS_EVERY_S). Of the
-        orchestrators sharing the store, only the holder of its "registrar" lease does (taken for this pass,
-        renewed before each job, given back after), so each job is registered once. While MLflow is
-        unreachable a job stays succeeded-but-unregistered and is retried with backoff."""
-        if not self.config.register or (not now and time.monotonic() < self._next_registration):
-            return
-        self._next_registration = time.monotonic() + REGISTRATION_EVERY_S
-        ended = []  # failed and cancelled jobs whose run may be open still
-        if now or time.monotonic() >= self._next_run_closing:
-            self._next_run_closing = time.monotonic() + CLOSE_RUNS_EVERY_S
-            ended = [j for s in ("failed", "cancelled") for j in self.store.list(state=s) if j.run_id]
-            ended = [j for j in ended if j.id not in self._runs_ended]
-        if not ended and not self.store.pending_registrations():
-            return
-
-        def keep_lease() -> bool:
-            return self.store.acquire_lease(REGISTRAR_LEASE, self.id, REGISTRAR_LEASE_S)
-
-        if not keep_lease():
-            return  # another orchestrator registers
-        try:
-            from orchestrator import registry  # MLflow: imported only once there is something to register
-
-            try:
-                for job_id in registry.close_ended_runs(ended, self.config.tracking_uri, self._runs_ended):
-                    log.info("job %s: its MLflow run ended as the job did", job_id)
-            except Exception as e:  # noqa: BLE001 - MLflow unreachable: the next look tries again
-                log.warning("could not end the MLflow runs of ended jobs: %s", _first_line(e))
-            for job_id in registry.register_pending(self.store, self.config.tracking_uri, keep_lease=keep_lease):
-                job = self.store.get(job_id)
-                log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)
-        finally:
-            self.store.release_lease(REGISTRAR_LEASE, self.id)
+        """One registrar pass (orchestrator/registrar.py), unless registration is off."""
+        if self.config.register:
+            self.registrar.run(now=now)
 
     def _watch_groups(self) -> None:
         for group in list(self.groups.values()):
