@@ -6,7 +6,8 @@
 
 The variants come from a `sweep:` section expanded and validated like a submitted spec (`jobs.spec.parse_specs`).
 (a) all variants in one `MultiTaskTrainer` until every one finishes; (b) the same variants one at a time over
-the same resident base model (each trained to the end before the next is added). Both pick the best variant
+the same resident base model (each trained to the end before the next is added). The time is the trainer's
+steps, evaluations included (reading the data is left out: the same work either way). Both pick the best variant
 by the spec's registry metric and direction, as the registry's champion rule does; the variants' final
 metrics must agree between (a) and (b) (co-tenants train as if alone), so the pick is the same. Prints wall
 time of each and the ratio b/a.
@@ -45,19 +46,23 @@ def load_variants(spec_path: Path, steps: int | None, grid: dict, work: Path):
 
 
 def train(model, tokenizer, configs: list, work: Path, joint: bool) -> tuple[float, dict[str, dict]]:
-    """Wall seconds and {task_id: final metrics}; joint: every config at once, else one after another."""
+    """Seconds spent in the trainer's steps (evaluations included; reading and tokenizing the data, which
+    is the same work either way and cached after the first mode, left out) and {task_id: final metrics};
+    joint: every config at once, else one after another."""
     from workers.trainer import MultiTaskTrainer
 
     trainer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(work / "cache"))
-    metrics = {}
-    start = time.perf_counter()
+    metrics, seconds = {}, 0.0
     for batch in [configs] if joint else [[c] for c in configs]:
         for config in batch:
             trainer.add_task(config)
         while trainer.active:
-            for result in trainer.step().finished:
+            start = time.perf_counter()
+            report = trainer.step()
+            seconds += time.perf_counter() - start
+            for result in report.finished:
                 metrics[result.task_id] = result.metrics
-    return time.perf_counter() - start, metrics
+    return seconds, metrics
 
 
 def best(metrics: dict[str, dict], metric: str, direction: str) -> str:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = load_base_model(base_model_ref(spec0))
         labels = {f"v{i}": label for i, (label, _) in enumerate(variants)}
         runs = {}
-        for mode in ("joint", "sequential"):
+        for mode in ("sequential", "joint"):  # the first mode also fills the data cache; neither times it
             configs = [task_config(s, f"v{i}", work / mode / f"v{i}") for i, (_, s) in enumerate(variants)]
             runs[mode] = train(model, tokenizer, configs, work, joint=mode == "joint")
             print(f"sweep: {mode}: {len(configs)} variants in {runs[mode][0]:.1f} s", flush=True)
