@@ -54,7 +54,7 @@ def big_validation_task(work: Path, rows: int, template_spec: Path) -> Path:
     return path
 
 
-def run(specs: list, max_rows: int, work: Path) -> dict:
+def run(specs: list, max_rows: int, work: Path, steps: int | None = None) -> dict:
     from orchestrator.plan import base_model_ref, task_config
     from workers.models import load_base_model
     from workers.trainer import MultiTaskTrainer
@@ -63,6 +63,8 @@ def run(specs: list, max_rows: int, work: Path) -> dict:
     trainer = MultiTaskTrainer(model, tokenizer, data_cache_dir=str(work / "cache"))
     for i, spec in enumerate(specs):
         training = dataclasses.replace(spec.training, eval_max_rows=max_rows, checkpoint_every=10**6)
+        if steps is not None:  # shorter runs: evaluations at a third and two thirds, and at the end
+            training = dataclasses.replace(training, steps=steps, epochs=None, eval_every=max(1, steps // 3))
         spec = dataclasses.replace(spec, training=training)
         trainer.add_task(task_config(spec, f"t{i}-{max_rows}", work / f"out-{max_rows}" / f"t{i}"))
     train_s = wall_s = 0.0
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validation-rows", type=int, default=2000)
     parser.add_argument("--max-rows", type=int, nargs="+", default=[256, 100_000])
+    parser.add_argument("--steps", type=int, help="train each task this many steps (default: its spec's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--quick", action="store_true", help="a tiny model and task, 200 validation rows")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         specs = [load_spec(p) for p in paths]
         results = []
         for max_rows in args.max_rows:
-            results.append(run(specs, max_rows, work))
+            results.append(run(specs, max_rows, work, args.steps))
             print(f"eval_share: eval_max_rows {max_rows} done", flush=True)
     rows_out = [
         [
