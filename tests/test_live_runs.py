@@ -71,12 +71,12 @@ def spec_dict(folder: Path, base: Path, name: str, **training) -> dict:
 
 def test_a_training_job_streams_into_a_running_run_and_a_cancel_kills_it(live, mlflow_server):
     job_id = live.submit("live-long", "reverse", steps=100_000, eval_every=4, checkpoint_every=3)
-    run_id = wait_for(lambda: live.store.get(job_id).run_id, 150, "the job's run id in the store")
+    run_id = wait_for(lambda: live.store.get(job_id).run_id, 300, "the job's run id in the store")
     client = MlflowClient(mlflow_server.uri)
     wanted = {"loss", "learning_rate", "tokens_per_s", "eval_loss", "system/cpu_percent", "system/rss_mib"}
     run = wait_for(
         lambda: wanted <= set((r := client.get_run(run_id)).data.metrics) and CHECKPOINT_TAG in r.data.tags and r,
-        60,
+        180,
         "step, evaluation and system metrics in the live run",
     )
     job = live.store.get(job_id)
@@ -87,8 +87,8 @@ def test_a_training_job_streams_into_a_running_run_and_a_cancel_kills_it(live, m
     assert all(step % 4 == 0 for step in steps_of(client, run_id, "eval_loss"))
 
     live.store.request_cancel(job_id)
-    cancelled = live.wait_state(job_id, {"cancelled"}, timeout=30)
-    run = wait_for(lambda: (r := client.get_run(run_id)).info.status == "KILLED" and r, 30, "the run KILLED")
+    cancelled = live.wait_state(job_id, {"cancelled"}, timeout=90)
+    run = wait_for(lambda: (r := client.get_run(run_id)).info.status == "KILLED" and r, 90, "the run KILLED")
     assert "prefixd.error" not in run.data.tags
     losses = steps_of(client, run_id, "loss")
     assert losses == sorted(set(losses)) and losses[-1] <= cancelled.step
@@ -125,8 +125,8 @@ def test_jobs_failing_in_their_group_end_their_runs_failed_with_the_error(live, 
     for job_id, says in ((nan, "not finite"), (over, "is over the bound")):
         job = live.wait_state(job_id, {"failed", "succeeded"})
         assert job.state == "failed" and says in job.error, job.error
-        run_id = wait_for(lambda j=job_id: live.store.get(j).run_id, 30, f"{job_id}'s run id")
-        run = wait_for(lambda r=run_id: (x := client.get_run(r)).info.status == "FAILED" and x, 30, "a FAILED run")
+        run_id = wait_for(lambda j=job_id: live.store.get(j).run_id, 90, f"{job_id}'s run id")
+        run = wait_for(lambda r=run_id: (x := client.get_run(r)).info.status == "FAILED" and x, 90, "a FAILED run")
         assert run.data.tags["prefixd.error"] == job.error
         assert job.error in run.data.tags["mlflow.note.content"]
         assert len(job_runs(client, run_id, job_id)) == 1
@@ -136,13 +136,13 @@ def test_jobs_failing_in_their_group_end_their_runs_failed_with_the_error(live, 
 def test_a_succeeded_job_completes_its_live_run_registered_once(live, mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.uri)
     job_id = live.submit("live-ok", "double", steps=150, eval_every=50, checkpoint_every=50)
-    run_id = wait_for(lambda: live.store.get(job_id).run_id, 120, "the job's run id in the store")
-    wait_for(lambda: steps_of(client, run_id, "loss"), 60, "loss points streamed while it trains")
+    run_id = wait_for(lambda: live.store.get(job_id).run_id, 300, "the job's run id in the store")
+    wait_for(lambda: steps_of(client, run_id, "loss"), 180, "loss points streamed while it trains")
     assert live.store.get(job_id).state == "running", "the job ended before its run had a streamed point"
 
     job = live.wait_state(job_id, {"succeeded", "failed"})
     assert job.state == "succeeded", job.error
-    job = wait_for(lambda: (j := live.store.get(job_id)).registered and j, 120, "the job registered")
+    job = wait_for(lambda: (j := live.store.get(job_id)).registered and j, 300, "the job registered")
     assert job.registry_model == "prefixd-live-ok" and job.run_id == run_id
     [version] = client.search_model_versions(f"name = 'prefixd-live-ok' and tags.`prefixd.job_id` = '{job_id}'")
     assert (str(version.version), version.run_id) == (job.registry_version, run_id)
@@ -243,16 +243,16 @@ def test_live_writes_wait_out_an_outage_with_one_warning(mlflow_server, tiny_bas
             def warnings() -> list[str]:
                 return [e.message for e in store.events(job.id)[0] if e.level == "warning"]
 
-            wait_for(warnings, 60, "a warning event of the job")
+            wait_for(warnings, 180, "a warning event of the job")
             time.sleep(1.5)  # several more failed rounds
             [warning] = warnings()
             assert warning.startswith(f"MLflow tracking at {uri} failed") and "training goes on" in warning
             assert store.get(job.id).run_id is None
         finally:
             mlflow_server.start()
-        run_id = wait_for(lambda: store.get(job.id).run_id, 60, "the run opened once MLflow is back")
+        run_id = wait_for(lambda: store.get(job.id).run_id, 180, "the run opened once MLflow is back")
         client = MlflowClient(uri)
-        wait_for(lambda: steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5], 30, "the waiting points written")
+        wait_for(lambda: steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5], 90, "the waiting points written")
         live.end(job.id, "FAILED", "boom")
         live.close()
         run = client.get_run(run_id)
@@ -268,7 +268,7 @@ def test_without_mlflow_a_group_trains_with_no_live_runs(tiny_base, tmp_path, mo
         [job] = store.claim("g-1")
         live = LiveRuns("http://127.0.0.1:9", on_run=store.set_run_id, warn=lambda *a: None, every_s=0.1)
         live.open(job, spec)
-        wait_for(lambda: not live.enabled, 10, "the live runs to turn off")
+        wait_for(lambda: not live.enabled, 30, "the live runs to turn off")
         live.record(job.id, {"step": 1, "time": time.time(), "loss": 1.0})
         live.end(job.id, "FAILED", "boom")
         live.close()
