@@ -26,7 +26,7 @@ class Registrar:
         self.store, self.tracking_uri, self.holder = store, tracking_uri, holder
         self._next_registration = 0.0
         self._next_run_closing = 0.0
-        self._runs_ended: set[str] = set()  # failed/cancelled jobs whose MLflow run is known ended
+        self.runs_ended: set[str] = set()  # failed/cancelled jobs whose MLflow run is known ended
 
     def run(self, *, now: bool = False) -> None:
         """Log and register succeeded jobs in MLflow, and end the runs their groups left open of jobs that
@@ -41,7 +41,7 @@ class Registrar:
         if now or time.monotonic() >= self._next_run_closing:
             self._next_run_closing = time.monotonic() + CLOSE_RUNS_EVERY_S
             ended = [j for s in ("failed", "cancelled") for j in self.store.list(state=s) if j.run_id]
-            ended = [j for j in ended if j.id not in self._runs_ended]
+            ended = [j for j in ended if j.id not in self.runs_ended]
         if not ended and not self.store.pending_registrations():
             return
 
@@ -54,7 +54,7 @@ class Registrar:
             from orchestrator import registry  # MLflow: imported only once there is something to register
 
             try:
-                for job_id in registry.close_ended_runs(ended, self.tracking_uri, self._runs_ended):
+                for job_id in registry.close_ended_runs(ended, self.tracking_uri, self.runs_ended):
                     log.info("job %s: its MLflow run ended as the job did", job_id)
             except Exception as e:  # noqa: BLE001 - MLflow unreachable: the next look tries again
                 log.warning(

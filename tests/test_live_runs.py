@@ -214,7 +214,7 @@ def test_runs_of_jobs_that_ended_without_their_group_are_ended_by_the_registrar(
         assert jobs["never"].run_id is None
         experiment = failed.info.experiment_id
         assert client.search_runs([experiment], f"tags.`prefixd.job_id` = '{ids['never']}'") == []
-        assert orchestrator._runs_ended == {ids["dies"], ids["cancelled"]}
+        assert orchestrator.registrar.runs_ended == {ids["dies"], ids["cancelled"]}
         assert registry.close_ended_runs(store.list(), uri, set()) == []  # idempotent: nothing left to end
         assert client.get_run(runs["dies"]).info.end_time == failed.info.end_time
 
