@@ -4,38 +4,9 @@
     registered = register_pending(store, uri)                  # every due job, with backoff
     ended = close_ended_runs(store.list(state="failed"), uri, handled)   # runs left open by dead groups
 
-Registry. Registered model `spec.registry.model_name` (default 'prefixd-<task>'), one version per job,
-created with `create_model_version(source="models:/<logged model id>")` so that
-`mlflow.pyfunc.load_model("models:/<name>@champion")` works. A version is found again by its tag
-prefixd.job_id before anything is created: a job never gets two versions. Version tags: prefixd.job_id,
-prefixd.task, prefixd.base_model, prefixd.base_model_sha256, prefixd.metric.<name> for each final metric,
-prefixd.registry_metric / prefixd.direction, prefixd.num_virtual_tokens, prefixd.champion_reason and
-prefixd.champion_decision (promote | keep), and the spec's tags (prefixd.* keys are ours: a spec's own
-are dropped, and specs refuse them at the entry).
-
-Ownership. A registered model belongs to the tenant whose job created it (model tag prefixd.owner; a job
-without a tenant counts as the local tenant, 'local'). A job of another tenant cannot add a version to it
-or move its aliases: its registration fails with a RegistryError naming the model, and nothing is written.
-A model made before owners existed (no prefixd.owner tag) is adopted by the first tenant that registers a
-version to it. Experiments follow the same rule (`orchestrator/registry/tracking.py`); both are checked
-before anything is written.
-
-Aliases. `latest` is MLflow's own: it is reserved (`set_registered_model_alias(..., "latest", ...)` is
-refused) and always resolves to the highest version (`models:/<name>@latest`), so nothing is set for it;
-lookups list it. `champion` moves to a new version only when it beats the current champion on
-`spec.registry.metric` in `spec.registry.direction` (strictly; the new job's spec decides); the first
-version becomes champion; a version without that metric never displaces one. The decision is recorded on
-the version (tag prefixd.champion_reason) and, when the champion moves, on the registered model
-(tags prefixd.champion_version, prefixd.champion_reason).
-
-Outages. `register_pending` marks a job's failed attempt in the store with an exponential backoff; on a
-connection failure it stops and marks every remaining due job the same way, so a down MLflow costs one
-timeout per call. Jobs whose spec says registry.register: false are logged (a run, no version) and then
-marked done in the store with registry_model 'runs:/<run id>' and registry_version '-'.
-
-One process registers at a time: the orchestrators sharing a job store take the store's "registrar" lease
-before registering (`register_pending(..., keep_lease=)` renews it before each job and stops when it is
-lost). As a last guard, two versions found for one job after a create are reduced to the oldest.
+A job never gets two versions (found again by its prefixd.job_id tag before anything is created); a model
+belongs to the tenant whose job created it; `champion` moves only to a version that beats it on the spec's
+registry metric. The tags, ownership, alias and outage rules are in docs/design.md ("The registry's contract").
 """
 
 from __future__ import annotations
