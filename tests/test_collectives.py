@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.collectives_worker import MICRO_BATCH, PROBES, Interceptor, drive, write_data
+from tests.collectives_worker import MICRO_BATCH, MODULE_COLLECTIVES, PROBES, Interceptor, drive, write_data
 from tests.tiny import save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,37 +250,8 @@ def test_collectives_on_one_rank(one_rank):
 
 
 # ---------------------------------------------------------------------- the sources
-COLLECTIVE_NAMES = {
-    "all_reduce",
-    "all_reduce_coalesced",
-    "all_gather",
-    "all_gather_coalesced",
-    "all_gather_into_tensor",
-    "_all_gather_base",
-    "all_gather_object",
-    "gather",
-    "gather_object",
-    "scatter",
-    "scatter_object_list",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "_reduce_scatter_base",
-    "broadcast",
-    "broadcast_object_list",
-    "barrier",
-    "monitored_barrier",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
-    "send_object_list",
-    "recv_object_list",
-    "batch_isend_irecv",
-    "all_to_all",
-    "all_to_all_single",
-    "inference_all_reduce",
-}
+# torch.distributed's collectives (the worker intercepts the same list), and DeepSpeed's inference all-reduce
+COLLECTIVE_NAMES = set(MODULE_COLLECTIVES) | {"inference_all_reduce"}
 GROUP_ONLY_NAMES = {
     "allreduce",
     "allgather",
