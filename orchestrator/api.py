@@ -193,7 +193,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         from orchestrator import registry  # MLflow takes seconds to import: once, at start, only when used
 
         try:  # MLflow's first call on a store sets its database up (seconds): here, not in the first request
-            registry.model_owner(settings.tracking_uri, "prefixd-start-up-check")
+            registry.prepare_tracking_store(settings.tracking_uri)
         except Exception:  # noqa: BLE001 - MLflow unreachable now: submissions do not wait on it (see below)
             pass
 

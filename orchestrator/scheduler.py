@@ -291,6 +291,7 @@ class Orchestrator:
                 continue
             del self.reservations[owner]
             cfg, shape = self.config, r.shape
+            self._prepare_tracking()
             settings = GroupSettings(
                 base_key=r.base_key,
                 owner=owner,
@@ -324,6 +325,17 @@ class Orchestrator:
                 shape.zero_stage,
                 describe(r.bundles[0]),
             )
+
+    def _prepare_tracking(self) -> None:
+        """The MLflow database set up here before a group's live runs open it (`prepare_tracking_store`);
+        while MLflow is down the group starts anyway (its live runs retry)."""
+        if self.config.register:
+            from orchestrator import registry
+
+            try:
+                registry.prepare_tracking_store(self.config.tracking_uri)
+            except Exception as e:  # noqa: BLE001 - never holds training back
+                log.warning("MLflow at %s is not ready: %s", self.config.tracking_uri, _first_line(e))
 
     def _cpus_per_rank(self, shape: GroupShape) -> float:
         """The shape's CPUs per rank; unset: with a local Ray, its CPUs split across one group's ranks (a

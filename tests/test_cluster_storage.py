@@ -132,7 +132,11 @@ def kill_mid_job_and_resume(cluster, storage_uri: str, base: Path, tmp_path: Pat
             job = store.get(job_id)
             return job if job.state == "failed" or job.registered else None
 
-        jobs = [wait_for(lambda: ended(i), 300, f"{i} to be registered") for i in ids]
+        try:
+            jobs = [wait_for(lambda: ended(i), 300, f"{i} to be registered") for i in ids]
+        except AssertionError as e:  # say why: the registrar's last error and each job's events
+            why = {i: (store.get(i).registration_error, events(store, i)) for i in ids}
+            raise AssertionError(f"{e}: {why}") from None
         [after] = orchestrator.group_statuses().values()
         [survivor] = [n for n in cluster.worker_nodes if n.node_id == after["node_id"]]
     finally:

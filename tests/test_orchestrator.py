@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import ray
 import torch
 
 from jobs.spec import JobSpec
+from orchestrator import scheduler
 from orchestrator.cli import main
 from orchestrator.config import OrchestratorConfig
 from orchestrator.local_ray import start_local_ray
@@ -228,11 +230,20 @@ def test_progress_view_plain_and_terminal():
 # ---- batch mode in-process ----------------------------------------------------------------------------
 
 
-def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
+def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys, monkeypatch):
     home = tmp_path / "home"
     specs = [write_spec(tmp_path / "specs", f"e2e-{k}", k, tiny_base) for k in KINDS]
     ids = submit(home, *specs)
     capsys.readouterr()
+    tables_at_group_start = []  # the embedded MLflow database is set up before any group may open it
+    start_group = scheduler.start_group
+
+    def observed_start_group(*args, **kwargs):
+        with sqlite3.connect(home / "mlflow" / "mlflow.db") as db:
+            tables_at_group_start.append({row[0] for row in db.execute("SELECT name FROM sqlite_master")})
+        return start_group(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "start_group", observed_start_group)
 
     code = main(["--home", str(home), "run", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "5"])
     out = capsys.readouterr().out
@@ -259,6 +270,10 @@ def test_end_to_end_run(ray_local, tiny_base, tmp_path, capsys):
             assert [e.data["step"] for e in metrics if "eval_loss" in e.data.get("eval", {})] == [5, 10]
             assert metrics[-1].data["loss"] == job.loss and metrics[-1].data["tokens_per_s"] == job.tokens_per_s
     assert (home / "logs" / "orchestrator.log").is_file()
+    assert tables_at_group_start and all(
+        {"alembic_version", "experiments", "runs", "registered_models", "model_versions"} <= tables
+        for tables in tables_at_group_start
+    )
 
 
 def test_run_with_compiled_layers(ray_local, tiny_base, tmp_path, capsys):

@@ -463,3 +463,36 @@ def test_tracking_uri_from_args(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow").is_dir()
     monkeypatch.setenv("PREFIXD_HOME", str(tmp_path / "h2"))
     assert registry.tracking_uri_from_args(args()) == f"sqlite:///{tmp_path}/h2/mlflow/mlflow.db"
+
+
+def test_mlflow_clients_of_two_uris_in_one_process_never_share_the_globals(tmp_path):
+    """Threads of one process (an API server beside an orchestrator) using two stores: the fluent calls of
+    each see its own URI; one for the other URI waits until the first is done; the globals come back."""
+    from orchestrator.registry.client import mlflow_client
+
+    first, second = default_tracking_uri(tmp_path / "a"), default_tracking_uri(tmp_path / "b")
+    before = mlflow.get_tracking_uri()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold_first():
+        with mlflow_client(first):
+            with mlflow_client(first):  # the same URI nests (and other threads with it may share)
+                inside.set()
+                release.wait(10)
+                seen["first"] = mlflow.get_tracking_uri()
+
+    def use_second():
+        with mlflow_client(second):
+            seen["second"] = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+
+    holder, other = threading.Thread(target=hold_first), threading.Thread(target=use_second)
+    holder.start()
+    assert inside.wait(10)
+    other.start()
+    time.sleep(0.3)
+    assert "second" not in seen and other.is_alive()  # waits for the other URI's user
+    release.set()
+    holder.join(10)
+    other.join(10)
+    assert seen == {"first": first, "second": (second, second)}
+    assert mlflow.get_tracking_uri() == before

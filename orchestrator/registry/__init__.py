@@ -19,6 +19,7 @@ from orchestrator.registry.client import (
     RegistryError,
     exponential_backoff,
     is_unreachable,
+    prepare_tracking_store,
     tracking_uri_from_args,
 )
 from orchestrator.registry.lookup import check_alias, download, lookup, search_models
@@ -42,6 +43,7 @@ __all__ = [
     "log_job",
     "lookup",
     "model_owner",
+    "prepare_tracking_store",
     "register_job",
     "register_pending",
     "search_models",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,19 +72,46 @@ def sqlite_db(uri: str) -> Path | None:
     return None
 
 
+_GLOBALS = threading.Condition()  # guards MLflow's process-wide URIs while `mlflow_client`s use them
+_in_use: dict[str, Any] = {"uri": None, "users": 0, "saved": None}
+
+
 @contextmanager
 def mlflow_client(uri: str) -> Iterator[Any]:
     """An MlflowClient for `uri`, with MLflow's process-wide tracking and registry URIs pointed at it
     meanwhile: the fluent calls (pyfunc.log_model, the models:/ resolver, and the sqlite registry's own
-    lookup of a logged model) read those globals. Both globals and their environment variables are put
-    back exactly as they were."""
+    lookup of a logged model) read those globals. Threads of one process using the same URI share them; a
+    thread wanting another URI waits until the last user of the current one is done (an API server and an
+    orchestrator in one process would otherwise point each other's calls at the wrong store). When the
+    last user leaves, both globals and their environment variables are put back exactly as they were."""
     import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     db = sqlite_db(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    with _GLOBALS:
+        while _in_use["users"] and _in_use["uri"] != uri:
+            _GLOBALS.wait()
+        if not _in_use["users"]:
+            _in_use["uri"], _in_use["saved"] = uri, _point_globals_at(uri)
+        _in_use["users"] += 1
+    try:
+        yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        with _GLOBALS:
+            _in_use["users"] -= 1
+            if not _in_use["users"]:
+                _restore_globals(_in_use["saved"])
+                _in_use["uri"] = _in_use["saved"] = None
+                _GLOBALS.notify_all()
+
+
+def _point_globals_at(uri: str) -> tuple:
+    """Point MLflow's tracking and registry URIs at `uri`; returns what they were."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
     saved = (
         tracking_utils._tracking_uri,
         registry_utils._registry_uri,
@@ -92,16 +120,42 @@ def mlflow_client(uri: str) -> Iterator[Any]:
     )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    try:
-        yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in (("MLFLOW_TRACKING_URI", saved[2]), ("MLFLOW_REGISTRY_URI", saved[3])):
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return saved
+
+
+def _restore_globals(saved: tuple) -> None:
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    mlflow.set_tracking_uri(saved[0])
+    registry_utils._registry_uri = saved[1]
+    for key, value in (("MLFLOW_TRACKING_URI", saved[2]), ("MLFLOW_REGISTRY_URI", saved[3])):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking URIs MLflow opens as a database itself
+_prepared: set[str] = set()
+_PREPARING = threading.Lock()
+
+
+def prepare_tracking_store(uri: str) -> None:
+    """Set up the MLflow database at `uri` now, once per process and URI (no-op for a tracking server,
+    which sets up its own). MLflow's first opener of a database creates its tables in many steps, and a
+    process killed midway (a worker group's live run on a node that dies) leaves a database that no one can
+    open again ("table ... already exists"); so the orchestrator does it before any group starts, and the
+    API server at start. Raises what MLflow raises (the caller logs it and tries again later)."""
+    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        return
+    with _PREPARING:
+        if uri in _prepared:
+            return
+        with mlflow_client(uri) as client:
+            client.search_experiments(max_results=1)  # the tracking tables
+            client.search_registered_models(max_results=1)  # the registry's
+        _prepared.add(uri)
 
 
 def quote(value: str) -> str:
