@@ -28,7 +28,7 @@ from typing import Any
 import ray
 
 from orchestrator.group_settings import GroupSettings
-from orchestrator.live_runs import CHECKPOINT_TAG, LiveRuns
+from orchestrator.live_runs import LiveRuns
 from orchestrator.patient_store import PatientStore
 from orchestrator.store import InvalidTransition, JobStore, UnknownJob
 from workers.results import completed_result, finite, job_folder, write_result
@@ -251,6 +251,7 @@ class WorkerGroup:
         self.channel.send(("load", ref))
         try:
             self.trainer = self.channel.load(ref)
+            self.trainer.trainer.on_checkpoint = self.live.checkpoint  # checkpoints into the jobs' live runs
         except Exception as e:  # noqa: BLE001
             raise _ModelLoadFailed(f"cannot load base model {self.s.base_key}: {type(e).__name__}: {e}") from e
         self.loads += 1
@@ -294,20 +295,17 @@ class WorkerGroup:
                 self._finish(job_id, "cancelled")
                 self.live.end(job_id, "KILLED")
             else:
-                self._track(job_id, progress, checkpointed=job_id not in report.warnings)
+                self._track(job_id, progress)
 
-    def _track(self, job_id: str, progress, *, checkpointed: bool) -> None:
+    def _track(self, job_id: str, progress) -> None:
         """The step's history record (the trainer's own, so the live run's series are history.jsonl's)
-        to the job's live run, and the step of a checkpoint written now."""
+        to the job's live run."""
         if not self.live.enabled:
             return
         task = self.trainer.trainer.tasks.get(job_id)
         if task is None or not task.history or task.history[-1].get("step") != progress.step:
             return
-        tags = {}
-        if checkpointed and progress.step % task.config.training.checkpoint_every == 0:
-            tags[CHECKPOINT_TAG] = str(progress.step)
-        self.live.record(job_id, task.history[-1], tags)
+        self.live.record(job_id, task.history[-1])
 
     def _progress(self, job_id: str, progress) -> bool | None:
         """Store a task's progress; True if a cancel was asked, None if the job is no longer ours."""

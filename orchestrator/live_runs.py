@@ -2,7 +2,8 @@
 
     live = LiveRuns(uri, on_run=store.set_run_id, warn=lambda job_id, text: store.log(job_id, text, "warning"))
     live.open(job, spec)                             # the job's run is created, or reused on a later attempt
-    live.record(job_id, {"step": 3, "loss": 1.2, "learning_rate": 0.02, ...}, {"prefixd.checkpoint_step": "3"})
+    live.record(job_id, {"step": 3, "loss": 1.2, "learning_rate": 0.02, ...})
+    live.checkpoint(job_id, 3, staged_checkpoint)    # its prefix goes to the run as checkpoints/step-000000003
     live.end(job_id, "FAILED", "loss is not finite")  # or "KILLED" (cancelled); `leave` keeps the run RUNNING
     live.close()                                     # what is pending is written; the thread stops
 
@@ -12,7 +13,11 @@ history.jsonl record (loss, learning_rate, tokens, tokens_per_s, ..., evaluation
 series are the ones the registrar completes from history.jsonl when the job succeeds (`finish` leaves the
 rest to it: it logs every step the run lacks). System metrics of the group's process go with each job's
 points at its latest step: system/cpu_percent, system/rss_mib, and system/gpu_memory_allocated_mib and
-system/gpu_memory_reserved_mib on CUDA.
+system/gpu_memory_reserved_mib on CUDA. Each checkpoint the trainer writes (`MultiTaskTrainer.on_checkpoint`)
+becomes an artifact of the run, its prefix as a PEFT adapter under `checkpoints/step-<step, 9 digits>/`, and
+then tag prefixd.checkpoint_step says the newest one there. The optimizer state stays in the job's storage
+only. An upload not yet done when a newer checkpoint comes is dropped (only the newest waits), and one
+pending when the job succeeds too: its result's best and final prefixes are what the registrar logs.
 
 Every MLflow call happens on one background thread, once per `every_s` (one log_batch per job then), so
 co-tenants do not flood the tracking server and the training loop only appends to buffers: an MLflow error
@@ -26,16 +31,20 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("prefixd.live_runs")
 ENDED = ("FAILED", "KILLED")
-CHECKPOINT_TAG = "prefixd.checkpoint_step"  # on a training job's run: the step of its latest checkpoint
+CHECKPOINT_TAG = "prefixd.checkpoint_step"  # on a training job's run: the step of its newest checkpoint artifact
+CHECKPOINT_ARTIFACTS = "checkpoints"  # the run's artifact folder of checkpoint prefixes: step-<step:09d>/
 
 
 @dataclass
@@ -51,6 +60,8 @@ class _Job:
     """The step at which the system metrics were last written."""
     records: list[Mapping[str, Any]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    checkpoint: tuple[int, Path] | None = None
+    """The newest checkpoint not yet in the run: (step, a local PEFT adapter folder of its prefix)."""
     end: tuple[str, str | None] | None = None
     leaving: bool = False
     warned_at: float = -math.inf
@@ -100,6 +111,32 @@ class LiveRuns:
             del entry.records[: -self.max_records]
             entry.tags.update(tags or {})
 
+    def checkpoint(self, job_id: str, step: int, folder: Path) -> None:
+        """The job's checkpoint at `step`, a staged checkpoint folder (`workers.checkpoints.save_checkpoint`;
+        read here, during the call): its prefix is copied as a PEFT adapter beside it, for the next write."""
+        from workers.formats import load_prefix, save_peft_adapter
+
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is None or entry.end is not None or entry.leaving:
+                return
+        staged = Path(tempfile.mkdtemp(prefix=f"live-{job_id}-", dir=Path(folder).parent))
+        try:
+            config, encoder = load_prefix(Path(folder) / "prefix")
+            save_peft_adapter(staged, encoder, config)
+        except Exception as e:  # noqa: BLE001 - tracking never fails a job
+            shutil.rmtree(staged, ignore_errors=True)
+            self._warn_once(job_id, entry, e)
+            return
+        with self._lock:
+            if self._jobs.get(job_id) is entry and entry.end is None and not entry.leaving:
+                older, entry.checkpoint = entry.checkpoint, (step, staged)
+            else:  # dropped meanwhile (by the thread: its run cannot be written)
+                older = (step, staged)
+        if older is not None:
+            shutil.rmtree(older[1], ignore_errors=True)
+        self._wake.set()
+
     def end(self, job_id: str, status: str, error: str | None = None, *, run_id: str | None = None) -> None:
         """End the job's run `status` (FAILED or KILLED) once what is pending is written. A job not
         tracked here whose earlier attempt opened run `run_id` gets that run ended."""
@@ -118,7 +155,8 @@ class LiveRuns:
         """The job succeeded: stop tracking it; the registrar completes its run from its result folder (every
         step the run lacks, the final metrics, the model) and marks it FINISHED."""
         with self._lock:
-            self._jobs.pop(job_id, None)
+            entry = self._jobs.pop(job_id, None)
+        self._discard(entry)
 
     def leave(self, job_id: str) -> None:
         """Stop tracking the job once what is pending is written; its run stays RUNNING (the job is queued
@@ -166,6 +204,10 @@ class LiveRuns:
             except Exception:  # noqa: BLE001 - e.g. the system metrics unreadable: the next round tries again
                 log.exception("live MLflow runs: a round failed")
             if closing:
+                with self._lock:
+                    entries = list(self._jobs.values())
+                for entry in entries:
+                    self._discard(entry)
                 return
             self._wake.wait(self.every_s)
             self._wake.clear()
@@ -188,6 +230,7 @@ class LiveRuns:
                 with self._lock:
                     if self._jobs.get(job_id) is entry:
                         del self._jobs[job_id]
+                self._discard(entry)
 
     def _write(self, job_id: str, entry: _Job, system: dict[str, float]) -> bool:
         """Open the run if needed, write the job's pending records, tags and system metrics in one
@@ -241,10 +284,39 @@ class LiveRuns:
         entry.last_step = max([entry.last_step, *(int(r["step"]) for r in records)])
         if system and step > entry.system_step:
             entry.system_step = step
+        self._write_checkpoint(client, entry)
         if ended is not None:
             end_run(client, entry.run_id, *ended)
             return True
         return entry.leaving
+
+    def _discard(self, entry: _Job | None) -> None:
+        """Remove the local copy of a checkpoint that will not be written."""
+        if entry is None:
+            return
+        with self._lock:
+            pending, entry.checkpoint = entry.checkpoint, None
+        if pending is not None:
+            shutil.rmtree(pending[1], ignore_errors=True)
+
+    def _write_checkpoint(self, client, entry: _Job) -> None:
+        """The pending checkpoint's adapter into the run, then the tag that names its step."""
+        with self._lock:
+            pending, entry.checkpoint = entry.checkpoint, None
+        if pending is None:
+            return
+        step, folder = pending
+        try:
+            client.log_artifacts(entry.run_id, str(folder), f"{CHECKPOINT_ARTIFACTS}/step-{step:09d}")
+            client.set_tag(entry.run_id, CHECKPOINT_TAG, str(step))
+        except BaseException:
+            with self._lock:  # tried again next round, unless a newer one came meanwhile
+                if entry.checkpoint is None:
+                    entry.checkpoint, pending = pending, None
+            if pending is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
 
     def _warn_once(self, job_id: str, entry: _Job, error: BaseException) -> None:
         log.warning("job %s: live MLflow run: %s: %s", job_id, type(error).__name__, error)

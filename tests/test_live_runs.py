@@ -1,14 +1,15 @@
 """A job's MLflow run while it trains, against a real `mlflow server` on 127.0.0.1: one orchestrator serving
 on a real local Ray (tests/test_orchestrator.py's `Served`, a tiny Llama) for the module.
 
-- a training job's run is RUNNING with its step metrics, evaluations, system metrics and checkpoint step;
-  a cancel ends it KILLED;
+- a training job's run is RUNNING with its step metrics, evaluations, system metrics and checkpoints (each
+  a PEFT adapter artifact, the prefix exactly); a cancel ends it KILLED;
 - a job failing in its group (a non-finite loss; a spec over the bounds after an earlier attempt opened its
   run) ends it FAILED with the error;
 - a succeeded job's live run is the one the registrar completes: FINISHED, one run and one version per job,
   every step once;
 - runs of jobs that failed or were cancelled with no group alive are ended by the registrar's pass;
-- while MLflow is down the job's writes wait, it gets one warning event, and the run catches up after.
+- while MLflow is down the job's writes wait (of its checkpoints only the newest), it gets one warning
+  event, and the run catches up after.
 
 Run: python -m pytest -q tests/test_live_runs.py
 """
@@ -27,14 +28,17 @@ from mlflow import MlflowClient
 from jobs.spec import JobSpec, load_spec
 from orchestrator import registry
 from orchestrator.config import OrchestratorConfig
-from orchestrator.live_runs import CHECKPOINT_TAG, LiveRuns
+from orchestrator.live_runs import CHECKPOINT_ARTIFACTS, CHECKPOINT_TAG, LiveRuns
 from orchestrator.plan import base_model_ref, task_config
 from orchestrator.registry.client import mlflow_client
 from orchestrator.registry.tracking import open_job_run
 from orchestrator.scheduler import Orchestrator
 from orchestrator.store import JobStore, Quota
 from tests.test_orchestrator import Served, ray_local, tiny_base, wait_for, write_spec  # noqa: F401 - fixtures
+from tests.tiny import tiny_model
+from workers.formats import load_peft_adapter, save_prefix
 from workers.models import load_base_model
+from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
 from workers.trainer import MultiTaskTrainer
 
 pytestmark = pytest.mark.slow  # starts Ray and an MLflow server
@@ -64,6 +68,24 @@ def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+def checkpoint_steps(client: MlflowClient, run_id: str) -> list[int]:
+    """Steps of the checkpoint adapters in the run's artifacts."""
+    return sorted(int(a.path.rsplit("step-", 1)[1]) for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS))
+
+
+def staged_checkpoint(folder: Path, seed: int) -> tuple[Path, PrefixEncoder]:
+    """A checkpoint folder as the trainer stages it (its prefix/ is what a live run reads), of a random
+    prefix with a projection for a tiny Llama."""
+    torch.manual_seed(seed)
+    config = configure_for_model(
+        PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8),
+        tiny_model("llama").config,
+    )
+    encoder = PrefixEncoder(config)
+    save_prefix(folder / "prefix", encoder, config)
+    return folder, encoder
+
+
 def spec_dict(folder: Path, base: Path, name: str, **training) -> dict:
     """A spec of a tiny task on `base`, as `prefixd submit` stores it."""
     return load_spec(write_spec(folder, name, "reverse", base, **training)).to_dict()
@@ -83,7 +105,15 @@ def test_a_training_job_streams_into_a_running_run_and_a_cancel_kills_it(live, m
     assert run.info.status == "RUNNING" and job.state == "running"
     assert run.data.tags["prefixd.job_id"] == job_id and run.data.tags["prefixd.task"] == "live-long"
     assert run.data.params == JobSpec.from_dict(job.spec).flat_params()
-    assert int(run.data.tags[CHECKPOINT_TAG]) % 3 == 0
+    newest = int(run.data.tags[CHECKPOINT_TAG])
+    assert newest % 3 == 0 and newest in checkpoint_steps(client, run_id)
+    assert all(step % 3 == 0 for step in checkpoint_steps(client, run_id))
+    adapter = client.download_artifacts(
+        run_id, f"{CHECKPOINT_ARTIFACTS}/step-{newest:09d}", str(live.home.parent / "dl")
+    )
+    model, _ = load_base_model(base_model_ref(JobSpec.from_dict(job.spec)))
+    config, _ = load_peft_adapter(adapter, model.config)  # a PEFT adapter that fits the job's base
+    assert config.num_virtual_tokens == JobSpec.from_dict(job.spec).prefix.num_virtual_tokens
     assert all(step % 4 == 0 for step in steps_of(client, run_id, "eval_loss"))
 
     live.store.request_cancel(job_id)
@@ -157,7 +187,9 @@ def test_a_succeeded_job_completes_its_live_run_registered_once(live, mlflow_ser
         steps = steps_of(client, run_id, key)
         assert len(steps) == len(set(steps)), (key, steps)
     assert steps_of(client, run_id, "eval_loss") == [50, 100, 150]
-    assert run.data.tags[CHECKPOINT_TAG] == "100"
+    # Checkpoints at 50 and 100; one still waiting when the job succeeded is dropped (the result is logged).
+    steps = checkpoint_steps(client, run_id)
+    assert set(steps) <= {50, 100} and run.data.tags.get(CHECKPOINT_TAG) == (str(max(steps)) if steps else None)
     assert {"adapter", "prefix", "history.jsonl"} <= {a.path for a in client.list_artifacts(run_id)}
 
     # A job whose first attempt streamed steps 1-5 before its group died, and which trained them again (other
@@ -232,12 +264,16 @@ def test_live_writes_wait_out_an_outage_with_one_warning(mlflow_server, tiny_bas
             every_s=0.2,
             warn_every_s=600,
         )
+        scratch, encoders = tmp_path / "scratch", {}
         mlflow_server.stop()
         try:
             live.open(job, spec)
             started = time.monotonic()
             for step in range(1, 6):
                 live.record(job.id, {"step": step, "time": time.time(), "loss": 1.0 / step, "epoch": 0})
+                if step in (2, 4):  # two checkpoints staged by the trainer: only the newer waits
+                    folder, encoders[step] = staged_checkpoint(scratch / f"checkpoint-{step}", seed=step)
+                    live.checkpoint(job.id, step, folder)
             assert time.monotonic() - started < 0.5  # the training loop only appends to a buffer
 
             def warnings() -> list[str]:
@@ -253,10 +289,19 @@ def test_live_writes_wait_out_an_outage_with_one_warning(mlflow_server, tiny_bas
         run_id = wait_for(lambda: store.get(job.id).run_id, 180, "the run opened once MLflow is back")
         client = MlflowClient(uri)
         wait_for(lambda: steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5], 90, "the waiting points written")
-        live.end(job.id, "FAILED", "boom")
+        wait_for(lambda: checkpoint_steps(client, run_id) == [4], 90, "the newer checkpoint written")
+        folder, encoders[6] = staged_checkpoint(scratch / "checkpoint-6", seed=6)
+        live.checkpoint(job.id, 6, folder)
+        live.end(job.id, "FAILED", "boom")  # what waits is written first
         live.close()
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags["prefixd.error"] == "boom"
+        assert checkpoint_steps(client, run_id) == [4, 6] and run.data.tags[CHECKPOINT_TAG] == "6"
+        for step in (4, 6):  # the adapter is the staged prefix exactly (its projection applied)
+            adapter = client.download_artifacts(run_id, f"{CHECKPOINT_ARTIFACTS}/step-{step:09d}", str(tmp_path))
+            _, logged = load_peft_adapter(adapter, tiny_model("llama").config)
+            assert torch.equal(logged.prompt_embeddings(), encoders[step].prompt_embeddings())
+        assert sorted(p.name for p in scratch.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
 def test_without_mlflow_a_group_trains_with_no_live_runs(tiny_base, tmp_path, monkeypatch):  # noqa: F811

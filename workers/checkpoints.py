@@ -1,6 +1,6 @@
 """A task's resumable state in its job folder: written whole as a checkpoint, read back on resume.
 
-    save_checkpoint(task, scratch_dir)                       # rank 0: stage locally, upload (JobStorage)
+    save_checkpoint(task, scratch_dir, on_saved)             # rank 0: stage locally, upload (JobStorage)
     restore_checkpoint(task, model.config, scratch_dir)      # newest usable checkpoint, else step 0
 
 A checkpoint holds the prefix (`workers.formats.save_prefix`), the optimizer, schedule and RNG state, the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ from workers.storage import JobStorage, temporary_dir
 log = logging.getLogger(__name__)
 
 
-def save_checkpoint(task: Any, scratch_dir: str | None) -> None:
+def save_checkpoint(
+    task: Any, scratch_dir: str | None, on_saved: Callable[[str, int, Path], None] | None = None
+) -> None:
     """Stage the task's state in a local folder and upload it whole as a new checkpoint
-    (`JobStorage.save_checkpoint`: it counts once complete; the previous one stays until then)."""
+    (`JobStorage.save_checkpoint`: it counts once complete; the previous one stays until then). Once it is
+    uploaded, `on_saved(task id, step, staged folder)` is called; the folder is removed when it returns."""
     with temporary_dir(scratch_dir, f"checkpoint-{task.config.task_id}-") as tmp:
         tmp = Path(tmp)
         save_prefix(tmp / "prefix", task.encoder, task.prefix_config)
@@ -51,6 +55,8 @@ def save_checkpoint(task: Any, scratch_dir: str | None) -> None:
             encoding="utf-8",
         )
         JobStorage.open(task.config.out_dir).save_checkpoint(tmp, task.step)
+        if on_saved is not None:
+            on_saved(task.config.task_id, task.step, tmp)
 
 
 def restore_checkpoint(task: Any, model_config: Any, scratch_dir: str | None) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,9 @@ class MultiTaskTrainer:
         self.rank = collectives.rank if collectives else 0
         self.world = collectives.world if collectives else 1
         self.tasks: dict[str, _Task] = {}
+        self.on_checkpoint: Callable[[str, int, Path], None] | None = None
+        """Called on rank 0 as (task id, step, staged folder: prefix/, optimizer, state.json) after each
+        checkpoint is uploaded; the folder is removed once it returns (a live run copies what it logs)."""
         self.memory_error: str | None = None  # why the last micro-batch did not run (`workers.devices.out_of_memory`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if checkpointing:
@@ -417,7 +421,7 @@ class MultiTaskTrainer:
     def _checkpoint(self, task: _Task) -> None:
         """Rank 0 writes the task's checkpoint (`workers/checkpoints.py`)."""
         if self.rank == 0:
-            save_checkpoint(task, self.scratch_dir)
+            save_checkpoint(task, self.scratch_dir, self.on_checkpoint)
 
     def _finish(self, task: _Task, best: PrefixEncoder, metrics: dict[str, float]) -> TaskResult:
         """The task's results, staged locally by rank 0 and uploaded to its folder; checkpoints removed.
