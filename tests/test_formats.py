@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.tiny import SEQ2SEQ, tiny_config, tiny_model
+from tests.tiny import SEQ2SEQ, peft_reference, tiny_config, tiny_model
 from workers.formats import (
     PrefixFormatError,
     load_peft_adapter,
@@ -38,6 +38,7 @@ def inputs(model_type):
     return ids, torch.ones_like(ids), labels
 
 
+@peft_reference
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5"])
 @pytest.mark.parametrize("proj", [False, True])
 def test_ours_to_peft_folder_to_peftmodel(tmp_path, model_type, proj):
@@ -54,6 +55,7 @@ def test_ours_to_peft_folder_to_peftmodel(tmp_path, model_type, proj):
     assert (ours.logits - out.logits).abs().max() < 1e-6  # two code paths: equal up to summation order
 
 
+@peft_reference
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "bart"])
 def test_peft_saved_to_ours(tmp_path, model_type):
     base = tiny_model(model_type)

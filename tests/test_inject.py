@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 
-from tests.tiny import ALL, CAUSAL, SEQ2SEQ, VOCAB, tiny_model
+from tests.tiny import ALL, CAUSAL, SEQ2SEQ, VOCAB, peft_reference, tiny_model
 from workers.inject import PrefixedModel
 from workers.prefix import PrefixEncoder, PrefixTuningConfig, configure_for_model
 
@@ -44,10 +44,7 @@ def task_mean(out, rows, j):
     return out.token_loss[sel].sum() / out.target_mask[sel].sum()
 
 
-# PEFT 0.21, the reference here, still hands its prefix to the model as `past_key_values=` and reads
-# `is_gradient_checkpointing`; transformers 5.x warns on both. prefixd's own path uses `cache=`.
-@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@peft_reference
 @pytest.mark.parametrize("model_type", ALL)
 @pytest.mark.parametrize("proj", [False, True])
 def test_parity_with_peft(model_type, proj):

@@ -36,7 +36,7 @@ from orchestrator.registry import (
     search_models,
 )
 from orchestrator.store import JobStore
-from tests.tiny import save_tiny_base, write_task
+from tests.tiny import peft_reference, save_tiny_base, write_task
 from workers.formats import load_prefix
 from workers.generate import generate_texts
 from workers.inject import PrefixedModel
@@ -274,6 +274,7 @@ def test_sqlite_store_flow_runs_versions_aliases_champion(trained, tmp_path, cap
     assert json.loads((tmp_path / "dl" / "base_model.json").read_text())["sha256"] == sha
 
 
+@peft_reference
 def test_mlflow_server_flow_peft_download_pyfunc_and_generate(trained, mlflow_server_uri, tmp_path, capsys):
     uri = mlflow_server_uri
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import torch
 
-from tests.tiny import char_tokenizer, tiny_model, tiny_task, write_task
+from tests.tiny import char_tokenizer, peft_reference, tiny_model, tiny_task, write_task
 from workers.batches import ExampleStream, collate_causal
 from workers.data import DataSettings, load_task_data
 from workers.formats import load_prefix
@@ -74,6 +74,7 @@ def test_cotenants_train_as_if_alone(tmp_path):
         assert abs(joint[f"job-{name}"].metrics["eval_loss"] - solo.metrics["eval_loss"]) < 1e-5
 
 
+@peft_reference
 def test_single_task_matches_plain_peft_loop(tmp_path):
     cfg = task_config(tmp_path, "rev", steps=20, schedule="constant", warmup_steps=0, max_grad_norm=1.0)
     tr = trainer(micro_batch_size=2)  # micro-batching must not change the result
