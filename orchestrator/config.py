@@ -186,6 +186,18 @@ def default_tracking_uri(home: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
+def machine_local_uri(uri: str) -> bool:
+    """Whether a tracking URI is a file on the machine whose process holds it (an sqlite database, a file
+    store, a path), which processes on other nodes cannot reach.
+
+        machine_local_uri("sqlite:////srv/prefixd/mlflow/mlflow.db")   # True
+        machine_local_uri("http://mlflow:5000")                        # False
+    """
+    if "://" in uri or uri.startswith("file:"):
+        return uri.split(":", 1)[0] in ("sqlite", "file")
+    return uri.startswith(("/", ".", "~"))
+
+
 def mlflow_fail_fast() -> None:
     """Make MLflow's HTTP client give up on an unreachable server after one retry and 30 s (its default
     retries for minutes): the registrar and the live runs retry on their own schedule. Values already set

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from orchestrator.errors import first_line
 from orchestrator.store import JobStore
 
 log = logging.getLogger("prefixd.group")
@@ -38,9 +39,7 @@ class PatientStore:
                 except (OperationalError, InterfaceError) as e:
                     if time.monotonic() + delay > deadline:
                         raise
-                    log.warning(
-                        "job store unreachable in %s (%s); retrying in %.1f s", name, str(e).splitlines()[0], delay
-                    )
+                    log.warning("job store unreachable in %s (%s); retrying in %.1f s", name, first_line(e), delay)
                     time.sleep(delay)
                     delay = min(2 * delay, 5.0)
 

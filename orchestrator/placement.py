@@ -65,6 +65,12 @@ class Reservation:
     def release(self) -> None:
         release(self.placement_group)
 
+    def node_ids(self) -> set[str]:
+        """The Ray nodes its ranks are reserved on (once `ready`)."""
+        from ray.util.placement_group import placement_group_table
+
+        return set(placement_group_table(self.placement_group)["bundles_to_node_id"].values())
+
     def need(self) -> dict[str, float]:
         """Every rank's resources added up."""
         total: dict[str, float] = {}

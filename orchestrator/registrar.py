@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from orchestrator.errors import first_line
 from orchestrator.store import JobStore
 
 log = logging.getLogger("prefixd.orchestrator")
@@ -57,10 +58,7 @@ class Registrar:
                 for job_id in registry.close_ended_runs(ended, self.tracking_uri, self.runs_ended):
                     log.info("job %s: its MLflow run ended as the job did", job_id)
             except Exception as e:  # noqa: BLE001 - MLflow unreachable: the next look tries again
-                log.warning(
-                    "could not end the MLflow runs of ended jobs: %s",
-                    (str(e).strip().splitlines() or [type(e).__name__])[0],
-                )
+                log.warning("could not end the MLflow runs of ended jobs: %s", first_line(e))
             for job_id in registry.register_pending(self.store, self.tracking_uri, keep_lease=keep_lease):
                 job = self.store.get(job_id)
                 log.info("job %s: registered as %s version %s", job_id, job.registry_model, job.registry_version)

@@ -33,7 +33,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from orchestrator.config import GroupShape, OrchestratorConfig, mlflow_fail_fast
+from orchestrator.config import GroupShape, OrchestratorConfig, machine_local_uri, mlflow_fail_fast
+from orchestrator.errors import first_line
 from orchestrator.group import start_group
 from orchestrator.group_settings import GroupSettings
 from orchestrator.local_ray import start_local_ray
@@ -100,6 +101,7 @@ class Orchestrator:
         self._loads: dict[str, int] = {}  # group owner -> model loads it reported
         self._owns_ray = False
         self._waiting_logged: set[str] = set()
+        self._said_no_live_runs = False
         self._seen: set[str] = set()
         self._ended_jobs: dict[str, Job] = {}  # final rows of jobs seen this run (they do not change)
         self._log_handler = _file_handler(config.logs_dir / "orchestrator.log")
@@ -291,7 +293,6 @@ class Orchestrator:
                 continue
             del self.reservations[owner]
             cfg, shape = self.config, r.shape
-            self._prepare_tracking()
             settings = GroupSettings(
                 base_key=r.base_key,
                 owner=owner,
@@ -310,7 +311,7 @@ class Orchestrator:
                 compile_layers=cfg.compile_layers,
                 cpus_per_rank=r.bundles[0]["CPU"],
                 spec_bounds=dict(cfg.spec_bounds),
-                tracking_uri=cfg.tracking_uri if cfg.register else None,
+                tracking_uri=self._live_tracking_uri(r),
                 tracking_every_s=cfg.tracking_every_s,
             )
             actor, run_ref, followers = start_group(settings, r.placement_group, bundles=r.bundles)
@@ -326,16 +327,26 @@ class Orchestrator:
                 describe(r.bundles[0]),
             )
 
-    def _prepare_tracking(self) -> None:
-        """The MLflow database set up here before a group's live runs open it (`prepare_tracking_store`);
-        while MLflow is down the group starts anyway (its live runs retry)."""
-        if self.config.register:
-            from orchestrator import registry
+    def _live_tracking_uri(self, r: Reservation) -> str | None:
+        """Where a new group's live runs write: the tracking URI, its database set up here first (so no
+        group is its first opener: `prepare_tracking_store`); None without registration, or for a group off
+        this node when the URI is a file on this machine (its jobs are logged when they end). While MLflow
+        is down the group starts anyway: its live runs retry."""
+        uri = self.config.tracking_uri
+        if not self.config.register:
+            return None
+        if machine_local_uri(uri) and r.node_ids() - {ray.get_runtime_context().get_node_id()}:
+            if not self._said_no_live_runs:
+                log.warning("no live MLflow runs for groups on other nodes: %s is a file on this machine", uri)
+                self._said_no_live_runs = True
+            return None
+        from orchestrator import registry
 
-            try:
-                registry.prepare_tracking_store(self.config.tracking_uri)
-            except Exception as e:  # noqa: BLE001 - never holds training back
-                log.warning("MLflow at %s is not ready: %s", self.config.tracking_uri, _first_line(e))
+        try:
+            registry.prepare_tracking_store(uri)
+        except Exception as e:  # noqa: BLE001 - never holds training back
+            log.warning("MLflow at %s is not ready: %s", uri, first_line(e))
+        return uri
 
     def _cpus_per_rank(self, shape: GroupShape) -> float:
         """The shape's CPUs per rank; unset: with a local Ray, its CPUs split across one group's ranks (a
@@ -425,16 +436,16 @@ class Orchestrator:
             return
         except RayError as e:  # the loop raised: it has released its jobs itself
             self.group_failures += 1
-            log.error("group %s for %s failed: %s", group.owner, group.base_key, _first_line(e))
-            self._remove(group, f"its worker group failed: {_first_line(e)}", kill=True)
+            log.error("group %s for %s failed: %s", group.owner, group.base_key, first_line(e))
+            self._remove(group, f"its worker group failed: {first_line(e)}", kill=True)
             return
         self._loads[group.owner] = summary["loads"]
         self._remove(group, "its worker group stopped", kill=True)
 
     def _died(self, group: _Group, error: Exception) -> None:
         self.group_failures += 1
-        log.error("group %s for %s died: %s", group.owner, group.base_key, _first_line(error))
-        self._remove(group, f"its worker group died ({_first_line(error)})", kill=False)
+        log.error("group %s for %s died: %s", group.owner, group.base_key, first_line(error))
+        self._remove(group, f"its worker group died ({first_line(error)})", kill=False)
 
     def _remove(self, group: _Group, reason: str, *, kill: bool) -> None:
         """Forget a group; kill its actor; release any job it still held (an attempt is counted, and a job
@@ -471,17 +482,6 @@ class Orchestrator:
                 live[job_id] = job
         rows = list(live.values()) + list(self._ended_jobs.values())
         return sorted(rows, key=lambda j: (j.created_at, j.id))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    # RayTaskError's text is a traceback; its last line names the exception.
-    return (
-        lines[-1]
-        if isinstance(error, RayError) and not isinstance(error, RayActorError) and lines
-        else (lines[0] if lines else type(error).__name__)
-    )
 
 
 def _file_handler(path: Path) -> logging.Handler:

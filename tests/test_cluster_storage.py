@@ -123,6 +123,8 @@ def kill_mid_job_and_resume(cluster, storage_uri: str, base: Path, tmp_path: Pat
         wait_for(
             lambda: all((store.get(i).step or 0) >= 11 for i in ids), 240, "both jobs past their step-10 checkpoint"
         )
+        # The tracking store is an sqlite file on the head: groups on other nodes open no live runs there.
+        assert all(store.get(i).run_id is None for i in ids)
         [before] = orchestrator.group_statuses().values()
         [victim] = [n for n in cluster.worker_nodes if n.node_id == before["node_id"]]
         cluster.remove_node(victim, allow_graceful=False)  # the node dies mid-job
@@ -138,7 +140,9 @@ def kill_mid_job_and_resume(cluster, storage_uri: str, base: Path, tmp_path: Pat
             why = {i: (store.get(i).registration_error, events(store, i)) for i in ids}
             raise AssertionError(f"{e}: {why}") from None
         [after] = orchestrator.group_statuses().values()
-        [survivor] = [n for n in cluster.worker_nodes if n.node_id == after["node_id"]]
+        nodes = {n.node_id: n for n in cluster.worker_nodes}
+        assert after["node_id"] in nodes, (after, before, list(nodes), ray.nodes())
+        survivor = nodes[after["node_id"]]
     finally:
         close()
         store.close()
