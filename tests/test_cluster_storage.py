@@ -11,6 +11,8 @@ base models are not job state.
 """
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,10 @@ def kill_mid_job_and_resume(cluster, storage_uri: str, base: Path, tmp_path: Pat
         assert all(store.get(i).run_id is None for i in ids)
         [before] = orchestrator.group_statuses().values()
         [victim] = [n for n in cluster.worker_nodes if n.node_id == before["node_id"]]
-        cluster.remove_node(victim, allow_graceful=False)  # the node dies mid-job
+        # The node dies mid-job: its worker first (Ray's workers outlive their raylet by a few seconds, in
+        # which a tiny job can finish), then its raylet and the rest.
+        os.kill(before["pid"], signal.SIGKILL)
+        cluster.remove_node(victim, allow_graceful=False)
         assert all(store.get(i).state == "running" and store.get(i).step < 60 for i in ids)
 
         def ended(job_id):
