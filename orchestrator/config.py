@@ -198,6 +198,15 @@ def machine_local_uri(uri: str) -> bool:
     return uri.startswith(("/", ".", "~"))
 
 
+def mlflow_database_uri(uri: str) -> bool:
+    """Whether MLflow opens a tracking URI as a database itself (sqlite, PostgreSQL, MySQL, SQL Server),
+    rather than through a tracking server that sets its own database up.
+
+        mlflow_database_uri("postgresql+psycopg2://u@db/mlflow")   # True
+    """
+    return uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+
+
 def mlflow_fail_fast() -> None:
     """Make MLflow's HTTP client give up on an unreachable server after one retry and 30 s (its default
     retries for minutes): the registrar and the live runs retry on their own schedule. Values already set

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from orchestrator.config import GroupShape, OrchestratorConfig, machine_local_uri, mlflow_fail_fast
+from orchestrator.config import GroupShape, OrchestratorConfig, machine_local_uri, mlflow_database_uri, mlflow_fail_fast
 from orchestrator.errors import first_line
 from orchestrator.group import start_group
 from orchestrator.group_settings import GroupSettings
@@ -340,12 +340,13 @@ class Orchestrator:
                 log.warning("no live MLflow runs for groups on other nodes: %s is a file on this machine", uri)
                 self._said_no_live_runs = True
             return None
-        from orchestrator import registry
+        if mlflow_database_uri(uri):  # a tracking server sets its own up (and MLflow is not imported here)
+            from orchestrator import registry
 
-        try:
-            registry.prepare_tracking_store(uri)
-        except Exception as e:  # noqa: BLE001 - never holds training back
-            log.warning("MLflow at %s is not ready: %s", uri, first_line(e))
+            try:
+                registry.prepare_tracking_store(uri)
+            except Exception as e:  # noqa: BLE001 - never holds training back
+                log.warning("MLflow at %s is not ready: %s", uri, first_line(e))
         return uri
 
     def _cpus_per_rank(self, shape: GroupShape) -> float:

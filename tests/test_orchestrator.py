@@ -24,7 +24,7 @@ import torch
 from jobs.spec import JobSpec
 from orchestrator import scheduler
 from orchestrator.cli import main
-from orchestrator.config import OrchestratorConfig, machine_local_uri
+from orchestrator.config import OrchestratorConfig, machine_local_uri, mlflow_database_uri
 from orchestrator.errors import first_line
 from orchestrator.local_ray import start_local_ray
 from orchestrator.plan import base_model_ref, task_config
@@ -132,10 +132,13 @@ def test_config_model_cache_default_matches_workers(monkeypatch):
     assert default_model_cache() == workers_default() == Path("/tmp/x")
 
 
-def test_machine_local_tracking_uris_and_one_line_errors():
+def test_tracking_uri_kinds_and_one_line_errors():
     local = ["sqlite:////srv/mlflow.db", "file:///srv/mlruns", "/srv/mlruns", "./mlruns", "~/mlruns"]
     remote = ["http://127.0.0.1:5000", "https://mlflow.example", "postgresql://u@db/mlflow", "databricks"]
     assert [machine_local_uri(u) for u in local + remote] == [True] * len(local) + [False] * len(remote)
+    databases = ["sqlite:////srv/mlflow.db", "postgresql://u@db/mlflow", "postgresql+psycopg2://u@db/m"]
+    others = ["http://127.0.0.1:5000", "file:///srv/mlruns", "/srv/mlruns", "databricks"]
+    assert [mlflow_database_uri(u) for u in databases + others] == [True] * 3 + [False] * 4
     assert first_line(OSError()) == "OSError"
     assert first_line(ValueError("\n  \nbad value\nmore")) == "bad value"
 

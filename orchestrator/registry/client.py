@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import default_tracking_uri
+from orchestrator.config import default_tracking_uri, mlflow_database_uri
 
 TAG = "prefixd."
 JOB_TAG = "prefixd.job_id"
@@ -136,7 +136,6 @@ def _restore_globals(saved: tuple) -> None:
             os.environ[key] = value
 
 
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking URIs MLflow opens as a database itself
 _prepared: set[str] = set()
 _PREPARING = threading.Lock()
 
@@ -147,7 +146,7 @@ def prepare_tracking_store(uri: str) -> None:
     process killed midway (a worker group's live run on a node that dies) leaves a database that no one can
     open again ("table ... already exists"); so the orchestrator does it before any group starts, and the
     API server at start. Raises what MLflow raises (the caller logs it and tries again later)."""
-    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+    if not mlflow_database_uri(uri):
         return
     with _PREPARING:
         if uri in _prepared:

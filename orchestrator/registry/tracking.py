@@ -161,7 +161,7 @@ def own_tags(spec: JobSpec) -> dict[str, str]:
     return {k: v for k, v in spec.tags.items() if not k.lower().startswith(TAG)}
 
 
-def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None) -> dict[str, str]:
+def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef) -> dict[str, str]:
     tags = own_tags(spec)
     tags.update(
         {
@@ -171,8 +171,6 @@ def _run_tags(job_id: str, spec: JobSpec, ref: BaseModelRef, sha256: str | None)
             "prefixd.registered_model": spec.registry.model_name or REGISTERED_NAME_PREFIX + spec.name,
         }
     )
-    if sha256:
-        tags[SHA_TAG] = sha256
     return tags
 
 
@@ -219,7 +217,7 @@ def _new_points(client, run, points: list[Any]) -> list[Any]:
     return [p for p in points if (p.key, p.step) not in have]
 
 
-def open_job_run(client, uri: str, job_id: str, spec: JobSpec, tenant: str, sha256: str | None = None):
+def open_job_run(client, uri: str, job_id: str, spec: JobSpec, tenant: str):
     """The job's one run in its experiment, with its tags and params (see the module docstring).
 
     A FINISHED run holding the logged model is returned as is. Else the job's oldest run (the live run of
@@ -234,7 +232,7 @@ def open_job_run(client, uri: str, job_id: str, spec: JobSpec, tenant: str, sha2
     for run in runs:
         if run.info.status == "FINISHED" and run.data.tags.get(MODEL_ID_TAG):
             return run
-    tags = _run_tags(job_id, spec, base_model_ref(spec), sha256)
+    tags = _run_tags(job_id, spec, base_model_ref(spec))
     if not runs:
         run = client.create_run(experiment_id, tags=tags, run_name=f"{spec.name}-{job_id}")
     else:
