@@ -59,7 +59,6 @@ class _Job:
     system_step: int = -1
     """The step at which the system metrics were last written."""
     records: list[Mapping[str, Any]] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
     checkpoint: tuple[int, Path] | None = None
     """The newest checkpoint not yet in the run: (step, a local PEFT adapter folder of its prefix)."""
     end: tuple[str, str | None] | None = None
@@ -100,8 +99,8 @@ class LiveRuns:
         """Track `job` (a store row: id, tenant, run_id) trained from `spec` (a JobSpec)."""
         self._track(job.id, _Job(job=job, spec=spec))
 
-    def record(self, job_id: str, record: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
-        """One step's history record (step, time, metrics) and any tags, for the next write."""
+    def record(self, job_id: str, record: Mapping[str, Any]) -> None:
+        """One step's history record (step, time, metrics), for the next write."""
         with self._lock:
             entry = self._jobs.get(job_id)
             if entry is None or entry.end is not None:
@@ -109,7 +108,6 @@ class LiveRuns:
             entry.step = max(entry.step, int(record["step"]))
             entry.records.append(dict(record))
             del entry.records[: -self.max_records]
-            entry.tags.update(tags or {})
 
     def checkpoint(self, job_id: str, step: int, folder: Path) -> None:
         """The job's checkpoint at `step`, a staged checkpoint folder (`workers.checkpoints.save_checkpoint`;
@@ -233,9 +231,9 @@ class LiveRuns:
                 self._discard(entry)
 
     def _write(self, job_id: str, entry: _Job, system: dict[str, float]) -> bool:
-        """Open the run if needed, write the job's pending records, tags and system metrics in one
-        log_batch, and end the run if asked; True when the job is done with."""
-        from mlflow.entities import Metric, RunTag
+        """Open the run if needed, write the job's pending records and system metrics in one log_batch, its
+        pending checkpoint, and end the run if asked; True when the job is done with."""
+        from mlflow.entities import Metric
 
         from orchestrator.registry.client import RegistryError, tenant_of
         from orchestrator.registry.tracking import end_run, logged_steps, open_job_run, record_metrics
@@ -259,7 +257,6 @@ class LiveRuns:
             return True  # a job that never trained here: no run to end
         with self._lock:
             records, entry.records = entry.records, []
-            tags, entry.tags = entry.tags, {}
             step, ended = entry.step, entry.end
         try:
             metrics = [
@@ -271,15 +268,12 @@ class LiveRuns:
             if system and step > entry.system_step:
                 now = int(time.time() * 1000)
                 metrics += [Metric(key, value, now, step) for key, value in system.items()]
-            run_tags = [RunTag(k, v) for k, v in tags.items()]
             # MLflow takes at most 1000 metrics per batch: one batch per round unless a backlog built up.
-            batches = [metrics[lo : lo + 1000] for lo in range(0, len(metrics), 1000)] or ([[]] if run_tags else [])
-            for i, batch in enumerate(batches):
-                client.log_batch(entry.run_id, metrics=batch, tags=run_tags if i == 0 else [])
+            for lo in range(0, len(metrics), 1000):
+                client.log_batch(entry.run_id, metrics=metrics[lo : lo + 1000])
         except BaseException:
-            with self._lock:  # kept for the next round (newer tags win; the oldest records go first)
+            with self._lock:  # kept for the next round (the oldest records go first)
                 entry.records = (records + entry.records)[-self.max_records :]
-                entry.tags = tags | entry.tags
             raise
         entry.last_step = max([entry.last_step, *(int(r["step"]) for r in records)])
         if system and step > entry.system_step:
