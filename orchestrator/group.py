@@ -213,8 +213,7 @@ class WorkerGroup:
         if over:  # queued under looser bounds, or written to the store by other means: its own fault, for good
             error = "its spec is over the bounds in force: " + "; ".join(over)
             self.store.log(job.id, f"worker group {self.s.owner}: {error}", "error")
-            self._finish(job.id, "failed", error=error)
-            self.live.end(job.id, "FAILED", error, run_id=job.run_id)  # a run an earlier attempt opened
+            self._finish(job.id, "failed", error=error, run_id=job.run_id)  # a run an earlier attempt opened
             return
         try:
             spec = JobSpec.from_dict(job.spec)
@@ -243,7 +242,6 @@ class WorkerGroup:
             self.trainer.remove_task(job.id)
             self.store.log(job.id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
             self._finish(job.id, "cancelled")
-            self.live.end(job.id, "KILLED")
 
     def _load_model(self, ref) -> None:
         with self._lock:
@@ -270,7 +268,6 @@ class WorkerGroup:
         for job_id, error in report.failed.items():  # its own failure: this job alone ends, for good
             self.store.log(job_id, f"failed in worker group {self.s.owner}, which trains on: {error}", "error")
             self._finish(job_id, "failed", error=error)
-            self.live.end(job_id, "FAILED", error)
         finished = {r.task_id: r for r in report.finished}
         for job_id, progress in report.progress.items():
             cancel = self._progress(job_id, progress)
@@ -288,12 +285,10 @@ class WorkerGroup:
                     f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB",
                 )
                 self._finish(job_id, "succeeded", result_dir=job_dir)
-                self.live.finish(job_id)  # the registrar completes its run
             elif cancel:
                 self.trainer.remove_task(job_id)
                 self.store.log(job_id, f"stopped at step {progress.step} of {progress.total_steps} (cancelled)")
                 self._finish(job_id, "cancelled")
-                self.live.end(job_id, "KILLED")
             else:
                 self._track(job_id, progress)
 
@@ -346,13 +341,20 @@ class WorkerGroup:
         except Exception:  # noqa: BLE001 - the job may be gone; nothing else to tell
             pass
 
-    def _finish(self, job_id: str, state: str, **kw) -> None:
+    def _finish(self, job_id: str, state: str, *, run_id: str | None = None, **kw) -> None:
+        """Record the job's end (`JobStore.finish`) and end its MLflow run with it: a succeeded job's is the
+        registrar's to complete; a failed or cancelled one's ends FAILED (with the error) or KILLED, also
+        the run `run_id` an earlier attempt opened when this attempt has none."""
         try:
             self.store.finish(job_id, state, **kw)
         except InvalidTransition as e:
             self.store.log(job_id, f"could not record {state}: {e}", "warning")
         with self._lock:
             self._held.pop(job_id, None)
+        if state == "succeeded":
+            self.live.finish(job_id)
+        else:
+            self.live.end(job_id, "FAILED" if state == "failed" else "KILLED", kw.get("error"), run_id=run_id)
 
     def _release(self, job_id: str, error: str) -> None:
         if self.trainer and job_id in self.trainer.active:
